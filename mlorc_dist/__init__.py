@@ -1,0 +1,11 @@
+"""mlorc-dist: momentum low-rank compression optimizers that work per shard.
+
+The core (lowrank, pieces, scopes, optim) imports only torch. Engine adapters import their
+engine lazily: `mlorc_dist.deepspeed`, `mlorc_dist.engines.fsdp2`.
+"""
+from .groups import param_groups
+from .lowrank import randomized_svd
+from .optim import MLorcAdamW, MLorcLion
+
+__all__ = ["MLorcAdamW", "MLorcLion", "param_groups", "randomized_svd"]
+__version__ = "0.1.0"

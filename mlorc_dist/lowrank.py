@@ -1,0 +1,107 @@
+"""Randomized SVD and the small pure functions of low-rank momentum.
+
+Pure tensor math: no torch.distributed, no optimizer state. Shapes in comments use
+A (m, n), r = rank, p = oversampling, q = r + p.
+
+The distributed (global-scope) version of the same range finder lives in scopes.py and is
+built from the same steps; `gaussian_test_matrix` is shared so that both draw the same Omega.
+"""
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+__all__ = [
+    "compute_dtype_for",
+    "sketch_seed",
+    "gaussian_test_matrix",
+    "randomized_svd",
+    "rebuild",
+    "fix_negatives",
+    "negative_fill_value",
+    "sketch_width",
+]
+
+_SEED_MASK = (1 << 63) - 1
+
+
+def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """QR/SVD run in float64 for float64 tensors and in float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sketch_seed(seed: int, step: int, key: str, row0: int, state_id: int) -> int:
+    """A reproducible 63-bit seed for one sketch, the same on every rank that computes it.
+
+    key names the parameter (stable across ranks and runs), row0 is the first global row of
+    the block being compressed (0 for whole matrices and for global scope), state_id tells
+    the moments apart (0: first moment, 1: second moment).
+    """
+    text = f"{seed}|{step}|{key}|{row0}|{state_id}".encode()
+    return (zlib.crc32(text) | (zlib.adler32(text) << 32)) & _SEED_MASK
+
+
+def sketch_width(rank: int, oversample: int, rows: int, cols: int) -> int:
+    """q = rank + oversample, clamped to the block's smaller side (a wider sketch adds nothing)."""
+    return min(rank + oversample, rows, cols)
+
+
+def gaussian_test_matrix(cols: int, width: int, seed: int, dtype: torch.dtype,
+                         device: torch.device | str = "cpu") -> torch.Tensor:
+    """Omega (cols, width), standard normal, drawn on the CPU from `seed` so every device agrees."""
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(seed)
+    omega = torch.randn(cols, width, generator=generator, dtype=torch.float64)
+    return omega.to(device=device, dtype=dtype)
+
+
+def _orthonormal_basis(y: torch.Tensor) -> torch.Tensor:
+    """Q of the reduced QR of y (m, q): (m, q) with orthonormal columns."""
+    q, _ = torch.linalg.qr(y, mode="reduced")
+    return q
+
+
+def randomized_svd(a: torch.Tensor, rank: int, oversample: int = 0, niter: int = 0,
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-`rank` truncated SVD of a (m, n) by a Halko range finder.
+
+    Returns U (m, r), s (r,), Vh (r, n) in the compute dtype (float64 for float64 input, float32
+    otherwise), with r = min(rank, m, n). `niter` power iterations, each re-orthonormalised
+    (as torch.pca_lowrank does). The sketch Omega (n, q) is drawn from `seed`.
+    """
+    if a.dim() != 2:
+        raise ValueError(f"randomized_svd expects a 2-D tensor, got shape {tuple(a.shape)}")
+    m, n = a.shape
+    dtype = compute_dtype_for(a.dtype)
+    a = a.to(dtype)
+    q = sketch_width(rank, oversample, m, n)
+    omega = gaussian_test_matrix(n, q, seed, dtype, a.device)   # (n, q)
+    basis = _orthonormal_basis(a @ omega)                        # (m, q)
+    for _ in range(niter):
+        z = _orthonormal_basis(a.mT @ basis)                     # (n, q)
+        basis = _orthonormal_basis(a @ z)                        # (m, q)
+    small = basis.mT @ a                                          # (q, n)
+    u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
+    r = min(rank, q)
+    u = basis @ u_small[:, :r]                                    # (m, r)
+    return u, s[:r], vh[:r]
+
+
+def rebuild(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
+    """U diag(s) Vh: (m, r) (r,) (r, n) -> (m, n), computed in `dtype` (default: s's dtype)."""
+    dtype = dtype or compute_dtype_for(s.dtype)
+    return (u.to(dtype) * s.to(dtype)) @ vh.to(dtype)
+
+
+def fix_negatives(v: torch.Tensor) -> torch.Tensor:
+    """The reference fix for a rebuilt second moment: negative entries become the mean of |v|
+    over the negative entries; the rest is left as it is. Returns a new tensor."""
+    negative = v < 0
+    return torch.where(negative, negative_fill_value(v.abs().mul(negative).sum(), negative.sum()), v)
+
+
+def negative_fill_value(abs_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Mean |v| over the negative entries from its two sums (0 when there are none)."""
+    return abs_sum / count.clamp_min(1)

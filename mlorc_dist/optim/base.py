@@ -1,0 +1,545 @@
+"""What MLorc-AdamW and MLorc-Lion share: hyperparameter checks, layouts, treatment plans,
+non-finite handling, state bytes, and checkpoints.
+
+A subclass names its moments (AdamW: exp_avg, exp_avg_sq; Lion: exp_avg) and implements two
+updates on views: `_dense_update` (one dense region with dense state) and `_lowrank_update`
+(a block whose previous moments were rebuilt from factors; it returns the new moments). The
+base class rebuilds and recompresses: per body in local scope, per whole matrix through
+scopes.global_randomized_svd in global scope.
+
+Data flows one way: layout (pieces) -> plan (treatment per region) -> math -> state.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+
+from ..lowrank import compute_dtype_for, randomized_svd, rebuild, sketch_seed
+from ..pieces import Layout, Piece, plain_layout
+from ..scopes import SCOPES, RowBlock, all_reduce_sum, global_randomized_svd
+
+logger = logging.getLogger("mlorc_dist")
+
+NONFINITE_POLICIES = ("skip", "raise", "ignore")
+_FACTOR_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                  "bfloat16": torch.bfloat16, "fp64": torch.float64, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class PiecePlan:
+    """How one piece is treated.
+
+    mode   'dense'  : the whole piece keeps dense state
+           'local'  : head and tail dense, the body (rows [body_row0, +body_rows)) compressed alone
+           'global' : the whole piece is part of a matrix compressed whole across ranks
+    rank   the effective rank (clamped to the compressed block's smaller side)
+    reason why a piece is dense (for the start-up log)
+    """
+    piece: Piece
+    mode: str
+    rank: int = 0
+    head: int = 0
+    body_row0: int = 0
+    body_rows: int = 0
+    tail: int = 0
+    reason: str = ""
+
+
+def _as_factor_dtype(value) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value.lower() in _FACTOR_DTYPES:
+        return _FACTOR_DTYPES[value.lower()]
+    raise ValueError(f"factor_dtype must be None, a torch dtype or one of {sorted(_FACTOR_DTYPES)}, "
+                     f"got {value!r}")
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor"
+
+
+class LowRankMomentumOptimizer(torch.optim.Optimizer):
+    """Base class; see MLorcAdamW and MLorcLion for the user-facing arguments."""
+
+    moment_names: tuple[str, ...] = ()
+    algorithm: str = "?"
+
+    def __init__(self, params, defaults: dict, *, scope: str = "local", seed: int = 0,
+                 nonfinite: str = "skip"):
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.scope = scope
+        self.seed = seed
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        self._layouts: dict[int, Layout] = {}
+        self._plans: dict[int, list[PiecePlan]] = {}
+        self._warned_clamp: set[str] = set()
+        super().__init__(params, defaults)
+        self._construction_ids = {id(p) for g in self.param_groups for p in g["params"]}
+        self._param_index = {id(p): i for i, p in
+                             enumerate(chain.from_iterable(g["params"] for g in self.param_groups))}
+        self.log_treatments()
+
+    # ------------------------------------------------------------------ hyperparameters
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._validate_group(self.param_groups[-1])
+
+    def _validate_group(self, group: dict) -> None:
+        def need(ok: bool, field: str, rule: str):
+            if not ok:
+                raise ValueError(f"{self.algorithm}: invalid {field}={group.get(field)!r}: {rule}")
+        lr = group["lr"]
+        need(isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0, "lr", "must be >= 0")
+        betas = group["betas"]
+        need(isinstance(betas, (tuple, list)) and len(betas) == 2, "betas", "must be a pair")
+        for i, b in enumerate(betas):
+            need(isinstance(b, (int, float)) and 0.0 <= b < 1.0, "betas", f"betas[{i}] must be in [0, 1)")
+        need(group["weight_decay"] >= 0, "weight_decay", "must be >= 0")
+        need(isinstance(group["rank"], int) and not isinstance(group["rank"], bool)
+             and group["rank"] >= 1, "rank", "must be an int >= 1")
+        need(isinstance(group["oversample"], int) and group["oversample"] >= 0, "oversample",
+             "must be an int >= 0")
+        need(isinstance(group["niter"], int) and group["niter"] >= 0, "niter", "must be an int >= 0")
+        need(isinstance(group["lowrank"], bool), "lowrank", "must be True or False")
+        need(isinstance(group["dense_when_no_saving"], bool), "dense_when_no_saving",
+             "must be True or False")
+        group["factor_dtype"] = _as_factor_dtype(group["factor_dtype"])
+        if "eps" in group:
+            need(group["eps"] >= 0, "eps", "must be >= 0")
+
+    # ------------------------------------------------------------------ layouts and plans
+    def attach_layout(self, tensor: torch.Tensor, layout: Layout) -> None:
+        """Tell the optimizer how a tensor it holds maps to parameters (engine adapters call
+        this). The layout is checked against the tensor and kept out of the checkpoint."""
+        layout.validate(tensor.numel() if not _is_dtensor(tensor) else tensor.to_local().numel())
+        self._layouts[id(tensor)] = layout
+        self._plans.pop(id(tensor), None)
+
+    def _key_for(self, group: dict, position: int, param: torch.Tensor) -> str:
+        names = group.get("param_names")
+        if names is not None:
+            return names[position]
+        return f"param{self._param_index[id(param)]}"
+
+    def layout_of(self, param: torch.Tensor, group: dict, position: int) -> Layout:
+        """The layout of a tensor in param_groups: attached by an engine adapter, derived from a
+        DTensor's placements (FSDP2), or the whole tensor. Anything else is refused."""
+        layout = self._layouts.get(id(param))
+        if layout is not None:
+            return layout
+        key = self._key_for(group, position, param) if id(param) in self._param_index else None
+        if _is_dtensor(param):
+            from ..engines.fsdp2 import dtensor_layout
+            layout = dtensor_layout(param, key, group["lowrank"])
+        elif id(param) not in self._construction_ids:
+            raise ValueError(
+                f"{self.algorithm} was handed a {param.dim()}-D tensor of {param.numel()} elements "
+                "that it was not constructed with and that has no layout. An engine (DeepSpeed "
+                "ZeRO?) flattened the parameters: create the engine with "
+                "mlorc_dist.deepspeed.initialize(...) so the optimizer knows the shard layout.")
+        elif hasattr(param, "ds_shape") or (param.dim() == 1 and param.numel() == 0):
+            raise ValueError(
+                f"{self.algorithm}: parameter {key} has shape {tuple(param.shape)} (partitioned by "
+                "DeepSpeed ZeRO-3?) and no layout: use mlorc_dist.deepspeed.initialize(...)")
+        else:
+            layout = plain_layout(param, key, group["lowrank"])
+        self._layouts[id(param)] = layout
+        return layout
+
+    def plan_of(self, param: torch.Tensor, group: dict, position: int) -> list[PiecePlan]:
+        plans = self._plans.get(id(param))
+        if plans is None:
+            layout = self.layout_of(param, group, position)
+            plans = [self._plan_piece(piece, group) for piece in layout.pieces]
+            self._plans[id(param)] = plans
+        return plans
+
+    def _effective_rank(self, key: str, rank: int, rows: int, cols: int) -> int:
+        r = min(rank, rows, cols)
+        if r < rank and key not in self._warned_clamp:
+            self._warned_clamp.add(key)
+            warnings.warn(f"{self.algorithm}: rank {rank} clamped to {r} for {key} "
+                          f"(block {rows} x {cols})", stacklevel=3)
+        return r
+
+    def _plan_piece(self, piece: Piece, group: dict) -> PiecePlan:
+        spec = piece.matrix
+        if not spec.lowrank:
+            why = "not 2-D" if len(spec.shape) != 2 else "group lowrank=False"
+            return PiecePlan(piece, "dense", reason=why)
+        if self.scope == "global":
+            m, n = spec.shape
+            r = self._effective_rank(spec.key, group["rank"], m, n)
+            if group["dense_when_no_saving"] and (m + n + 1) * r >= m * n:
+                return PiecePlan(piece, "dense", reason="no saving")
+            return PiecePlan(piece, "global", rank=r)
+        split = piece.split()
+        if split.body_rows == 0:
+            return PiecePlan(piece, "dense", reason="no whole row")
+        k, n = split.body_rows, spec.cols
+        r = self._effective_rank(f"{spec.key}[rows {split.body_row0}:{split.body_row0 + k}]",
+                                 group["rank"], k, n)
+        if group["dense_when_no_saving"] and (k + n + 1) * r >= k * n:
+            return PiecePlan(piece, "dense", reason="no saving")
+        return PiecePlan(piece, "local", rank=r, head=split.head, body_row0=split.body_row0,
+                         body_rows=k, tail=split.tail)
+
+    def _global_matrices(self, work) -> list:
+        """Every matrix compressed in global scope in this step, in the same order on every
+        rank, with this rank's piece of it (or None)."""
+        matrices = []
+        for group, param, position, plans, _ in work:
+            layout = self.layout_of(param, group, position)
+            held = {plan.piece.key: plan for plan in plans if plan.mode == "global"}
+            for spec in layout.matrices:
+                m, n = spec.shape
+                r = min(group["rank"], m, n)
+                if group["dense_when_no_saving"] and (m + n + 1) * r >= m * n:
+                    continue
+                matrices.append((group, param, spec, held.get(spec.key)))
+        return matrices
+
+    # ------------------------------------------------------------------ logging
+    def treatment_summary(self) -> dict:
+        """Parameters, pieces and elements per treatment, from this rank's layouts."""
+        summary: dict[str, dict[str, int]] = {}
+
+        def add(kind: str, pieces: int, elements: int, keys: set):
+            entry = summary.setdefault(kind, {"pieces": 0, "elements": 0, "params": 0})
+            entry["pieces"] += pieces
+            entry["elements"] += elements
+            entry.setdefault("_keys", set()).update(keys)
+
+        for group in self.param_groups:
+            for position, param in enumerate(group["params"]):
+                try:
+                    plans = self.plan_of(param, group, position)
+                except ValueError:
+                    continue   # an engine has not attached its layout yet; step() will raise
+                for plan in plans:
+                    key = {plan.piece.key}
+                    if plan.mode == "dense":
+                        add(f"dense ({plan.reason})", 1, plan.piece.numel, key)
+                    elif plan.mode == "global":
+                        add("low-rank (global)", 1, plan.piece.numel, key)
+                    else:
+                        body = plan.body_rows * plan.piece.matrix.cols
+                        add("low-rank (local body)", 1, body, key)
+                        if plan.head + plan.tail:
+                            add("dense (head/tail rows)", int(plan.head > 0) + int(plan.tail > 0),
+                                plan.head + plan.tail, key)
+        for entry in summary.values():
+            entry["params"] = len(entry.pop("_keys"))
+        return summary
+
+    def log_treatments(self) -> dict:
+        summary = self.treatment_summary()
+        lines = [f"{kind}: {v['params']} params, {v['pieces']} pieces, {v['elements']:,} elements"
+                 for kind, v in sorted(summary.items())]
+        logger.info("%s (scope=%s): %s", self.algorithm, self.scope, "; ".join(lines) or "no parameters")
+        return summary
+
+    # ------------------------------------------------------------------ state
+    def _dtypes(self, group: dict, param: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+        """(compute/dense-state dtype, factor dtype) for a tensor."""
+        compute = compute_dtype_for(param.dtype)
+        return compute, group["factor_dtype"] or compute
+
+    def _init_state(self, group: dict, param: torch.Tensor, plans: list[PiecePlan]) -> dict:
+        compute, factor = self._dtypes(group, param)
+        device = param.device
+        pieces = []
+        for plan in plans:
+            piece, entry = plan.piece, {"coords": [plan.piece.key, plan.piece.start, plan.piece.stop, plan.mode]}
+            if plan.mode == "dense":
+                for name in self.moment_names:
+                    entry[name] = torch.zeros(piece.numel, dtype=compute, device=device)
+            else:
+                if plan.mode == "local":
+                    rows, cols = plan.body_rows, piece.matrix.cols
+                    for side, length in (("head", plan.head), ("tail", plan.tail)):
+                        if length:
+                            for name in self.moment_names:
+                                entry[f"{side}_{name}"] = torch.zeros(length, dtype=compute, device=device)
+                else:
+                    rows, cols = piece.row_count, piece.matrix.cols
+                for name in self.moment_names:
+                    entry[f"{name}_u"] = torch.zeros(rows, plan.rank, dtype=factor, device=device)
+                    entry[f"{name}_s"] = torch.zeros(plan.rank, dtype=factor, device=device)
+                    entry[f"{name}_vh"] = torch.zeros(plan.rank, cols, dtype=factor, device=device)
+            pieces.append(entry)
+        return {"step": 0, "pieces": pieces}
+
+    def state_bytes(self) -> int:
+        """Bytes of every optimizer-state tensor this rank holds."""
+        def walk(value) -> int:
+            if isinstance(value, torch.Tensor):
+                return value.numel() * value.element_size()
+            if isinstance(value, dict):
+                return sum(walk(v) for v in value.values())
+            if isinstance(value, (list, tuple)):
+                return sum(walk(v) for v in value)
+            return 0
+        return sum(walk(s) for s in self.state.values())
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["mlorc"] = {"algorithm": self.algorithm, "scope": self.scope, "seed": self.seed,
+                          "skipped_steps": self.skipped_steps}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state_dict from `state_dict()`. Tensors keep their saved dtypes (torch's own
+        loader would cast factors and dense state to the parameter's dtype) and every piece's
+        coordinates must match this optimizer's layout: a checkpoint of another model, another
+        scope or another sharding is refused with a ValueError before anything is changed."""
+        meta = state_dict.get("mlorc")
+        if meta is None or meta.get("algorithm") != self.algorithm:
+            raise ValueError(f"not a {self.algorithm} state_dict (its 'mlorc' entry is {meta!r})")
+        if meta["scope"] != self.scope:
+            raise ValueError(f"state_dict was saved with scope={meta['scope']!r}, this optimizer "
+                             f"has scope={self.scope!r}")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+                len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)):
+            raise ValueError("state_dict has a different number of param groups or parameters")
+        saved_state = state_dict["state"]
+        restored = {}
+        for saved_group, group in zip(saved_groups, self.param_groups):
+            for position, (saved_id, param) in enumerate(zip(saved_group["params"], group["params"])):
+                if saved_id not in saved_state:
+                    continue
+                entry = saved_state[saved_id]
+                plans = self.plan_of(param, group, position)
+                want = [[p.piece.key, p.piece.start, p.piece.stop, p.mode] for p in plans]
+                got = [list(piece["coords"]) for piece in entry["pieces"]]
+                if want != got:
+                    raise ValueError(f"{self.algorithm}: state_dict pieces {got[:3]}... do not match "
+                                     f"this optimizer's layout {want[:3]}... (another model, rank "
+                                     "count or sharding?)")
+                restored[param] = _move_state(entry, param.device)
+        super().load_state_dict({**state_dict, "state": {}})
+        for param, entry in restored.items():
+            self.state[param] = entry
+        self.seed = meta["seed"]
+        self.skipped_steps = meta["skipped_steps"]
+
+    # ------------------------------------------------------------------ step
+    def _collect_work(self):
+        work = []
+        for group in self.param_groups:
+            for position, param in enumerate(group["params"]):
+                if param.grad is None:
+                    continue
+                plans = self.plan_of(param, group, position)
+                state = self.state[param]
+                if not state:
+                    state.update(self._init_state(group, param, plans))
+                work.append((group, param, position, plans, state))
+        return work
+
+    def _nonfinite_count(self, work) -> torch.Tensor:
+        """Number of tensors with a non-finite gradient element (a 0-d float tensor)."""
+        flags = [~torch.isfinite(_local(param.grad)).all() for _, param, _, _, _ in work]
+        if not flags:
+            return torch.zeros(())
+        return torch.stack(flags).sum().to(torch.float64)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._collect_work()
+        global_matrices = self._global_matrices(work) if self.scope == "global" else []
+        bad = self._nonfinite_count(work) if self.nonfinite != "ignore" else torch.zeros(())
+        if global_matrices:
+            # The skip decision must be shared: a rank that skips alone would leave the others
+            # waiting in the next all-reduce. The flag rides with the first collective.
+            prepared = self._global_prepare(global_matrices)
+            bad = self._global_first_all_reduce(global_matrices, prepared, bad)
+        if bad.item() > 0:
+            if self.nonfinite == "raise":
+                raise FloatingPointError(f"{self.algorithm}: non-finite gradient in "
+                                         f"{int(bad.item())} tensor(s)")
+            self.skipped_steps += 1
+            warnings.warn(f"{self.algorithm}: non-finite gradient, step skipped (no parameter or "
+                          f"state changed; {self.skipped_steps} skipped so far)", stacklevel=2)
+            return loss
+        for group, param, position, plans, state in work:
+            state["step"] += 1
+            flat_param, flat_grad = _flat(param), _flat(param.grad)
+            for plan, entry in zip(plans, state["pieces"]):
+                value, grad = plan.piece.view(flat_param), plan.piece.view(flat_grad)
+                if plan.mode == "dense":
+                    self._dense_update(group, value, grad, entry, "", state["step"])
+                elif plan.mode == "local":
+                    self._local_piece_update(group, plan, value, grad, entry, state["step"])
+        if global_matrices:
+            self._global_update(global_matrices, prepared)
+        return loss
+
+    def _local_piece_update(self, group, plan: PiecePlan, value, grad, entry, step: int) -> None:
+        head, body_numel = plan.head, plan.body_rows * plan.piece.matrix.cols
+        if plan.head:
+            self._dense_update(group, value[:head], grad[:head], entry, "head_", step)
+        if plan.tail:
+            self._dense_update(group, value[head + body_numel:], grad[head + body_numel:], entry,
+                               "tail_", step)
+        cols = plan.piece.matrix.cols
+        body = value[head:head + body_numel].view(plan.body_rows, cols)       # (k, n), no copy
+        body_grad = grad[head:head + body_numel].view(plan.body_rows, cols)
+        self._local_update(group, plan, body, body_grad, entry, step)
+
+    # ------------------------------------------------------------------ low-rank updates
+    def _rebuild_moments(self, entry: dict, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The previous moments rebuilt from their factors, (rows, cols) each."""
+        return [rebuild(entry[f"{name}_u"], entry[f"{name}_s"], entry[f"{name}_vh"], dtype)
+                for name in self.moment_names]
+
+    def _store_factors(self, entry: dict, factors) -> None:
+        for name, (u, s, vh) in zip(self.moment_names, factors):
+            entry[f"{name}_u"].copy_(u)
+            entry[f"{name}_s"].copy_(s)
+            entry[f"{name}_vh"].copy_(vh)
+
+    def _local_update(self, group, plan: PiecePlan, body, body_grad, entry, step: int) -> None:
+        """Compress this body on its own: rebuild, update, recompress, apply. No collectives."""
+        compute = compute_dtype_for(body.dtype)
+        prevs = self._rebuild_moments(entry, compute)                        # (k, n) each
+        stats = self._moment_stats(prevs)
+        moments = self._lowrank_update(group, body, body_grad.to(compute), prevs, stats, step)
+        key = plan.piece.key
+        self._store_factors(entry, [
+            randomized_svd(moment, plan.rank, group["oversample"], group["niter"],
+                           sketch_seed(self.seed, step, key, plan.body_row0, state_id))
+            for state_id, moment in enumerate(moments)])
+
+    def _global_prepare(self, matrices) -> list:
+        """Rebuild this rank's elements of every previous moment: piece-flat tensors."""
+        prepared = []
+        for group, param, spec, plan in matrices:
+            if plan is None:
+                prepared.append(None)
+                continue
+            entry = self._state_entry(param, spec.key)
+            compute = compute_dtype_for(param.dtype)
+            skip = plan.piece.start - plan.piece.first_row * spec.cols
+            prevs = [rows.reshape(-1)[skip:skip + plan.piece.numel]
+                     for rows in self._rebuild_moments(entry, compute)]
+            prepared.append({"prevs": prevs, "entry": entry})
+        return prepared
+
+    def _global_first_all_reduce(self, matrices, prepared, bad: torch.Tensor) -> torch.Tensor:
+        """One small all-reduce: the non-finite flag, then per matrix the moment statistics
+        (MLorc-AdamW: sum and count of negative entries of the rebuilt second moment)."""
+        width = self.stats_per_matrix
+        buffer = torch.zeros(1 + width * len(matrices), dtype=torch.float64)
+        buffer[0] = bad
+        for j, item in enumerate(prepared):
+            if item is not None and width:
+                buffer[1 + width * j:1 + width * (j + 1)] = torch.stack(
+                    [t.to(torch.float64).cpu() for t in self._moment_stats(item["prevs"])])
+        all_reduce_sum(buffer, self._shared_group(matrices))
+        for j, item in enumerate(prepared):
+            if item is not None:
+                item["stats"] = list(buffer[1 + width * j:1 + width * (j + 1)])
+        return buffer[0]
+
+    def _global_update(self, matrices, prepared) -> None:
+        """Update every matrix piece, then compress all of them whole, batched per setting."""
+        by_setting: dict[tuple, list] = {}
+        for (group, param, spec, plan), item in zip(matrices, prepared):
+            m, n = spec.shape
+            step = self.state[param]["step"]
+            compute = compute_dtype_for(param.dtype)
+            if item is None:
+                moments = [None] * len(self.moment_names)
+                row0, rows = 0, 0
+            else:
+                piece = plan.piece
+                value = piece.view(_flat(param))
+                grad = piece.view(_flat(param.grad)).to(compute)
+                stats = [t.to(compute) for t in item["stats"]]
+                moments = self._lowrank_update(group, value, grad, item["prevs"], stats, step)
+                row0, rows = piece.first_row, piece.row_count
+            setting = (group["rank"], group["oversample"], group["niter"], compute)
+            blocks = by_setting.setdefault(setting, [])
+            for state_id, moment in enumerate(moments):
+                padded = torch.zeros(rows, n, dtype=compute, device=param.device)  # (k, n)
+                if moment is not None:
+                    skip = plan.piece.start - row0 * n
+                    padded.view(-1)[skip:skip + plan.piece.numel] = moment
+                seed = sketch_seed(self.seed, step, spec.key, 0, state_id)
+                blocks.append((RowBlock(padded, row0, (m, n), seed), item))
+        group_handle = self._shared_group(matrices)
+        for (rank, oversample, niter, compute), blocks in by_setting.items():
+            results = global_randomized_svd([b for b, _ in blocks], rank, oversample, niter,
+                                            group_handle, compute)
+            per_moment = len(self.moment_names)
+            for i in range(0, len(blocks), per_moment):
+                item = blocks[i][1]
+                if item is not None:
+                    self._store_factors(item["entry"], results[i:i + per_moment])
+
+    def _shared_group(self, matrices):
+        groups = {id(self._layouts[id(param)].process_group): self._layouts[id(param)].process_group
+                  for _, param, _, _ in matrices}
+        if len(groups) != 1:
+            raise ValueError("global scope needs every tensor of one step() to share one process group")
+        return next(iter(groups.values()))
+
+    def _state_entry(self, param, key: str) -> dict:
+        for plan, entry in zip(self._plans[id(param)], self.state[param]["pieces"]):
+            if plan.piece.key == key:
+                return entry
+        raise AssertionError(f"no state for {key}")
+
+    # ------------------------------------------------------------------ subclasses implement
+    stats_per_matrix: int = 0
+
+    def _moment_stats(self, prevs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Sums over a block's elements that the update needs whole-matrix values of."""
+        return []
+
+    def _dense_update(self, group, value, grad, entry, prefix: str, step: int) -> None:
+        raise NotImplementedError
+
+    def _lowrank_update(self, group, value, grad, prevs, stats, step: int) -> list[torch.Tensor]:
+        """Update `value` in place from grad and the rebuilt previous moments (all the same
+        shape, in the compute dtype); return the new moments to compress."""
+        raise NotImplementedError
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if _is_dtensor(tensor) else tensor
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """The 1-D local elements of a parameter or gradient (a view)."""
+    local = _local(tensor)
+    if not local.is_contiguous():
+        raise ValueError(f"expected a contiguous tensor, got strides {local.stride()}")
+    return local.view(-1)
+
+
+def _move_state(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device)
+    if isinstance(value, dict):
+        return {k: _move_state(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_move_state(v, device) for v in value]
+    return value

@@ -1,0 +1,100 @@
+"""The update rules as free functions on plain tensors (no state objects, no distributed).
+
+Elementwise rules work on any shape (1-D dense regions, 2-D bodies, flat pieces). All of them
+update `param` in place and return nothing, or return the new moments.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "adam_step_size",
+    "adamw_dense_step",
+    "adam_moments",
+    "adam_apply",
+    "lion_dense_step",
+    "lion_direction",
+    "lion_moment",
+    "decoupled_weight_decay",
+]
+
+
+def adam_step_size(lr: float, beta1: float, beta2: float, step: int, correct_bias: bool) -> float:
+    """lr * sqrt(1 - b2^t) / (1 - b1^t): the reference's (Hugging Face style) bias correction.
+
+    Unlike torch.optim.AdamW, eps is then added to the UNcorrected sqrt(v): the two agree
+    exactly when eps == 0 and differ by eps * (1 - sqrt(1 - b2^t)) in the denominator otherwise.
+    """
+    if not correct_bias:
+        return lr
+    return lr * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
+
+
+def decoupled_weight_decay(param: torch.Tensor, lr: float, weight_decay: float) -> None:
+    """W -= lr * wd * W, applied after the update as the reference does."""
+    if weight_decay != 0.0:
+        param.mul_(1.0 - lr * weight_decay)
+
+
+def adam_moments(grad: torch.Tensor, m_prev: torch.Tensor, v_prev: torch.Tensor,
+                 beta1: float, beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """M = b1 m + (1 - b1) G, V = b2 v + (1 - b2) G*G, as new tensors."""
+    m = torch.lerp(grad, m_prev, beta1)            # b1 * m + (1 - b1) * g
+    v = torch.addcmul(v_prev * beta2, grad, grad, value=1.0 - beta2)
+    return m, v
+
+
+def adam_apply(param: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, step_size: float,
+               eps: float) -> None:
+    """W -= step_size * M / (sqrt(V) + eps), computed in m's dtype, written in param's dtype."""
+    update = m / (v.sqrt().add_(eps))
+    if param.dtype == update.dtype:
+        param.add_(update, alpha=-step_size)
+    else:
+        param.copy_((param.to(update.dtype) - step_size * update).to(param.dtype))
+
+
+def adamw_dense_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                     exp_avg_sq: torch.Tensor, *, lr: float, beta1: float, beta2: float,
+                     eps: float, weight_decay: float, step: int, correct_bias: bool) -> None:
+    """Plain AdamW on one dense region, with the same conventions as MLorc-AdamW."""
+    g = grad.to(exp_avg.dtype)
+    exp_avg.lerp_(g, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    adam_apply(param, exp_avg, exp_avg_sq,
+               step_size=adam_step_size(lr, beta1, beta2, step, correct_bias), eps=eps)
+    decoupled_weight_decay(param, lr, weight_decay)
+
+
+def lion_direction(grad: torch.Tensor, m_prev: torch.Tensor, beta1: float) -> torch.Tensor:
+    """sign(b1 m + (1 - b1) G)."""
+    return torch.lerp(grad, m_prev, beta1).sign_()
+
+
+def lion_moment(grad: torch.Tensor, m_prev: torch.Tensor, beta2: float) -> torch.Tensor:
+    """b2 m + (1 - b2) G, as a new tensor."""
+    return torch.lerp(grad, m_prev, beta2)
+
+
+def _apply_direction(param: torch.Tensor, direction: torch.Tensor, lr: float) -> None:
+    if param.dtype == direction.dtype:
+        param.add_(direction, alpha=-lr)
+    else:
+        param.copy_((param.to(direction.dtype) - lr * direction).to(param.dtype))
+
+
+def lion_dense_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, *,
+                    lr: float, beta1: float, beta2: float, weight_decay: float) -> None:
+    """Plain Lion on one dense region, with the same conventions as MLorc-Lion
+    (update, then decoupled weight decay)."""
+    g = grad.to(exp_avg.dtype)
+    _apply_direction(param, lion_direction(g, exp_avg, beta1), lr)
+    exp_avg.lerp_(g, 1.0 - beta2)
+    decoupled_weight_decay(param, lr, weight_decay)
+
+
+def lion_apply(param: torch.Tensor, direction: torch.Tensor, lr: float) -> None:
+    """W -= lr * direction."""
+    _apply_direction(param, direction, lr)

@@ -1,0 +1,79 @@
+"""MLorc-AdamW: AdamW whose two moments live as rank-r factors (arXiv 2506.01897)."""
+from __future__ import annotations
+
+import torch
+
+from ..lowrank import negative_fill_value
+from .base import LowRankMomentumOptimizer
+from .functional import adam_apply, adam_moments, adam_step_size, adamw_dense_step, decoupled_weight_decay
+
+__all__ = ["MLorcAdamW"]
+
+
+class MLorcAdamW(LowRankMomentumOptimizer):
+    """AdamW with low-rank compressed first and second moments.
+
+    Each 2-D block keeps (U, s, Vh) factors of m and v: 2 r (m + n + 1) numbers instead of 2 m n.
+    Every step rebuilds both moments, forms this step's M and V with the gradient, updates the
+    weights with them, and recompresses them by randomized SVD. Tensors that are not 2-D, groups
+    with lowrank=False, and blocks too small to save memory get plain dense AdamW state.
+
+    Arguments (per param group unless marked *):
+        lr, betas, eps, weight_decay   as torch.optim.AdamW (weight decay decoupled, applied
+                                       after the update, as the reference does)
+        rank                           r, clamped to each block's smaller side (with a warning)
+        oversample                     extra sketch columns p (q = r + p)
+        niter                          power iterations of the range finder (reference: 1)
+        correct_bias                   bias correction, reference style: eps is added to the
+                                       uncorrected sqrt(v) (equal to torch AdamW when eps = 0)
+        factor_dtype                   dtype of the stored factors: None (fp32, float64 for
+                                       float64 params) or "bf16"
+        lowrank                        False keeps dense state for the whole group (embeddings,
+                                       lm_head: see mlorc_dist.param_groups)
+        dense_when_no_saving           a block with (k + n + 1) r >= k n keeps dense state
+        scope*                         "local": each rank compresses its own rows, no
+                                       collectives; "global": the whole-matrix randomized SVD
+                                       from all ranks by small all-reduces (world-size invariant)
+        seed*                          seeds every sketch (with step, parameter and row)
+        nonfinite*                     "skip" (default: the whole step is skipped, counted in
+                                       .skipped_steps, warned about; nothing changes), "raise",
+                                       or "ignore" (no check: a NaN then poisons the factors)
+    """
+
+    moment_names = ("exp_avg", "exp_avg_sq")
+    algorithm = "MLorc-AdamW"
+    stats_per_matrix = 2
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, *, rank: int = 4, oversample: int = 0, niter: int = 1,
+                 correct_bias: bool = True, factor_dtype=None, lowrank: bool = True,
+                 dense_when_no_saving: bool = True, scope: str = "local", seed: int = 0,
+                 nonfinite: str = "skip"):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
+                        oversample=oversample, niter=niter, correct_bias=correct_bias,
+                        factor_dtype=factor_dtype, lowrank=lowrank,
+                        dense_when_no_saving=dense_when_no_saving)
+        super().__init__(params, defaults, scope=scope, seed=seed, nonfinite=nonfinite)
+
+    def _dense_update(self, group, value, grad, entry, prefix: str, step: int) -> None:
+        beta1, beta2 = group["betas"]
+        adamw_dense_step(value, grad, entry[prefix + "exp_avg"], entry[prefix + "exp_avg_sq"],
+                         lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                         weight_decay=group["weight_decay"], step=step,
+                         correct_bias=group["correct_bias"])
+
+    def _moment_stats(self, prevs):
+        """Sum of |v| over the negative entries of the rebuilt v, and their count."""
+        negative = prevs[1] < 0
+        return [prevs[1].abs().mul(negative).sum(), negative.sum().to(prevs[1].dtype)]
+
+    def _lowrank_update(self, group, value, grad, prevs, stats, step: int):
+        beta1, beta2 = group["betas"]
+        m_prev, v_prev = prevs
+        fill = negative_fill_value(stats[0], stats[1])
+        v_prev = torch.where(v_prev < 0, fill, v_prev)            # the reference's negative fix
+        m, v = adam_moments(grad, m_prev, v_prev, beta1, beta2)
+        adam_apply(value, m, v, eps=group["eps"],
+                   step_size=adam_step_size(group["lr"], beta1, beta2, step, group["correct_bias"]))
+        decoupled_weight_decay(value, group["lr"], group["weight_decay"])
+        return [m, v]

@@ -1,0 +1,42 @@
+"""MLorc-Lion: Lion whose momentum lives as rank-r factors (arXiv 2506.01897)."""
+from __future__ import annotations
+
+from .base import LowRankMomentumOptimizer
+from .functional import decoupled_weight_decay, lion_apply, lion_dense_step, lion_direction, lion_moment
+
+__all__ = ["MLorcLion"]
+
+
+class MLorcLion(LowRankMomentumOptimizer):
+    """Lion with a low-rank compressed momentum: r (m + n + 1) numbers per 2-D block.
+
+        W -= lr * sign(b1 M~ + (1 - b1) G);  M = b2 M~ + (1 - b2) G;  factors = rsvd(M);
+        W -= lr * wd * W
+
+    Same arguments as MLorcAdamW except eps and correct_bias; defaults follow the reference
+    (betas (0.95, 0.98), weight_decay 0.05, niter 0: no power iteration).
+    """
+
+    moment_names = ("exp_avg",)
+    algorithm = "MLorc-Lion"
+
+    def __init__(self, params, lr: float = 1e-4, betas=(0.95, 0.98), weight_decay: float = 0.05, *,
+                 rank: int = 4, oversample: int = 0, niter: int = 0, factor_dtype=None,
+                 lowrank: bool = True, dense_when_no_saving: bool = True, scope: str = "local",
+                 seed: int = 0, nonfinite: str = "skip"):
+        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, rank=rank,
+                        oversample=oversample, niter=niter, factor_dtype=factor_dtype,
+                        lowrank=lowrank, dense_when_no_saving=dense_when_no_saving)
+        super().__init__(params, defaults, scope=scope, seed=seed, nonfinite=nonfinite)
+
+    def _dense_update(self, group, value, grad, entry, prefix: str, step: int) -> None:
+        beta1, beta2 = group["betas"]
+        lion_dense_step(value, grad, entry[prefix + "exp_avg"], lr=group["lr"], beta1=beta1,
+                        beta2=beta2, weight_decay=group["weight_decay"])
+
+    def _lowrank_update(self, group, value, grad, prevs, stats, step: int):
+        beta1, beta2 = group["betas"]
+        (m_prev,) = prevs
+        lion_apply(value, lion_direction(grad, m_prev, beta1), group["lr"])
+        decoupled_weight_decay(value, group["lr"], group["weight_decay"])
+        return [lion_moment(grad, m_prev, beta2)]
