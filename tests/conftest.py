@@ -1,0 +1,26 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One thread per process: the suite runs multi-process engines on 2 cores, and OpenMP threads
+# that outnumber the cores spin-wait (a 30-step test went from 2 s to 130 s when oversubscribed).
+torch.set_num_threads(1)
+
+
+def relative_difference(params_a, params_b) -> float:
+    """||a - b|| / ||b|| over a list of tensors, computed in float64."""
+    num = sum(((a.detach().double() - b.detach().double()) ** 2).sum() for a, b in zip(params_a, params_b))
+    den = sum((b.detach().double() ** 2).sum() for b in params_b)
+    return float((num / den).sqrt())
+
+
+@pytest.fixture
+def rel_diff():
+    return relative_difference

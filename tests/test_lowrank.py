@@ -1,0 +1,85 @@
+"""Randomized SVD and the small functions of low-rank momentum."""
+import pytest
+import torch
+
+from mlorc_dist.lowrank import fix_negatives, randomized_svd, rebuild, sketch_seed
+
+
+def low_rank_matrix(m, n, r, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, r, generator=g, dtype=dtype) @ torch.randn(r, n, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("shape,true_rank,rank", [((60, 40), 4, 4), ((40, 90), 3, 4), ((17, 200), 4, 6)])
+def test_recovers_matrix_of_rank_at_most_r(dtype, tol, shape, true_rank, rank):
+    a = low_rank_matrix(*shape, true_rank, dtype)
+    u, s, vh = randomized_svd(a, rank, seed=3)
+    assert u.dtype == s.dtype == vh.dtype == dtype
+    assert u.shape == (shape[0], rank) and s.shape == (rank,) and vh.shape == (rank, shape[1])
+    err = (rebuild(u, s, vh) - a).norm() / a.norm()
+    assert err < tol, err
+
+
+def decaying_spectrum_matrix(m, n, decay, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(m, min(m, n), generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=g, dtype=torch.float64))
+    s = decay ** torch.arange(min(m, n), dtype=torch.float64)
+    return (u * s) @ v.T
+
+
+@pytest.mark.parametrize("oversample,niter,factor", [(0, 1, 1.6), (4, 1, 1.15), (4, 2, 1.05)])
+def test_error_close_to_optimal_truncated_svd(oversample, niter, factor):
+    a = decaying_spectrum_matrix(200, 150, 0.9)
+    rank = 8
+    u, s, vh = torch.linalg.svd(a)
+    optimal = (a - (u[:, :rank] * s[:rank]) @ vh[:rank]).norm()
+    errors = [(a - rebuild(*randomized_svd(a, rank, oversample, niter, seed=k))).norm() / optimal
+              for k in range(5)]
+    assert max(errors) < factor, errors
+    assert min(errors) >= 1.0 - 1e-12   # never better than optimal (sanity of the measurement)
+
+
+def test_random_gaussian_matrix_error_within_small_factor():
+    a = torch.randn(128, 96, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(a)
+    optimal = (a - (u[:, :4] * s[:4]) @ vh[:4]).norm()
+    err = (a - rebuild(*randomized_svd(a, 4, 0, 1, seed=0))).norm()
+    assert err <= 1.1 * optimal
+
+
+def test_rank_above_smaller_side_is_exact_and_clamped():
+    a = torch.randn(5, 30, dtype=torch.float64)
+    u, s, vh = randomized_svd(a, 8, seed=0)
+    assert s.shape == (5,)
+    assert torch.allclose(rebuild(u, s, vh), a, atol=1e-12)
+
+
+def test_seeded_sketch_is_reproducible_and_seed_matters():
+    a = torch.randn(50, 40)
+    first, again = randomized_svd(a, 4, seed=11), randomized_svd(a, 4, seed=11)
+    other = randomized_svd(a, 4, seed=12)
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    assert not torch.equal(first[0], other[0])
+    assert sketch_seed(0, 1, "w", 0, 0) != sketch_seed(0, 2, "w", 0, 0)
+    assert sketch_seed(0, 1, "w", 0, 0) != sketch_seed(0, 1, "w", 0, 1)
+
+
+def test_bf16_input_computes_in_fp32():
+    a = low_rank_matrix(30, 20, 2, torch.float32).bfloat16()
+    u, s, vh = randomized_svd(a, 2, seed=0)
+    assert u.dtype == torch.float32
+
+
+def test_fix_negatives_uses_mean_abs_of_negative_entries():
+    v = torch.tensor([[1.0, -2.0], [-4.0, 3.0]])
+    fixed = fix_negatives(v)
+    assert torch.equal(fixed, torch.tensor([[1.0, 3.0], [3.0, 3.0]]))
+    positive = torch.tensor([0.5, 0.0, 2.0])
+    assert torch.equal(fix_negatives(positive), positive)
+
+
+def test_rejects_non_matrix():
+    with pytest.raises(ValueError, match="2-D"):
+        randomized_svd(torch.randn(5), 2)
