@@ -34,7 +34,7 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0, *, compress_embedd
             continue
         if id(param) in embeddings:
             buckets["embeddings"].append((name, param))
-        elif param.dim() >= 2:
+        elif len(getattr(param, "ds_shape", param.shape)) >= 2:   # ds_shape: ZeRO-3 zero.Init
             buckets["matrices"].append((name, param))
         else:
             buckets["vectors"].append((name, param))

@@ -118,34 +118,36 @@ def row_split(start: int, stop: int, cols: int) -> RowSplit:
 class Layout:
     """How one tensor held by the optimizer maps to parameters.
 
-    pieces    what this rank holds, in the order of the local flat tensor
-    matrices  every matrix that the same tensor touches on ANY rank, in an order that is the
-              same on every rank (global scope runs its collectives over this list)
-    covered   the number of leading local elements the pieces account for; anything after is
-              engine padding that the optimizer must leave alone
+    pieces    what this rank holds, in increasing local offset
+    matrices  every low-rank-eligible matrix that the same tensor touches on ANY rank, in an
+              order that is the same on every rank (global scope runs its collectives over it)
+    padding   (offset, length) runs of local elements that belong to no parameter (engine
+              alignment padding); pieces and padding must tile the local tensor exactly
     process_group  the group that shares the tensor (None: no collectives)
     """
     pieces: list[Piece]
     matrices: list[MatrixSpec]
     process_group: Any = None
     engine: str = "plain"
-    padding: int = 0
-    extra: dict = field(default_factory=dict)
+    padding: list[tuple[int, int]] = field(default_factory=list)
 
     def validate(self, local_numel: int) -> None:
-        """Pieces must tile the local tensor from 0 with no gap or overlap, padding after."""
+        """Raise ValueError unless pieces and padding tile [0, local_numel) with no gap or overlap."""
+        runs = [(p.offset, p.numel, p.key) for p in self.pieces if p.numel]
+        runs += [(offset, length, "padding") for offset, length in self.padding if length]
         cursor = 0
+        for offset, length, what in sorted(runs):
+            if offset != cursor:
+                raise ValueError(f"layout ({self.engine}) leaves local elements [{cursor}, {offset}) "
+                                 f"uncovered or overlapping before {what}")
+            cursor += length
+        if cursor != local_numel:
+            raise ValueError(f"layout ({self.engine}) covers {cursor} local elements, but the tensor "
+                             f"has {local_numel}: it does not cover the partition")
         keys = {m.key for m in self.matrices}
         for piece in self.pieces:
-            if piece.offset != cursor:
-                raise ValueError(f"layout ({self.engine}) leaves local elements [{cursor}, "
-                                 f"{piece.offset}) uncovered or overlapping before {piece.key}")
             if piece.matrix.lowrank and piece.key not in keys:
                 raise ValueError(f"piece {piece.key} is not listed in the layout's matrices")
-            cursor += piece.numel
-        if cursor + self.padding != local_numel:
-            raise ValueError(f"layout ({self.engine}) covers {cursor} elements plus {self.padding} "
-                             f"padding, but the tensor has {local_numel}")
 
 
 def plain_layout(param: torch.Tensor, key: str, lowrank: bool) -> Layout:

@@ -42,4 +42,4 @@ def dtensor_layout(param: torch.Tensor, key: str, lowrank: bool) -> Layout:
     piece = Piece(spec, start_row * row_elems, stop_row * row_elems, 0)
     group = mesh.get_group()
     return Layout([piece], [spec] if spec.lowrank else [], group, "fsdp2",
-                  padding=local.numel() - piece.numel)
+                  padding=[(piece.numel, local.numel() - piece.numel)])

@@ -1,0 +1,158 @@
+"""DeepSpeed entry point: `mlorc_dist.deepspeed.initialize`, same arguments and return value as
+`deepspeed.initialize`.
+
+    engine, optimizer, _, _ = mlorc_dist.deepspeed.initialize(model=model, config="ds_configs/mlorc.json")
+
+The config names the optimizer and its usual hyperparameters in DeepSpeed's own block, and the
+MLorc settings in a block of their own:
+
+    "optimizer": {"type": "MLorcAdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                   "weight_decay": 0.0}},
+    "mlorc": {"rank": 4, "scope": "local", "seed": 0}
+
+Keyword arguments `mlorc={...}` override the block. We build the optimizer on the model's
+parameter groups, hand it to deepspeed.initialize as a client optimizer (setting
+zero_allow_untested_optimizer for the user), then attach the ZeRO layout of every flat
+partition so the optimizer compresses per shard. Any other optimizer type is passed to
+DeepSpeed untouched (baselines).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .engines.deepspeed_layouts import zero3_layouts, zero12_layouts
+from .groups import param_groups
+from .optim import MLorcAdamW, MLorcLion
+
+__all__ = ["initialize", "build_optimizer", "attach_layouts", "MLORC_KEYS", "OPTIMIZERS"]
+
+logger = logging.getLogger("mlorc_dist")
+
+OPTIMIZERS = {"mlorcadamw": MLorcAdamW, "mlorclion": MLorcLion}
+OPTIMIZER_PARAM_KEYS = {"lr", "betas", "eps", "weight_decay"}
+MLORC_KEYS = {"rank", "oversample", "niter", "scope", "seed", "factor_dtype", "nonfinite",
+              "compress_embeddings", "dense_when_no_saving", "correct_bias", "decay_1d"}
+
+
+def _load_config(config) -> dict:
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"DeepSpeed config not found: {path}")
+        return json.loads(path.read_text())
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    raise ValueError(f"config must be a path or a dict, got {type(config).__name__}")
+
+
+def optimizer_class(name: str):
+    """The MLorc class for a DeepSpeed optimizer type, None for any other type."""
+    key = name.replace("-", "").replace("_", "").lower()
+    if key in OPTIMIZERS:
+        return OPTIMIZERS[key]
+    if key.startswith("mlorc"):
+        raise ValueError(f"unknown MLorc optimizer type {name!r}; known: MLorcAdamW, MLorcLion")
+    return None
+
+
+def build_optimizer(model: torch.nn.Module, optimizer_type: str, optimizer_params: dict,
+                    mlorc: dict) -> torch.optim.Optimizer:
+    """An MLorc optimizer for `model` from a DeepSpeed-style optimizer block and an mlorc block."""
+    cls = optimizer_class(optimizer_type)
+    if cls is None:
+        raise ValueError(f"{optimizer_type!r} is not an MLorc optimizer")
+    unknown = set(mlorc) - MLORC_KEYS
+    if unknown:
+        raise ValueError(f"unknown key(s) in the 'mlorc' block: {sorted(unknown)}; "
+                         f"known: {sorted(MLORC_KEYS)}")
+    unknown = set(optimizer_params) - OPTIMIZER_PARAM_KEYS - ({"eps"} if cls is MLorcAdamW else set())
+    if cls is MLorcLion:
+        unknown |= set(optimizer_params) & {"eps"}
+    if unknown:
+        raise ValueError(f"unknown key(s) in optimizer.params for {optimizer_type}: {sorted(unknown)}")
+    settings = dict(mlorc)
+    compress_embeddings = settings.pop("compress_embeddings", False)
+    decay_1d = settings.pop("decay_1d", False)
+    kwargs = dict(optimizer_params)
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    groups = param_groups(model, weight_decay=kwargs.pop("weight_decay", 0.0),
+                          compress_embeddings=compress_embeddings, decay_1d=decay_1d)
+    return cls(groups, **kwargs, **settings)
+
+
+def _module_names(module: torch.nn.Module) -> dict[int, str]:
+    return {id(p): name for name, p in module.named_parameters()}
+
+
+def attach_layouts(engine, optimizer) -> str:
+    """Attach the shard layout of every tensor DeepSpeed hands `optimizer`; returns the engine
+    kind ('zero1/2', 'zero3' or 'plain'). Unsupported wrappers raise ValueError."""
+    import deepspeed.comm as ds_comm
+
+    wrapper = engine.optimizer
+    names = _module_names(engine.module)
+    lowrank = [bool(g.get("lowrank", True)) for g in optimizer.param_groups]
+    kind = type(wrapper).__name__
+    if kind == "DeepSpeedZeroOptimizer":
+        if getattr(wrapper, "cpu_offload", False):
+            raise ValueError("MLorc under ZeRO-1/2 with offload_optimizer is not supported")
+        layouts = zero12_layouts(wrapper, names, lowrank, ds_comm.get_rank(wrapper.dp_process_group))
+        engine_kind = "zero1/2"
+    elif kind == "DeepSpeedZeroOptimizer_Stage3":
+        if getattr(wrapper, "offload_optimizer", False):
+            raise ValueError("MLorc under ZeRO-3 with offload_optimizer is not supported")
+        rank = ds_comm.get_rank(wrapper.dp_process_group)
+        layouts = zero3_layouts(wrapper, names, lowrank, rank)
+        engine_kind = "zero3"
+    elif wrapper is optimizer:
+        return "plain"      # ZeRO stage 0 in fp32: DeepSpeed hands the optimizer the real params
+    else:
+        raise ValueError(f"DeepSpeed wrapped the optimizer in {kind}, whose layout mlorc_dist does not "
+                         "know (bf16 with ZeRO stage 0, or fp16 loss scaling at stage 0?): use ZeRO "
+                         "stage 1, 2 or 3")
+    for flat, layout in layouts:
+        optimizer.attach_layout(flat, layout)
+    return engine_kind
+
+
+def initialize(*args, model=None, config=None, mlorc: dict | None = None, **kwargs):
+    """Like deepspeed.initialize(model=..., config=...), with MLorc built from the config."""
+    import deepspeed
+
+    if args:
+        raise ValueError("pass arguments by keyword: initialize(model=..., config=...)")
+    if model is None or config is None:
+        raise ValueError("initialize needs model= and config=")
+    config = _load_config(config)
+    block = dict(config.pop("mlorc", {}) or {})
+    block.update(mlorc or {})
+    opt_block = config.get("optimizer") or {}
+    cls = optimizer_class(opt_block.get("type", "")) if opt_block else None
+    if cls is None:
+        if block:
+            raise ValueError(f"config has an 'mlorc' block but optimizer type "
+                             f"{opt_block.get('type')!r} is not MLorcAdamW or MLorcLion")
+        return deepspeed.initialize(model=model, config=config, **kwargs)
+    if kwargs.get("optimizer") is not None:
+        raise ValueError("the config names an MLorc optimizer; do not pass optimizer= as well")
+    unknown_block = set(opt_block) - {"type", "params"}
+    if unknown_block:
+        raise ValueError(f"unknown key(s) in the optimizer block: {sorted(unknown_block)}")
+    config.pop("optimizer")
+    config["zero_allow_untested_optimizer"] = True
+    optimizer = build_optimizer(model, opt_block["type"], opt_block.get("params", {}), block)
+    kwargs.pop("model_parameters", None)
+    engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
+        model=model, config=config, optimizer=optimizer, **kwargs)
+    kind = attach_layouts(engine, optimizer)
+    summary = optimizer.log_treatments()
+    logger.info("%s under DeepSpeed %s", optimizer.algorithm, kind)
+    engine.mlorc_optimizer = optimizer
+    engine.mlorc_treatments = summary
+    return engine, ds_optimizer, loader, scheduler
