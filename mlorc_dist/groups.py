@@ -22,8 +22,9 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0, *, compress_embedd
     """Named param groups for the MLorc optimizers (pass the result as `params`).
 
     - "matrices": 2-D weights, compressed, with weight decay;
-    - "embeddings": embedding tables and lm_head, dense state unless compress_embeddings
-      (the reference compresses them; dense is the safer default), with weight decay;
+    - "embeddings": embedding tables and lm_head, dense state, with weight decay; with
+      compress_embeddings (as the reference does) they are matrices like any other and join
+      the "matrices" group (in model order);
     - "vectors": biases and norms, dense state, no weight decay unless decay_1d.
     Frozen parameters (requires_grad False) are left out. Empty groups are dropped.
     """
@@ -32,7 +33,7 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0, *, compress_embedd
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if id(param) in embeddings:
+        if id(param) in embeddings and not compress_embeddings:
             buckets["embeddings"].append((name, param))
         elif len(getattr(param, "ds_shape", param.shape)) >= 2:   # ds_shape: ZeRO-3 zero.Init
             buckets["matrices"].append((name, param))
@@ -40,7 +41,7 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0, *, compress_embedd
             buckets["vectors"].append((name, param))
     groups = [
         {"params": buckets["matrices"], "weight_decay": weight_decay, "lowrank": True},
-        {"params": buckets["embeddings"], "weight_decay": weight_decay, "lowrank": compress_embeddings},
+        {"params": buckets["embeddings"], "weight_decay": weight_decay, "lowrank": False},
         {"params": buckets["vectors"], "weight_decay": weight_decay if decay_1d else 0.0, "lowrank": False},
     ]
     return [g for g in groups if g["params"]]

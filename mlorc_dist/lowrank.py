@@ -8,6 +8,7 @@ built from the same steps; `gaussian_test_matrix` is shared so that both draw th
 """
 from __future__ import annotations
 
+import math
 import zlib
 
 import torch
@@ -20,6 +21,9 @@ __all__ = [
     "rebuild",
     "fix_negatives",
     "negative_fill_value",
+    "negative_stats",
+    "fill_negatives",
+    "rebuild_noise_floor",
     "sketch_width",
 ]
 
@@ -95,13 +99,43 @@ def rebuild(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor,
     return (u.to(dtype) * s.to(dtype)) @ vh.to(dtype)
 
 
-def fix_negatives(v: torch.Tensor) -> torch.Tensor:
-    """The reference fix for a rebuilt second moment: negative entries become the mean of |v|
-    over the negative entries; the rest is left as it is. Returns a new tensor."""
-    negative = v < 0
-    return torch.where(negative, negative_fill_value(v.abs().mul(negative).sum(), negative.sum()), v)
+def rebuild_noise_floor(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """How far from 0 rounding alone puts a rebuilt entry whose true value is 0:
+    2 sqrt(r) eps(dtype) s_max. An entry that is exactly 0 in the compressed moment (a row of an
+    embedding whose token never appeared) comes back as +-noise of about this size; the sign of
+    that noise is an accident of rounding (of summation order, so of the world size)."""
+    if s.numel() == 0:
+        return torch.zeros((), dtype=dtype, device=s.device)
+    return 1 * torch.finfo(dtype).eps * s.to(dtype).abs().max()
+
+
+def negative_stats(v: torch.Tensor, floor: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of |v| over the entries below -floor, and their count (both in v's dtype)."""
+    negative = v < -floor
+    return v.abs().mul(negative).sum(), negative.sum().to(v.dtype)
 
 
 def negative_fill_value(abs_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """Mean |v| over the negative entries from its two sums (0 when there are none)."""
     return abs_sum / count.clamp_min(1)
+
+
+def fill_negatives(v: torch.Tensor, fill: torch.Tensor, floor: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Entries below -floor become `fill`; entries within the noise band [-floor, floor) become
+    `floor`; the rest is left as it is. A new tensor."""
+    return torch.where(v < -floor, fill, v.clamp_min(floor))
+
+
+def fix_negatives(v: torch.Tensor, floor: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """The reference's fix for a rebuilt second moment: negative entries become the mean of |v|
+    over the negative entries; the rest is left as it is. Returns a new tensor.
+
+    With floor > 0 (what the optimizers pass: the rebuild's rounding-noise level), "negative"
+    means below -floor, and entries within the noise of 0 (|v| < floor) are set to the floor:
+    they are zeros of the compressed moment (rows of an embedding whose tokens never appeared)
+    that came back as +-noise. With floor = 0 this is exactly the reference. The floor keeps the
+    result from depending on the sign of rounding noise, which would otherwise make global scope
+    differ between world sizes by far more than rounding (those zeros flipping between "tiny"
+    and "the mean negative value" with the summation order), and keeps sqrt(v) off exact 0.
+    """
+    return fill_negatives(v, negative_fill_value(*negative_stats(v, floor)), floor)

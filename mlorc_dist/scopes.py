@@ -33,8 +33,9 @@ SCOPES = ("local", "global")
 
 
 def world_size_of(group) -> int:
-    """World size of `group`, 1 when torch.distributed is not initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
+    """World size of `group`. None means "not shared" (a plain, unsharded tensor): 1, as when
+    torch.distributed is not initialised. Engine layouts always name their group."""
+    if group is None or not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
 

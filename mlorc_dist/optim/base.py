@@ -19,7 +19,7 @@ from itertools import chain
 
 import torch
 
-from ..lowrank import compute_dtype_for, randomized_svd, rebuild, sketch_seed
+from ..lowrank import compute_dtype_for, randomized_svd, rebuild, rebuild_noise_floor, sketch_seed
 from ..pieces import Layout, Piece, plain_layout
 from ..scopes import SCOPES, RowBlock, all_reduce_sum, global_randomized_svd
 
@@ -409,6 +409,12 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         return [rebuild(entry[f"{name}_u"], entry[f"{name}_s"], entry[f"{name}_vh"], dtype)
                 for name in self.moment_names]
 
+    def _noise_floors(self, entry: dict, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Per moment, the size of rounding noise in its rebuilt entries (see
+        lowrank.rebuild_noise_floor). Depends only on s, so it is the same on every rank in
+        global scope."""
+        return [rebuild_noise_floor(entry[f"{name}_s"], dtype) for name in self.moment_names]
+
     def _store_factors(self, entry: dict, factors) -> None:
         for name, (u, s, vh) in zip(self.moment_names, factors):
             entry[f"{name}_u"].copy_(u)
@@ -419,8 +425,9 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         """Compress this body on its own: rebuild, update, recompress, apply. No collectives."""
         compute = compute_dtype_for(body.dtype)
         prevs = self._rebuild_moments(entry, compute)                        # (k, n) each
-        stats = self._moment_stats(prevs)
-        moments = self._lowrank_update(group, body, body_grad.to(compute), prevs, stats, step)
+        floors = self._noise_floors(entry, compute)
+        stats = self._moment_stats(prevs, floors)
+        moments = self._lowrank_update(group, body, body_grad.to(compute), prevs, floors, stats, step)
         key = plan.piece.key
         self._store_factors(entry, [
             randomized_svd(moment, plan.rank, group["oversample"], group["niter"],
@@ -439,7 +446,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             skip = plan.piece.start - plan.piece.first_row * spec.cols
             prevs = [rows.reshape(-1)[skip:skip + plan.piece.numel]
                      for rows in self._rebuild_moments(entry, compute)]
-            prepared.append({"prevs": prevs, "entry": entry})
+            prepared.append({"prevs": prevs, "floors": self._noise_floors(entry, compute),
+                             "entry": entry})
         return prepared
 
     def _global_first_all_reduce(self, matrices, prepared, bad: torch.Tensor) -> torch.Tensor:
@@ -451,7 +459,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         for j, item in enumerate(prepared):
             if item is not None and width:
                 buffer[1 + width * j:1 + width * (j + 1)] = torch.stack(
-                    [t.to(torch.float64).cpu() for t in self._moment_stats(item["prevs"])])
+                    [t.to(torch.float64).cpu() for t in self._moment_stats(item["prevs"], item["floors"])])
         all_reduce_sum(buffer, self._shared_group(matrices))
         for j, item in enumerate(prepared):
             if item is not None:
@@ -473,7 +481,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
                 value = piece.view(_flat(param))
                 grad = piece.view(_flat(param.grad)).to(compute)
                 stats = [t.to(compute) for t in item["stats"]]
-                moments = self._lowrank_update(group, value, grad, item["prevs"], stats, step)
+                moments = self._lowrank_update(group, value, grad, item["prevs"], item["floors"],
+                                               stats, step)
                 row0, rows = piece.first_row, piece.row_count
             setting = (group["rank"], group["oversample"], group["niter"], compute)
             blocks = by_setting.setdefault(setting, [])
@@ -510,16 +519,17 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ subclasses implement
     stats_per_matrix: int = 0
 
-    def _moment_stats(self, prevs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _moment_stats(self, prevs: list[torch.Tensor], floors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Sums over a block's elements that the update needs whole-matrix values of."""
         return []
 
     def _dense_update(self, group, value, grad, entry, prefix: str, step: int) -> None:
         raise NotImplementedError
 
-    def _lowrank_update(self, group, value, grad, prevs, stats, step: int) -> list[torch.Tensor]:
+    def _lowrank_update(self, group, value, grad, prevs, floors, stats, step: int) -> list[torch.Tensor]:
         """Update `value` in place from grad and the rebuilt previous moments (all the same
-        shape, in the compute dtype); return the new moments to compress."""
+        shape, in the compute dtype; `floors`: their rounding-noise levels; `stats`: the sums of
+        _moment_stats over the whole block or matrix); return the new moments to compress."""
         raise NotImplementedError
 
 

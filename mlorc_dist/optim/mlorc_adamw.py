@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..lowrank import negative_fill_value
+from ..lowrank import fill_negatives, negative_fill_value, negative_stats
 from .base import LowRankMomentumOptimizer
 from .functional import adam_apply, adam_moments, adam_step_size, adamw_dense_step, decoupled_weight_decay
 
@@ -62,16 +62,14 @@ class MLorcAdamW(LowRankMomentumOptimizer):
                          weight_decay=group["weight_decay"], step=step,
                          correct_bias=group["correct_bias"])
 
-    def _moment_stats(self, prevs):
+    def _moment_stats(self, prevs, floors):
         """Sum of |v| over the negative entries of the rebuilt v, and their count."""
-        negative = prevs[1] < 0
-        return [prevs[1].abs().mul(negative).sum(), negative.sum().to(prevs[1].dtype)]
+        return list(negative_stats(prevs[1], floors[1]))
 
-    def _lowrank_update(self, group, value, grad, prevs, stats, step: int):
+    def _lowrank_update(self, group, value, grad, prevs, floors, stats, step: int):
         beta1, beta2 = group["betas"]
         m_prev, v_prev = prevs
-        fill = negative_fill_value(stats[0], stats[1])
-        v_prev = torch.where(v_prev < 0, fill, v_prev)            # the reference's negative fix
+        v_prev = fill_negatives(v_prev, negative_fill_value(stats[0], stats[1]), floors[1])
         m, v = adam_moments(grad, m_prev, v_prev, beta1, beta2)
         adam_apply(value, m, v, eps=group["eps"],
                    step_size=adam_step_size(group["lr"], beta1, beta2, step, group["correct_bias"]))

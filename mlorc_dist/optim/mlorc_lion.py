@@ -34,7 +34,7 @@ class MLorcLion(LowRankMomentumOptimizer):
         lion_dense_step(value, grad, entry[prefix + "exp_avg"], lr=group["lr"], beta1=beta1,
                         beta2=beta2, weight_decay=group["weight_decay"])
 
-    def _lowrank_update(self, group, value, grad, prevs, stats, step: int):
+    def _lowrank_update(self, group, value, grad, prevs, floors, stats, step: int):
         beta1, beta2 = group["betas"]
         (m_prev,) = prevs
         lion_apply(value, lion_direction(grad, m_prev, beta1), group["lr"])
