@@ -116,8 +116,8 @@ def attach_layouts(engine, optimizer) -> str:
         raise ValueError(f"DeepSpeed wrapped the optimizer in {kind}, whose layout mlorc_dist does not "
                          "know (bf16 with ZeRO stage 0, or fp16 loss scaling at stage 0?): use ZeRO "
                          "stage 1, 2 or 3")
-    for flat, layout in layouts:
-        optimizer.attach_layout(flat, layout)
+    for flat, layout, group_index in layouts:
+        optimizer.attach_layout(flat, layout, optimizer.param_groups[group_index])
     return engine_kind
 
 

@@ -44,8 +44,8 @@ def _padding_runs(pieces: list[Piece], total: int) -> list[tuple[int, int]]:
 
 
 def zero12_layouts(zero_optimizer, names: dict[int, str], lowrank_of_group: list[bool],
-                   rank: int) -> list[tuple[object, Layout]]:
-    """(flat fp32 partition, layout) for every param group of a ZeRO-1/2 optimizer."""
+                   rank: int) -> list[tuple[object, Layout, int]]:
+    """(flat fp32 partition, layout, param group index) for every param group of ZeRO-1/2."""
     result = []
     for i, flat in enumerate(zero_optimizer.single_partition_of_fp32_groups):
         size = zero_optimizer.partition_size[i]
@@ -62,13 +62,13 @@ def zero12_layouts(zero_optimizer, names: dict[int, str], lowrank_of_group: list
                 pieces.append(Piece(spec, lo - offset, hi - offset, lo - lo_rank))
         layout = Layout(pieces, matrices, zero_optimizer.real_dp_process_group[i], "zero1/2",
                         padding=_padding_runs(pieces, flat.numel()))
-        result.append((flat, layout))
+        result.append((flat, layout, i))
     return result
 
 
 def zero3_layouts(zero_optimizer, names: dict[int, str], lowrank_of_group: list[bool],
-                  rank: int) -> list[tuple[object, Layout]]:
-    """(flat fp32 sub-group buffer, layout) for every sub-group of a ZeRO-3 optimizer."""
+                  rank: int) -> list[tuple[object, Layout, int]]:
+    """(flat fp32 sub-group buffer, layout, param group index) for every ZeRO-3 sub-group."""
     result = []
     for sg, flat in enumerate(zero_optimizer.fp32_partitioned_groups_flat):
         group_id = zero_optimizer.sub_group_to_group_id[sg]
@@ -84,5 +84,5 @@ def zero3_layouts(zero_optimizer, names: dict[int, str], lowrank_of_group: list[
             cursor += chunk
         layout = Layout(pieces, matrices, zero_optimizer.sub_group_process_groups[sg], "zero3",
                         padding=_padding_runs(pieces, flat.numel()))
-        result.append((flat, layout))
+        result.append((flat, layout, group_id))
     return result

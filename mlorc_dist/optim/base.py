@@ -82,6 +82,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         self._layouts: dict[int, Layout] = {}
+        self._attached: dict[int, tuple[torch.Tensor, dict]] = {}
         self._plans: dict[int, list[PiecePlan]] = {}
         self._warned_clamp: set[str] = set()
         super().__init__(params, defaults)
@@ -119,12 +120,15 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             need(group["eps"] >= 0, "eps", "must be >= 0")
 
     # ------------------------------------------------------------------ layouts and plans
-    def attach_layout(self, tensor: torch.Tensor, layout: Layout) -> None:
-        """Tell the optimizer how a tensor it holds maps to parameters (engine adapters call
-        this). The layout is checked against the tensor and kept out of the checkpoint."""
+    def attach_layout(self, tensor: torch.Tensor, layout: Layout, group: dict | None = None) -> None:
+        """Tell the optimizer how a tensor it holds (or will be handed, in `group`) maps to
+        parameters; engine adapters call this. The layout is checked against the tensor and
+        kept out of the checkpoint."""
         layout.validate(tensor.numel() if not _is_dtensor(tensor) else tensor.to_local().numel())
         self._layouts[id(tensor)] = layout
         self._plans.pop(id(tensor), None)
+        if group is not None:
+            self._attached[id(tensor)] = (tensor, group)
 
     def _key_for(self, group: dict, position: int, param: torch.Tensor) -> str:
         names = group.get("param_names")
@@ -211,6 +215,19 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         return matrices
 
     # ------------------------------------------------------------------ logging
+    def _known_tensors(self):
+        """(group, position, tensor) for every tensor in param_groups, then for every tensor an
+        engine attached that is not there right now (ZeRO-3 leaves only the sub-group being
+        stepped in param_groups)."""
+        seen = set()
+        for group in self.param_groups:
+            for position, param in enumerate(group["params"]):
+                seen.add(id(param))
+                yield group, position, param
+        for key, (tensor, group) in self._attached.items():
+            if key not in seen:
+                yield group, None, tensor
+
     def treatment_summary(self) -> dict:
         """Parameters, pieces and elements per treatment, from this rank's layouts."""
         summary: dict[str, dict[str, int]] = {}
@@ -221,24 +238,23 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             entry["elements"] += elements
             entry.setdefault("_keys", set()).update(keys)
 
-        for group in self.param_groups:
-            for position, param in enumerate(group["params"]):
-                try:
-                    plans = self.plan_of(param, group, position)
-                except ValueError:
-                    continue   # an engine has not attached its layout yet; step() will raise
-                for plan in plans:
-                    key = {plan.piece.key}
-                    if plan.mode == "dense":
-                        add(f"dense ({plan.reason})", 1, plan.piece.numel, key)
-                    elif plan.mode == "global":
-                        add("low-rank (global)", 1, plan.piece.numel, key)
-                    else:
-                        body = plan.body_rows * plan.piece.matrix.cols
-                        add("low-rank (local body)", 1, body, key)
-                        if plan.head + plan.tail:
-                            add("dense (head/tail rows)", int(plan.head > 0) + int(plan.tail > 0),
-                                plan.head + plan.tail, key)
+        for group, position, param in self._known_tensors():
+            try:
+                plans = self.plan_of(param, group, position)
+            except ValueError:
+                continue   # an engine has not attached its layout yet; step() will raise
+            for plan in plans:
+                key = {plan.piece.key}
+                if plan.mode == "dense":
+                    add(f"dense ({plan.reason})", 1, plan.piece.numel, key)
+                elif plan.mode == "global":
+                    add("low-rank (global)", 1, plan.piece.numel, key)
+                else:
+                    body = plan.body_rows * plan.piece.matrix.cols
+                    add("low-rank (local body)", 1, body, key)
+                    if plan.head + plan.tail:
+                        add("dense (head/tail rows)", int(plan.head > 0) + int(plan.tail > 0),
+                            plan.head + plan.tail, key)
         for entry in summary.values():
             entry["params"] = len(entry.pop("_keys"))
         return summary
