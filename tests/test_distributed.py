@@ -23,6 +23,9 @@ WORKER = ROOT / "tests" / "dist" / "worker.py"
 STEPS = 20
 ENGINES = ["zero1", "zero2", "zero2rr", "zero3", "fsdp2"]
 WS3_ENGINES = ["zero1", "zero3", "fsdp2"]
+BF16_RUNS = ["zero2:mlorc-adamw:local:4:bf16", "zero1:mlorc-adamw:global:4:bf16",
+             "zero3:mlorc-adamw:local:4:bf16", "fsdp2:mlorc-adamw:local:4:bf16",
+             "fsdp2:mlorc-lion:global:4:bf16"]
 
 
 def _load_worker():
@@ -50,7 +53,8 @@ def results(tmp_path_factory):
             "mlorc-adamw:global:4")]
     ws2 += ["fsdp2:adamw:local:full:fp64", "fsdp2:mlorc-adamw:local:full:fp64",
             "fsdp2:mlorc-adamw:global:4:fp64", "zero2:mlorc-lion:global:4", "fsdp2:mlorc-lion:global:4",
-            "zero3:mlorc-lion:local:4"]
+            "zero3:mlorc-lion:local:4", "zero3init:adamw", "zero3init:mlorc-adamw:local:full"]
+    ws2 += BF16_RUNS
     ws1 = [f"{e}:mlorc-adamw:global:4" for e in ("zero1", "zero2", "zero3", "fsdp2")]
     ws1 += ["fsdp2:mlorc-adamw:global:4:fp64", "zero2:mlorc-lion:global:4", "fsdp2:mlorc-lion:global:4"]
     ws3 = [f"{e}:{v}" for e in WS3_ENGINES for v in
@@ -83,6 +87,27 @@ def test_full_rank_sharded_mlorc_is_adamw_through_the_same_engine(results, world
     adamw = load(results, world, f"{engine}:adamw")
     assert rel(adamw["final"], adamw["initial"]) > 1e-2          # training moved the weights
     assert rel(mlorc["final"], adamw["final"]) <= 1e-3
+
+
+def test_full_rank_oracle_zero3_under_zero_init(results):
+    """Parameters created partitioned (shape (0,), true shape in ds_shape)."""
+    mlorc = load(results, 2, "zero3init:mlorc-adamw:local:full")
+    adamw = load(results, 2, "zero3init:adamw")
+    assert rel(adamw["final"], adamw["initial"]) > 1e-2
+    assert rel(mlorc["final"], adamw["final"]) <= 1e-3
+
+
+@pytest.mark.parametrize("spec", BF16_RUNS)
+def test_bf16_engines_train_with_fp32_factors(results, spec):
+    run = load(results, 2, spec)
+    assert all(torch.isfinite(torch.tensor(run["losses"])))
+    assert sum(run["losses"][-5:]) / 5 < run["losses"][0]
+    assert rel(run["final"], run["initial"]) > 1e-3
+    scope = spec.split(":")[2]
+    moments = 1 if "lion" in spec else 2
+    for r in range(2):
+        data = load(results, 2, spec, r)
+        assert data["state_bytes"] == expected_state_bytes(data["layouts"], scope, moments=moments)
 
 
 def test_full_rank_oracle_float64_fsdp2(results):

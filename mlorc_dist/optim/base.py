@@ -166,6 +166,11 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         if plans is None:
             layout = self.layout_of(param, group, position)
             plans = [self._plan_piece(piece, group) for piece in layout.pieces]
+            global_keys = [p.piece.key for p in plans if p.mode == "global"]
+            if len(global_keys) != len(set(global_keys)):
+                raise ValueError(f"{self.algorithm}: global scope needs at most one piece of a matrix "
+                                 f"per rank; the {layout.engine} layout holds several of "
+                                 f"{sorted({k for k in global_keys if global_keys.count(k) > 1})}")
             self._plans[id(param)] = plans
         return plans
 

@@ -17,6 +17,7 @@ init_distributed (deliberately, for test speed; production launches are unaffect
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -107,7 +108,7 @@ def make_optimizer_kwargs(opt_name, scope, rank_arg):
 
 def full_params(model, engine_name):
     """name -> full parameter tensor (float64 copy), gathered where the engine shards."""
-    if engine_name == "zero3":
+    if engine_name in ("zero3", "zero3init"):
         import deepspeed
         with deepspeed.zero.GatheredParameters(list(model.parameters())):
             return {n: p.detach().double().clone() for n, p in model.named_parameters()}
@@ -120,10 +121,19 @@ def run(spec: str, steps: int, out: Path, counter: CollectiveCounter):
     parts = spec.split(":")
     engine_name, opt_name = parts[0], parts[1]
     scope, rank_arg = (parts[2], parts[3]) if len(parts) > 3 else ("local", "full")
-    dtype = torch.float64 if (len(parts) > 4 and parts[4] == "fp64") else torch.float32
+    precision = parts[4] if len(parts) > 4 else "fp32"
+    dtype = torch.float64 if precision == "fp64" else torch.float32   # bf16: the engine casts
     world, rank = dist.get_world_size(), dist.get_rank()
-    model = tiny_llama(dtype)
-    initial = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    if engine_name == "zero3init":   # parameters partitioned as they are created (ds_shape)
+        import deepspeed
+        importlib.import_module("torch._dynamo")  # imported inside zero.Init it fails (Tensor.__new__ is patched)
+        with deepspeed.zero.Init(config_dict_or_path={"train_batch_size": GLOBAL_BATCH,
+                                                      "zero_optimization": {"stage": 3}}):
+            model = tiny_llama(dtype)
+        initial = full_params(model, "zero3")
+    else:
+        model = tiny_llama(dtype)
+        initial = {n: p.detach().double().clone() for n, p in model.named_parameters()}
     micro = GLOBAL_BATCH // world
     grad_log = [] if (opt_name.startswith("mlorc") and scope == "local") else None
 
@@ -131,10 +141,13 @@ def run(spec: str, steps: int, out: Path, counter: CollectiveCounter):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         import mlorc_dist
+        from torch.distributed.fsdp import MixedPrecisionPolicy
         mesh = init_device_mesh("cpu", (world,))
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
+                                      reduce_dtype=torch.float32 if precision == "bf16" else None)
         for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
         if opt_name == "adamw":
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-30, weight_decay=0.0)
         else:
@@ -152,10 +165,12 @@ def run(spec: str, steps: int, out: Path, counter: CollectiveCounter):
         mlorc_opt = optimizer if opt_name != "adamw" else None
     else:
         import mlorc_dist.deepspeed as mds
-        stage = {"zero1": 1, "zero2": 2, "zero2rr": 2, "zero3": 3}[engine_name]
+        stage = {"zero1": 1, "zero2": 2, "zero2rr": 2, "zero3": 3, "zero3init": 3}[engine_name]
         config = {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": micro,
                   "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
                   "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+        if precision == "bf16":
+            config["bf16"] = {"enabled": True}
         if engine_name == "zero2rr":
             config["zero_optimization"]["round_robin_gradients"] = True
         if opt_name == "adamw":
@@ -194,7 +209,7 @@ def run(spec: str, steps: int, out: Path, counter: CollectiveCounter):
                 layout = mlorc_opt.layout_of(p, group, position)
                 layouts.append([(pc.key, list(pc.matrix.shape), pc.start, pc.stop, pc.matrix.lowrank)
                                 for pc in layout.pieces])
-        if engine_name == "zero3":   # ZeRO-3 leaves only one sub-group's tensor in param_groups
+        if engine_name.startswith("zero3"):   # ZeRO-3 leaves only one sub-group's tensor in param_groups
             layouts = [[(pc.key, list(pc.matrix.shape), pc.start, pc.stop, pc.matrix.lowrank)
                         for pc in lay.pieces] for lay in
                        (mlorc_opt._layouts[id(f)] for f in engine.optimizer.fp32_partitioned_groups_flat)]
