@@ -54,7 +54,7 @@ def test_default_corpus_is_english_prose(tmp_path, monkeypatch):
 def test_tokenizer_round_trips_text(tokenizer):
     ids = tokenizer(SAMPLE_TEXT, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == SAMPLE_TEXT
-    assert len(ids) < len(SAMPLE_TEXT.encode("utf-8")) / 2  # BPE learned merges, not just bytes
+    assert len(ids) < 0.8 * len(SAMPLE_TEXT.encode("utf-8"))  # BPE learned merges, not just bytes
     assert len(tokenizer) == VOCAB_SIZE
     assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
     unseen = "Zebra quiz: ¿jalapeño? ✓"
