@@ -54,7 +54,7 @@ def results(tmp_path_factory):
     ws2 += ["fsdp2:adamw:local:full:fp64", "fsdp2:mlorc-adamw:local:full:fp64",
             "fsdp2:mlorc-adamw:global:4:fp64", "zero2:mlorc-lion:global:4", "fsdp2:mlorc-lion:global:4",
             "zero3:mlorc-lion:local:4", "zero3init:adamw", "zero3init:mlorc-adamw:local:full"]
-    ws2 += BF16_RUNS
+    ws2 += BF16_RUNS + ["zero2raw:mlorc-adamw"]
     ws1 = [f"{e}:mlorc-adamw:global:4" for e in ("zero1", "zero2", "zero3", "fsdp2")]
     ws1 += ["fsdp2:mlorc-adamw:global:4:fp64", "zero2:mlorc-lion:global:4", "fsdp2:mlorc-lion:global:4"]
     ws3 = [f"{e}:{v}" for e in WS3_ENGINES for v in
@@ -286,3 +286,12 @@ def test_every_element_is_trained_and_counted(results, engine):
         assert sum(v["elements"] for v in summary.values()) == sum(
             stop - start for layout in data["layouts"] for _, _, start, stop, _ in layout)
     assert dict(covered) == numel
+
+
+def test_plain_deepspeed_initialize_with_mlorc_refuses_to_step(results):
+    """Without mlorc_dist.deepspeed.initialize the optimizer sees flat 1-D partitions: it must
+    raise a clear ValueError, not silently run something else."""
+    for r in range(2):
+        data = torch.load(results / "ws2" / f"zero2raw.rank{r}.pt", weights_only=True)
+        assert data["error"] is not None and "mlorc_dist.deepspeed.initialize" in data["error"]
+        assert data["unchanged"]

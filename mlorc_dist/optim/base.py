@@ -197,8 +197,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         if split.body_rows == 0:
             return PiecePlan(piece, "dense", reason="no whole row")
         k, n = split.body_rows, spec.cols
-        r = self._effective_rank(f"{spec.key}[rows {split.body_row0}:{split.body_row0 + k}]",
-                                 group["rank"], k, n)
+        label = spec.key if k == spec.rows else f"{spec.key}[rows {split.body_row0}:{split.body_row0 + k}]"
+        r = self._effective_rank(label, group["rank"], k, n)
         if group["dense_when_no_saving"] and (k + n + 1) * r >= k * n:
             return PiecePlan(piece, "dense", reason="no saving")
         return PiecePlan(piece, "local", rank=r, head=split.head, body_row0=split.body_row0,

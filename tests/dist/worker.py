@@ -163,6 +163,28 @@ def run(spec: str, steps: int, out: Path, counter: CollectiveCounter):
             optimizer.step()
             return loss
         mlorc_opt = optimizer if opt_name != "adamw" else None
+    elif engine_name == "zero2raw":
+        # The trap this library exists for: plain deepspeed.initialize with an MLorc client
+        # optimizer flattens the parameters. The first step must refuse, never run dense Adam.
+        import deepspeed
+        import mlorc_dist
+        config = {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": micro,
+                  "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+                  "steps_per_print": 10 ** 9}
+        engine, _, _, _ = deepspeed.initialize(model=model, config=config,
+                                               optimizer=mlorc_dist.MLorcAdamW(model.parameters()))
+        ids = batches(1)[0][rank * micro:(rank + 1) * micro]
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        before = [p.detach().clone() for p in engine.module.parameters()]
+        try:
+            engine.step()
+            error = None
+        except ValueError as exc:
+            error = str(exc)
+        unchanged = all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
+        torch.save({"error": error, "unchanged": unchanged}, out / f"zero2raw.rank{rank}.pt")
+        dist.barrier()
+        return
     else:
         import mlorc_dist.deepspeed as mds
         stage = {"zero1": 1, "zero2": 2, "zero2rr": 2, "zero3": 3, "zero3init": 3}[engine_name]
