@@ -194,3 +194,16 @@ def test_bad_input_gives_clear_errors_and_overwrites_nothing(tmp_path):
                  "--threads", "1", "--steps", "4", "--save-every", "2", "--resume", "--out", str(out)])
     assert other.returncode != 0 and "checkpoint of another model" in other.stderr
     assert tree_digest(out / "checkpoints") == before
+
+
+def test_run_train_sh_runs_deepspeed_under_torchrun_and_scripts_parse(tmp_path):
+    """launch/run_train.sh (the engine the SLURM scripts use: one torchrun agent per node)."""
+    result = subprocess.run(["bash", str(ROOT / "launch" / "run_train.sh"), *TINY, "--steps", "2",
+                             "--out", str(tmp_path / "rt")],
+                            env=dict(env(), ENGINE="deepspeed", NPROC="2", PYTHON=sys.executable,
+                                     MASTER_PORT="29812"),
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert len(metrics(tmp_path / "rt")) == 2
+    for script in ("slurm_torchrun.sbatch", "slurm_deepspeed.sbatch", "run_train.sh"):
+        assert subprocess.run(["bash", "-n", str(ROOT / "launch" / script)]).returncode == 0
