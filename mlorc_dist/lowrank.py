@@ -22,7 +22,7 @@ __all__ = [
     "fix_negatives",
     "negative_fill_value",
     "negative_stats",
-    "fill_negatives",
+    "fill_negatives_",
     "rebuild_noise_floor",
     "sketch_width",
 ]
@@ -112,7 +112,7 @@ def rebuild_noise_floor(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def negative_stats(v: torch.Tensor, floor: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of |v| over the entries below -floor, and their count (both in v's dtype)."""
     negative = v < -floor
-    return v.abs().mul(negative).sum(), negative.sum().to(v.dtype)
+    return torch.where(negative, v, 0.0).sum().neg(), negative.sum().to(v.dtype)
 
 
 def negative_fill_value(abs_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -120,10 +120,11 @@ def negative_fill_value(abs_sum: torch.Tensor, count: torch.Tensor) -> torch.Ten
     return abs_sum / count.clamp_min(1)
 
 
-def fill_negatives(v: torch.Tensor, fill: torch.Tensor, floor: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """Entries below -floor become `fill`; entries within the noise band [-floor, floor) become
-    `floor`; the rest is left as it is. A new tensor."""
-    return torch.where(v < -floor, fill, v.clamp_min(floor))
+def fill_negatives_(v: torch.Tensor, fill: torch.Tensor, floor: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """In place: entries below -floor become `fill`; entries within the noise band
+    [-floor, floor) become `floor`; the rest is left as it is. Returns v."""
+    negative = v < -floor
+    return v.clamp_min_(floor).masked_fill_(negative, fill)
 
 
 def fix_negatives(v: torch.Tensor, floor: torch.Tensor | float = 0.0) -> torch.Tensor:
@@ -138,4 +139,4 @@ def fix_negatives(v: torch.Tensor, floor: torch.Tensor | float = 0.0) -> torch.T
     differ between world sizes by far more than rounding (those zeros flipping between "tiny"
     and "the mean negative value" with the summation order), and keeps sqrt(v) off exact 0.
     """
-    return fill_negatives(v, negative_fill_value(*negative_stats(v, floor)), floor)
+    return fill_negatives_(v.clone(), negative_fill_value(*negative_stats(v, floor)), floor)

@@ -84,3 +84,18 @@ def test_several_cuts_in_one_tensor_local_scope_compress_each_body():
     assert first["exp_avg_u"].shape == (2, 2) and "head_exp_avg" not in first
     assert first["tail_exp_avg"].shape == (3,)          # 13 = 2 rows of 5 + 3
     assert second["head_exp_avg"].shape == (2,) and second["exp_avg_u"].shape == (4, 2)
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_an_empty_shard_steps_without_state_or_error(scope):
+    """FSDP2 gives ranks past the last row an empty local tensor (more ranks than rows)."""
+    empty = torch.zeros(0, 5, requires_grad=True)
+    empty.grad = torch.zeros(0, 5)
+    opt = mlorc_dist.MLorcAdamW([empty], rank=2, scope=scope, dense_when_no_saving=False)
+    spec = MatrixSpec("param0", (2, 5), True)
+    opt.attach_layout(empty, Layout([Piece(spec, 10, 10, 0)], [spec]))
+    opt.step()
+    opt.step()
+    assert opt.state[empty]["step"] == 2
+    assert all(t.numel() == 0 or name.endswith(("_s", "_vh"))
+               for entry in opt.state[empty]["pieces"] for name, t in entry.items() if torch.is_tensor(t))

@@ -12,11 +12,11 @@ import torch
 __all__ = [
     "adam_step_size",
     "adamw_dense_step",
-    "adam_moments",
+    "adam_moments_",
     "adam_apply",
     "lion_dense_step",
     "lion_direction",
-    "lion_moment",
+    "lion_moment_",
     "decoupled_weight_decay",
 ]
 
@@ -38,22 +38,23 @@ def decoupled_weight_decay(param: torch.Tensor, lr: float, weight_decay: float) 
         param.mul_(1.0 - lr * weight_decay)
 
 
-def adam_moments(grad: torch.Tensor, m_prev: torch.Tensor, v_prev: torch.Tensor,
-                 beta1: float, beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """M = b1 m + (1 - b1) G, V = b2 v + (1 - b2) G*G, as new tensors."""
-    m = torch.lerp(grad, m_prev, beta1)            # b1 * m + (1 - b1) * g
-    v = torch.addcmul(v_prev * beta2, grad, grad, value=1.0 - beta2)
+def adam_moments_(grad: torch.Tensor, m_prev: torch.Tensor, v_prev: torch.Tensor,
+                  beta1: float, beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """M = b1 m + (1 - b1) G, V = b2 v + (1 - b2) G*G, written over m_prev and v_prev (the
+    rebuilt temporaries: no new m x n tensor)."""
+    m = m_prev.lerp_(grad, 1.0 - beta1)            # m + (1 - b1) (g - m)
+    v = v_prev.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     return m, v
 
 
 def adam_apply(param: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, step_size: float,
                eps: float) -> None:
     """W -= step_size * M / (sqrt(V) + eps), computed in m's dtype, written in param's dtype."""
-    update = m / (v.sqrt().add_(eps))
-    if param.dtype == update.dtype:
-        param.add_(update, alpha=-step_size)
+    denom = v.sqrt().add_(eps)
+    if param.dtype == m.dtype:
+        param.addcdiv_(m, denom, value=-step_size)
     else:
-        param.copy_((param.to(update.dtype) - step_size * update).to(param.dtype))
+        param.copy_(param.to(m.dtype).addcdiv_(m, denom, value=-step_size).to(param.dtype))
 
 
 def adamw_dense_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
@@ -73,9 +74,9 @@ def lion_direction(grad: torch.Tensor, m_prev: torch.Tensor, beta1: float) -> to
     return torch.lerp(grad, m_prev, beta1).sign_()
 
 
-def lion_moment(grad: torch.Tensor, m_prev: torch.Tensor, beta2: float) -> torch.Tensor:
-    """b2 m + (1 - b2) G, as a new tensor."""
-    return torch.lerp(grad, m_prev, beta2)
+def lion_moment_(grad: torch.Tensor, m_prev: torch.Tensor, beta2: float) -> torch.Tensor:
+    """b2 m + (1 - b2) G, written over m_prev."""
+    return m_prev.lerp_(grad, 1.0 - beta2)
 
 
 def _apply_direction(param: torch.Tensor, direction: torch.Tensor, lr: float) -> None:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ..lowrank import fill_negatives, negative_fill_value, negative_stats
+from ..lowrank import fill_negatives_, negative_fill_value, negative_stats
 from .base import LowRankMomentumOptimizer
-from .functional import adam_apply, adam_moments, adam_step_size, adamw_dense_step, decoupled_weight_decay
+from .functional import adam_apply, adam_moments_, adam_step_size, adamw_dense_step, decoupled_weight_decay
 
 __all__ = ["MLorcAdamW"]
 
@@ -69,8 +69,8 @@ class MLorcAdamW(LowRankMomentumOptimizer):
     def _lowrank_update(self, group, value, grad, prevs, floors, stats, step: int):
         beta1, beta2 = group["betas"]
         m_prev, v_prev = prevs
-        v_prev = fill_negatives(v_prev, negative_fill_value(stats[0], stats[1]), floors[1])
-        m, v = adam_moments(grad, m_prev, v_prev, beta1, beta2)
+        fill_negatives_(v_prev, negative_fill_value(stats[0], stats[1]), floors[1])
+        m, v = adam_moments_(grad, m_prev, v_prev, beta1, beta2)
         adam_apply(value, m, v, eps=group["eps"],
                    step_size=adam_step_size(group["lr"], beta1, beta2, step, group["correct_bias"]))
         decoupled_weight_decay(value, group["lr"], group["weight_decay"])
