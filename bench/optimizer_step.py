@@ -44,6 +44,7 @@ def optimizers(params, rank: int, device):
     except (RuntimeError, ValueError):
         pass
     yield "mlorc-adamw", mlorc_dist.MLorcAdamW(params, lr=1e-3, rank=rank)
+    yield "mlorc-adamw per-body", mlorc_dist.MLorcAdamW(params, lr=1e-3, rank=rank, batched=False)
     yield "mlorc-adamw niter=0", mlorc_dist.MLorcAdamW(params, lr=1e-3, rank=rank, niter=0)
     yield "mlorc-lion", mlorc_dist.MLorcLion(params, lr=1e-4, rank=rank)
 

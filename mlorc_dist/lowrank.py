@@ -67,29 +67,37 @@ def _orthonormal_basis(y: torch.Tensor) -> torch.Tensor:
 
 
 def randomized_svd(a: torch.Tensor, rank: int, oversample: int = 0, niter: int = 0,
-                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   seed: int | list[int] = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank-`rank` truncated SVD of a (m, n) by a Halko range finder.
 
     Returns U (m, r), s (r,), Vh (r, n) in the compute dtype (float64 for float64 input, float32
     otherwise), with r = min(rank, m, n). `niter` power iterations, each re-orthonormalised
     (as torch.pca_lowrank does). The sketch Omega (n, q) is drawn from `seed`.
+
+    Batched: a (B, m, n) with one seed per matrix gives U (B, m, r), s (B, r), Vh (B, r, n),
+    the same as B separate calls up to rounding (one QR/SVD call for all B).
     """
-    if a.dim() != 2:
-        raise ValueError(f"randomized_svd expects a 2-D tensor, got shape {tuple(a.shape)}")
-    m, n = a.shape
+    if a.dim() not in (2, 3):
+        raise ValueError(f"randomized_svd expects a 2-D (or batched 3-D) tensor, got shape {tuple(a.shape)}")
+    m, n = a.shape[-2:]
     dtype = compute_dtype_for(a.dtype)
     a = a.to(dtype)
     q = sketch_width(rank, oversample, m, n)
-    omega = gaussian_test_matrix(n, q, seed, dtype, a.device)   # (n, q)
-    basis = _orthonormal_basis(a @ omega)                        # (m, q)
+    if a.dim() == 2:
+        omega = gaussian_test_matrix(n, q, seed, dtype, a.device)           # (n, q)
+    else:
+        if len(seed) != a.shape[0]:
+            raise ValueError(f"a batch of {a.shape[0]} matrices needs as many seeds, got {len(seed)}")
+        omega = torch.stack([gaussian_test_matrix(n, q, s, dtype, a.device) for s in seed])  # (B, n, q)
+    basis = _orthonormal_basis(a @ omega)                        # (.., m, q)
     for _ in range(niter):
-        z = _orthonormal_basis(a.mT @ basis)                     # (n, q)
-        basis = _orthonormal_basis(a @ z)                        # (m, q)
-    small = basis.mT @ a                                          # (q, n)
+        z = _orthonormal_basis(a.mT @ basis)                     # (.., n, q)
+        basis = _orthonormal_basis(a @ z)                        # (.., m, q)
+    small = basis.mT @ a                                          # (.., q, n)
     u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
     r = min(rank, q)
-    u = basis @ u_small[:, :r]                                    # (m, r)
-    return u, s[:r], vh[:r]
+    u = basis @ u_small[..., :r]                                  # (.., m, r)
+    return u, s[..., :r], vh[..., :r, :]
 
 
 def rebuild(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor,

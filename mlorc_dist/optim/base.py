@@ -70,7 +70,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
     algorithm: str = "?"
 
     def __init__(self, params, defaults: dict, *, scope: str = "local", seed: int = 0,
-                 nonfinite: str = "skip"):
+                 nonfinite: str = "skip", batched: bool = True):
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
         if nonfinite not in NONFINITE_POLICIES:
@@ -79,6 +79,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.scope = scope
         self.seed = seed
+        self.batched = batched
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         self._layouts: dict[int, Layout] = {}
@@ -399,6 +400,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             warnings.warn(f"{self.algorithm}: non-finite gradient, step skipped (no parameter or "
                           f"state changed; {self.skipped_steps} skipped so far)", stacklevel=2)
             return loss
+        bodies = []
         for group, param, position, plans, state in work:
             state["step"] += 1
             flat_param, flat_grad = _flat(param), _flat(param.grad)
@@ -407,12 +409,18 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
                 if plan.mode == "dense":
                     self._dense_update(group, value, grad, entry, "", state["step"])
                 elif plan.mode == "local":
-                    self._local_piece_update(group, plan, value, grad, entry, state["step"])
+                    bodies.append(self._local_piece_update(group, plan, value, grad, entry, state["step"]))
+        if self.batched:
+            self._local_update_batched(bodies)
+        else:
+            for body in bodies:
+                self._local_update(*body)
         if global_matrices:
             self._global_update(global_matrices, prepared)
         return loss
 
-    def _local_piece_update(self, group, plan: PiecePlan, value, grad, entry, step: int) -> None:
+    def _local_piece_update(self, group, plan: PiecePlan, value, grad, entry, step: int) -> tuple:
+        """Dense updates of the head and tail rows; returns the body's work for _local_update."""
         head, body_numel = plan.head, plan.body_rows * plan.piece.matrix.cols
         if plan.head:
             self._dense_update(group, value[:head], grad[:head], entry, "head_", step)
@@ -422,7 +430,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         cols = plan.piece.matrix.cols
         body = value[head:head + body_numel].view(plan.body_rows, cols)       # (k, n), no copy
         body_grad = grad[head:head + body_numel].view(plan.body_rows, cols)
-        self._local_update(group, plan, body, body_grad, entry, step)
+        return group, plan, body, body_grad, entry, step
 
     # ------------------------------------------------------------------ low-rank updates
     def _rebuild_moments(self, entry: dict, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -442,8 +450,46 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             entry[f"{name}_s"].copy_(s)
             entry[f"{name}_vh"].copy_(vh)
 
+    def _local_update_batched(self, bodies: list[tuple]) -> None:
+        """The same as _local_update on each body, with the bodies of one shape and group
+        batched: one rebuild product, one QR and one SVD call per batch instead of one per body
+        (kernel launches and LAPACK calls, not passes over memory, dominate small blocks and GPUs).
+        The elementwise update still runs per body, on views of the batch buffers."""
+        batches: dict[tuple, list] = {}
+        for body in bodies:
+            group, plan, value = body[0], body[1], body[2]
+            key = (id(group), plan.body_rows, plan.piece.matrix.cols, plan.rank, value.dtype, value.device)
+            batches.setdefault(key, []).append(body)
+        for items in batches.values():
+            if len(items) == 1:
+                self._local_update(*items[0])
+                continue
+            group, compute = items[0][0], compute_dtype_for(items[0][2].dtype)
+            entries = [item[4] for item in items]
+            prevs = [torch.bmm(torch.stack([(e[f"{name}_u"].to(compute) * e[f"{name}_s"].to(compute))
+                                            for e in entries]),
+                               torch.stack([e[f"{name}_vh"].to(compute) for e in entries]))
+                     for name in self.moment_names]                                 # (B, k, n) each
+            for i, (_, plan, body, body_grad, entry, step) in enumerate(items):
+                mine = [p[i] for p in prevs]
+                floors = self._noise_floors(entry, compute)
+                stats = self._moment_stats(mine, floors)
+                moments = self._lowrank_update(group, body, body_grad.to(compute), mine, floors, stats, step)
+                for buffer, moment in zip(mine, moments):
+                    if moment.data_ptr() != buffer.data_ptr():      # an update that was not in place
+                        buffer.copy_(moment)
+            for state_id, (name, buffer) in enumerate(zip(self.moment_names, prevs)):
+                seeds = [sketch_seed(self.seed, step, plan.piece.key, plan.body_row0, state_id)
+                         for _, plan, _, _, _, step in items]
+                u, s, vh = randomized_svd(buffer, items[0][1].rank, group["oversample"], group["niter"], seeds)
+                for i, entry in enumerate(entries):
+                    entry[f"{name}_u"].copy_(u[i])
+                    entry[f"{name}_s"].copy_(s[i])
+                    entry[f"{name}_vh"].copy_(vh[i])
+
     def _local_update(self, group, plan: PiecePlan, body, body_grad, entry, step: int) -> None:
-        """Compress this body on its own: rebuild, update, recompress, apply. No collectives."""
+        """Compress this body on its own: rebuild, update, recompress, apply. No collectives.
+        The reference path (batched=False); _local_update_batched must agree with it."""
         compute = compute_dtype_for(body.dtype)
         prevs = self._rebuild_moments(entry, compute)                        # (k, n) each
         floors = self._noise_floors(entry, compute)

@@ -48,12 +48,13 @@ class MLorcAdamW(LowRankMomentumOptimizer):
                  weight_decay: float = 0.01, *, rank: int = 4, oversample: int = 0, niter: int = 1,
                  correct_bias: bool = True, factor_dtype=None, lowrank: bool = True,
                  dense_when_no_saving: bool = True, scope: str = "local", seed: int = 0,
-                 nonfinite: str = "skip"):
+                 nonfinite: str = "skip", batched: bool = True):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
                         oversample=oversample, niter=niter, correct_bias=correct_bias,
                         factor_dtype=factor_dtype, lowrank=lowrank,
                         dense_when_no_saving=dense_when_no_saving)
-        super().__init__(params, defaults, scope=scope, seed=seed, nonfinite=nonfinite)
+        super().__init__(params, defaults, scope=scope, seed=seed, nonfinite=nonfinite,
+                         batched=batched)
 
     def _dense_update(self, group, value, grad, entry, prefix: str, step: int) -> None:
         beta1, beta2 = group["betas"]

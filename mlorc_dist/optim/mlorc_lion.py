@@ -23,11 +23,12 @@ class MLorcLion(LowRankMomentumOptimizer):
     def __init__(self, params, lr: float = 1e-4, betas=(0.95, 0.98), weight_decay: float = 0.05, *,
                  rank: int = 4, oversample: int = 0, niter: int = 0, factor_dtype=None,
                  lowrank: bool = True, dense_when_no_saving: bool = True, scope: str = "local",
-                 seed: int = 0, nonfinite: str = "skip"):
+                 seed: int = 0, nonfinite: str = "skip", batched: bool = True):
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, rank=rank,
                         oversample=oversample, niter=niter, factor_dtype=factor_dtype,
                         lowrank=lowrank, dense_when_no_saving=dense_when_no_saving)
-        super().__init__(params, defaults, scope=scope, seed=seed, nonfinite=nonfinite)
+        super().__init__(params, defaults, scope=scope, seed=seed, nonfinite=nonfinite,
+                         batched=batched)
 
     def _dense_update(self, group, value, grad, entry, prefix: str, step: int) -> None:
         beta1, beta2 = group["betas"]
