@@ -90,15 +90,31 @@ def _module_names(module: torch.nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in module.named_parameters()}
 
 
-def attach_layouts(engine, optimizer) -> str:
+def attach_layouts(engine=None, optimizer=None, *, zero_optimizer=None, module=None) -> str:
     """Attach the shard layout of every tensor DeepSpeed hands `optimizer`; returns the engine
-    kind ('zero1/2', 'zero3' or 'plain'). Unsupported wrappers raise ValueError."""
+    kind ('zero1/2', 'zero3' or 'plain'). Unsupported wrappers raise ValueError.
+
+    Either pass the DeepSpeed `engine`, or (when someone else built the engine and hands you
+    its parts, as accelerate and transformers' Trainer do) `zero_optimizer=engine.optimizer` and
+    `module=engine.module`."""
     import deepspeed.comm as ds_comm
 
-    wrapper = engine.optimizer
-    names = _module_names(engine.module)
+    if optimizer is None:
+        raise ValueError("attach_layouts needs the MLorc optimizer")
+    if engine is not None:
+        if zero_optimizer is not None or module is not None:
+            raise ValueError("pass either engine= or zero_optimizer= and module=, not both")
+        zero_optimizer, module = engine.optimizer, engine.module
+    elif zero_optimizer is None or module is None:
+        raise ValueError("attach_layouts needs engine=, or zero_optimizer= and module=")
+    wrapper = zero_optimizer
+    names = _module_names(module)
     lowrank = [bool(g.get("lowrank", True)) for g in optimizer.param_groups]
     kind = type(wrapper).__name__
+    inner = getattr(wrapper, "optimizer", None)
+    if kind.startswith("DeepSpeedZeroOptimizer") and inner is not optimizer:
+        raise ValueError(f"DeepSpeed's {kind} steps a {type(inner).__name__}, not this "
+                         f"{type(optimizer).__name__}: the engine was built with another optimizer")
     if kind == "DeepSpeedZeroOptimizer":
         if getattr(wrapper, "cpu_offload", False):
             raise ValueError("MLorc under ZeRO-1/2 with offload_optimizer is not supported")
