@@ -290,3 +290,18 @@ def test_batched_fast_path_equals_the_reference_path(cls, rel_diff, monkeypatch)
             opt.step()
     assert max(batch_sizes) >= 3                          # the 3 layers' q_proj (etc.) together
     assert rel_diff(list(fast.parameters()), list(plain.parameters())) <= 1e-5
+
+
+def test_rebind_parameters_after_a_swap_and_refused_with_state():
+    model = make_mlp()
+    opt = MLorcAdamW(model.parameters())
+    assert opt.rebind_parameters() is False
+    swapped = [torch.nn.Parameter(p.detach().clone()) for p in opt.param_groups[0]["params"]]
+    opt.param_groups[0]["params"] = swapped            # what accelerate's FSDP2 prepare does
+    assert opt.rebind_parameters() is True
+    for p in swapped:
+        p.grad = torch.ones_like(p)
+    opt.step()                                           # the new tensors step as plain params
+    opt.param_groups[0]["params"] = [torch.nn.Parameter(p.detach().clone()) for p in swapped]
+    with pytest.raises(ValueError, match="replaced after it had state"):
+        opt.rebind_parameters()

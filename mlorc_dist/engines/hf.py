@@ -54,7 +54,6 @@ import logging
 import os
 import sys
 import warnings
-from itertools import chain
 
 import torch
 
@@ -236,27 +235,6 @@ def find_mlorc(optimizer) -> tuple[LowRankMomentumOptimizer | None, object | Non
     return None, zero
 
 
-def _rebind_parameters(optimizer: LowRankMomentumOptimizer) -> bool:
-    """Re-index the optimizer after its parameters were swapped for other tensors (accelerate's
-    FSDP2 `prepare` replaces every parameter in param_groups by the DTensor `fully_shard` made of
-    it). Names stay those of the groups' param_names; the layouts and plans computed on the old
-    tensors are dropped (their ids may be reused). Refused once optimizer state exists.
-
-    This touches the optimizer's private indexes: a public hook on LowRankMomentumOptimizer
-    would be the cleaner home for it."""
-    params = list(chain.from_iterable(g["params"] for g in optimizer.param_groups))
-    if all(id(p) in optimizer._param_index for p in params):
-        return False
-    if len(optimizer.state):
-        raise ValueError(f"{optimizer.algorithm}: its parameters were replaced after it had state")
-    optimizer._param_index = {id(p): i for i, p in enumerate(params)}
-    optimizer._construction_ids = set(optimizer._param_index)
-    optimizer._layouts.clear()
-    optimizer._plans.clear()
-    optimizer._attached.clear()
-    return True
-
-
 # --------------------------------------------------------------------------- attach and report
 def _engine_tensors(mlorc: LowRankMomentumOptimizer, zero) -> list[tuple[torch.Tensor, dict, int | None]]:
     """(tensor, group, position) for every tensor the engine hands the optimizer to step."""
@@ -328,7 +306,7 @@ def attach(optimizer, model, *, expect: str | None = None) -> dict:
         raise ValueError(f"DeepSpeed was asked for but the optimizer is not inside a ZeRO optimizer "
                          f"({type(optimizer).__name__}); mlorc_dist supports ZeRO stages 1-3")
     else:
-        _rebind_parameters(mlorc)
+        mlorc.rebind_parameters()
         params = [p for g in mlorc.param_groups for p in g["params"]]
         sharded = [type(p).__name__ == "DTensor" for p in params]
         engine = "fsdp2" if any(sharded) else "plain"

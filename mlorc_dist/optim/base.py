@@ -87,10 +87,31 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         self._plans: dict[int, list[PiecePlan]] = {}
         self._warned_clamp: set[str] = set()
         super().__init__(params, defaults)
-        self._construction_ids = {id(p) for g in self.param_groups for p in g["params"]}
-        self._param_index = {id(p): i for i, p in
-                             enumerate(chain.from_iterable(g["params"] for g in self.param_groups))}
+        self._index_parameters()
         self.log_treatments()
+
+    def _index_parameters(self) -> None:
+        """Remember the tensors in param_groups now: their position names them (param<i>) when
+        the groups carry no param_names, and only they may step without an attached layout."""
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        self._param_index = {id(p): i for i, p in enumerate(params)}
+        self._construction_ids = set(self._param_index)
+
+    def rebind_parameters(self) -> bool:
+        """Re-index after the tensors in param_groups were replaced by others (accelerate's
+        FSDP2 `prepare` swaps every parameter for the DTensor that fully_shard made of it).
+        Layouts and plans computed on the old tensors are dropped (their ids may be reused).
+        Returns False when nothing changed; refused with a ValueError once state exists."""
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        if all(id(p) in self._param_index for p in params):
+            return False
+        if len(self.state):
+            raise ValueError(f"{self.algorithm}: its parameters were replaced after it had state")
+        self._index_parameters()
+        self._layouts.clear()
+        self._plans.clear()
+        self._attached.clear()
+        return True
 
     # ------------------------------------------------------------------ hyperparameters
     def add_param_group(self, param_group: dict) -> None:
