@@ -71,6 +71,24 @@ EXACT_CATEGORIES = ("weights", "grads", "master", "state_factors", "state_dense"
 GPU_SIZES_GB = (24, 40, 80, 141)
 GB = 1e9
 _FACTOR_SUFFIXES = ("_u", "_s", "_vh")
+# Extra memory of one MLorc-AdamW step(), in fp32 copies of one block, by the element size of the
+# tensor the optimizer holds (4: fp32, DeepSpeed's master and FSDP2 shards; 2: pure bf16), as
+# measured with mlorc_dist.memory.workspace.measure_step_workspace on CPU (the same for 512x256 ..
+# 4096x1024) and re-checked by tests/test_memory.py (an upper bound):
+#   local, batched (the default): the B same-shaped bodies of one step() call and param group
+#     are rebuilt into (B, k, n) buffers, one per moment: 2 B + c copies; the buffers of the
+#     previous batch stay alive while the next one is built (they are only rebound), so the
+#     peak is 2 B_prev + 2 B + c; a batch of one body takes the per-body path (c1 = 2 + c)
+#   local, batched=False: c1 copies of the largest body
+#   global: every matrix of the call is rebuilt and compressed together: 4.125 sum(blocks) + c
+#   dense regions (1-D, embeddings, partial rows): d copies of the largest
+MLORC_STEP_WORKSPACE = {
+    4: {"batch": 2.0, "block": 2.25, "unbatched": 4.25, "global": 4.125, "global_block": 0.25, "dense": 1.75},
+    2: {"batch": 2.0, "block": 3.5, "unbatched": 5.5, "global": 4.125, "global_block": 1.5, "dense": 3.5},
+}
+# torch AdamW: foreach (the CUDA default) materialises one temporary per tensor of a param group
+# at once (1.00x the group); the single-tensor loop 2.00x the largest tensor.
+ADAMW_FOREACH_WORKSPACE = 1.0
 
 
 @dataclass
@@ -91,6 +109,7 @@ class PlanSettings:
     overlap_comm: bool | None = None               # DeepSpeed default: True at stage 3 only
     param_persistence_threshold: int = 100_000     # DeepSpeed stage3_param_persistence_threshold
     sub_group_size: int = 1_000_000_000            # DeepSpeed sub_group_size
+    batched: bool = True                           # MLorc's batched=True default
 
     def validate(self) -> None:
         if self.engine not in ENGINES:
@@ -220,7 +239,7 @@ class _MLorcStatePlanner:
             warnings.simplefilter("ignore")
             self.optimizer = cls(groups, rank=settings.rank, factor_dtype=settings.factor_dtype,
                                  dense_when_no_saving=settings.dense_when_no_saving,
-                                 scope=settings.scope)
+                                 scope=settings.scope, batched=settings.batched)
 
     def add(self, tensor: torch.Tensor, layout: Layout, group_index: int, out: dict) -> list:
         opt = self.optimizer
@@ -399,21 +418,43 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
         rows = _single(params_by_group, settings, model_bytes, model_dtype)
 
     # ---- optimizer state, per rank
-    largest_block = largest_dense = largest_held = 0
+    largest_held = 0
     held_bytes = rows[0]["held"][0][0].element_size() if rows[0]["held"] else 4
+    mlorc_workspace = 0       # elements (fp32 copies of one element) of the worst step() call
     if settings.optimizer.startswith("mlorc"):
         planner = _MLorcStatePlanner(settings, lowrank_of_group)
+        ws = MLORC_STEP_WORKSPACE[2 if held_bytes == 2 else 4]
         for row in rows:
             state = _empty_state()
-            for tensor, layout, gi in row["held"]:
+            calls: dict = {}      # DeepSpeed: one step() per flat tensor; FSDP2/single: one per step
+            for i, (tensor, layout, gi) in enumerate(row["held"]):
+                call = calls.setdefault(0 if engine in ("single", "fsdp2") else i,
+                                        {"batches": {}, "global": 0, "global_max": 0, "dense": 0})
                 for plan in planner.add(tensor, layout, gi, state):
                     if plan.mode == "local":
-                        largest_block = max(largest_block, plan.body_rows * plan.piece.matrix.cols)
-                        largest_dense = max(largest_dense, plan.head, plan.tail)
+                        numel = plan.body_rows * plan.piece.matrix.cols
+                        batch = call["batches"].setdefault((gi, plan.body_rows, plan.piece.matrix.cols,
+                                                            plan.rank), [0, 0])
+                        batch[0] += numel
+                        batch[1] = numel
+                        call["dense"] = max(call["dense"], plan.head, plan.tail)
                     elif plan.mode == "global":
-                        largest_block = max(largest_block, plan.piece.row_count * plan.piece.matrix.cols)
+                        numel = plan.piece.row_count * plan.piece.matrix.cols
+                        call["global"] += numel
+                        call["global_max"] = max(call["global_max"], numel)
                     else:
-                        largest_dense = max(largest_dense, plan.piece.numel)
+                        call["dense"] = max(call["dense"], plan.piece.numel)
+            for call in calls.values():
+                local, alive = 0, 0       # batches in the order the step meets them
+                for total, one in call["batches"].values():
+                    if not settings.batched or total == one:
+                        local = max(local, alive + ws["unbatched"] * one)
+                    else:
+                        local = max(local, alive + ws["batch"] * total + ws["block"] * one)
+                        alive = ws["batch"] * total if settings.batched else 0
+                glob = ws["global"] * call["global"] + ws["global_block"] * call["global_max"] \
+                    if call["global"] else 0
+                mlorc_workspace = max(mlorc_workspace, local, glob, ws["dense"] * call["dense"])
             row.update(state)
     elif settings.optimizer == "adamw":
         for row in rows:
@@ -463,12 +504,11 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
         transients["unsharded layer grads + fp32 reduce-scatter in/out"] = int(
             layer_numel * (model_bytes + 4 + 4 / world))
     if settings.optimizer.startswith("mlorc"):
-        # measured (see the assumptions): fp32 copies of the block / region, fp32 or bf16 params
-        block_x, dense_x = (10, 5) if held_bytes == 2 else (7, 2)
-        name = f"step workspace (MLorc: {block_x} x largest block, {dense_x} x largest dense region, fp32)"
-        transients[name] = max(block_x * largest_block, dense_x * largest_dense) * 4
+        transients["step workspace (MLorc: batched rebuild of same-shaped blocks, fp32)"] = \
+            int(mlorc_workspace * 4)
     elif settings.optimizer == "adamw":
-        transients["step workspace (AdamW foreach: 1 x the largest param group)"] = largest_held
+        transients["step workspace (AdamW foreach: 1x the largest param group)"] = \
+            int(ADAMW_FOREACH_WORKSPACE * largest_held)
     fwd_extra = sum(v for k, v in transients.items() if not k.startswith("step workspace"))
     step_extra = sum(v for k, v in transients.items() if k.startswith("step workspace"))
 
@@ -499,11 +539,16 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
         "5e7-element prefetch bucket + that layer's unsharded grads; FSDP2 root unit unsharded "
         "through forward/backward, two layers unsharded, one layer's unsharded grads and fp32 "
         "reduce-scatter buffers",
-        "step workspace, measured with torch.profiler's memory timeline on CPU (2048x1024 and "
-        "1024x4096 matrices), in fp32 copies of the block: MLorc-AdamW 7.00x a compressed block "
-        "and 2.00x a dense region for fp32 params, 10.00x and 5.00x for bf16 params (pure bf16 "
-        "single-process runs); torch AdamW with foreach (the CUDA default) 1.00x all the tensors "
-        "of a param group at once (2.00x one tensor with the for-loop); GaLore's is not counted",
+        "step workspace, measured with torch.profiler's memory timeline on CPU "
+        "(mlorc_dist.memory.workspace) and on an H100 (the same), in fp32 copies of a block: "
+        "MLorc-AdamW local batched (default) 2 B + %.2f for the B same-shaped blocks of one "
+        "step() call (%.2f for bf16 params), plus 2 B of the previous batch, still alive; "
+        "unbatched %.2f (%.2f), global 4.125 x all blocks of the call, dense regions "
+        "%.2f (%.2f); torch AdamW with foreach (the CUDA default) 1.00x all the tensors of a "
+        "param group at once (2.00x one tensor with the for-loop); GaLore's is not counted"
+        % (MLORC_STEP_WORKSPACE[4]["block"], MLORC_STEP_WORKSPACE[2]["block"],
+           MLORC_STEP_WORKSPACE[4]["unbatched"], MLORC_STEP_WORKSPACE[2]["unbatched"],
+           MLORC_STEP_WORKSPACE[4]["dense"], MLORC_STEP_WORKSPACE[2]["dense"]),
         "peak = max(forward/backward, step) of the worst rank; ZeRO-3 steps one sub-group's "
         "fp32 gradient at a time",
         "fits: peak <= nominal size x 1e9 bytes (real totals are 5-7% higher, left for the CUDA "
@@ -587,6 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--factor-dtype", choices=("fp32", "bf16"), default=None)
     ap.add_argument("--compress-embeddings", action="store_true")
     ap.add_argument("--reduce-bucket-size", type=int, default=500_000_000)
+    ap.add_argument("--no-batched", action="store_true", help="MLorc with batched=False")
     ap.add_argument("--json", type=Path, default=None, help="also write the plan as JSON")
     ap.add_argument("-v", "--verbose", action="store_true", help="activation items and assumptions")
     return ap
@@ -598,7 +644,7 @@ def main(argv=None) -> Plan:
                             rank=args.rank, micro_batch=args.micro_batch, seq=args.seq, bf16=args.bf16,
                             activation_checkpointing=args.activation_checkpointing, scope=args.scope,
                             factor_dtype=args.factor_dtype, compress_embeddings=args.compress_embeddings,
-                            reduce_bucket_size=args.reduce_bucket_size)
+                            reduce_bucket_size=args.reduce_bucket_size, batched=not args.no_batched)
     result = plan(args.model, settings, args.vocab_size)
     print(format_plan(result, args.verbose))
     if args.json:

@@ -1,0 +1,147 @@
+"""Memory-profiling jobs for tests/test_memory.py: real DeepSpeed ZeRO-1/2/3 and FSDP2 on CPU/gloo.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist/memory_worker.py --out DIR \
+        --model tiny --runs zero2:mlorc-adamw zero3:adamw fsdp2:mlorc-adamw:bf16 ...
+
+A run is engine:optimizer[:precision[:scope]]. Each trains a Llama of the named shape
+(mlorc_dist.models.llama_config, vocabulary --vocab) or of an HF config JSON for --steps steps with MemoryProfiler
+sampling after forward, backward and step (activations measured with saved-tensor hooks), and
+writes DIR/<run>.json (+ .txt, .png) through MemoryProfiler.gather_and_write on rank 0.
+Param groups are mlorc_dist.param_groups(model) for every optimizer (AdamW included), as the
+planner assumes. DeepSpeed configs are the defaults apart from batch sizes and bf16.
+
+DeepSpeed's CPU backend would JIT-compile a shared-memory comm op (60-70 s) on first use; every
+collective here runs on gloo, so the worker replaces its builder with a no-op before
+init_distributed (deliberately, for test speed; production launches are unaffected).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+torch.set_num_threads(1)
+
+
+def batches(steps, vocab, global_batch, seq):
+    g = torch.Generator().manual_seed(99)
+    return [torch.randint(0, vocab, (global_batch, seq), generator=g) for _ in range(steps)]
+
+
+def run(spec: str, args) -> None:
+    import mlorc_dist
+    from mlorc_dist.memory import MemoryProfiler
+    from mlorc_dist.memory.planner import load_config
+    from mlorc_dist.models import build_model
+
+    parts = spec.split(":")
+    engine_name, opt_name = parts[0], parts[1]
+    precision = parts[2] if len(parts) > 2 else "fp32"
+    scope = parts[3] if len(parts) > 3 else "local"
+    world, rank = dist.get_world_size(), dist.get_rank()
+    model = build_model(load_config(args.model, args.vocab), seed=1234)
+    micro = args.micro_batch
+    lr = 1e-3
+
+    if engine_name == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = init_device_mesh("cpu", (world,))
+        bf16 = precision == "bf16"
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                      reduce_dtype=torch.float32 if bf16 else None)
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        groups = mlorc_dist.param_groups(model)
+        if opt_name == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=lr)
+        else:
+            optimizer = mlorc_dist.MLorcAdamW(groups, lr=lr, rank=args.rank, scope=scope)
+        profiler = MemoryProfiler("fsdp2", model, optimizer, "cpu")
+
+        def forward(ids):
+            return model(input_ids=ids, labels=ids)
+
+        def backward(loss):
+            loss.backward()
+
+        def step():
+            optimizer.step()
+            optimizer.zero_grad()
+    else:
+        import deepspeed
+        import mlorc_dist.deepspeed as mds
+        stage = {"zero1": 1, "zero2": 2, "zero3": 3}[engine_name]
+        config = {"train_batch_size": micro * world, "train_micro_batch_size_per_gpu": micro,
+                  "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
+                  "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+        if precision == "bf16":
+            config["bf16"] = {"enabled": True}
+        if opt_name == "adamw":
+            optimizer = torch.optim.AdamW(mlorc_dist.param_groups(model), lr=lr)
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+            client = optimizer
+        else:
+            config["optimizer"] = {"type": "MLorcAdamW", "params": {"lr": lr}}
+            engine, _, _, _ = mds.initialize(model=model, config=config,
+                                             mlorc={"rank": args.rank, "scope": scope})
+            client = engine.mlorc_optimizer
+        profiler = MemoryProfiler(engine_name, engine, client, "cpu")
+        model = engine.module
+
+        def forward(ids):
+            return engine(input_ids=ids, labels=ids)
+
+        def backward(loss):
+            engine.backward(loss)
+
+        def step():
+            engine.step()
+
+    for ids in batches(args.steps, args.vocab, micro * world, args.seq):
+        local = ids[rank * micro:(rank + 1) * micro].clone()   # a per-rank batch, as a loader gives
+        with profiler.track_activations() as acts:
+            out = forward(local)
+            acts.hold(out.logits)
+        profiler.sample("after_forward")
+        backward(out.loss)
+        del out
+        profiler.sample("after_backward")
+        step()
+        profiler.sample("after_step")
+    name = spec.replace(":", "_")
+    profiler.gather_and_write(args.out / f"{name}.json", args.out / f"{name}.png")
+    profiler.close()
+    dist.barrier()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--runs", nargs="+", required=True)
+    parser.add_argument("--model", default="tiny", help="a named shape or an HF config JSON")
+    parser.add_argument("--vocab", type=int, default=101)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--rank", type=int, default=4)
+    args = parser.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.comm  # noqa: F401  (loads deepspeed.comm.torch)
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None   # see the module docstring
+    deepspeed.init_distributed(dist_backend="gloo")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for spec in args.runs:
+        run(spec, args)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

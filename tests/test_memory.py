@@ -1,0 +1,331 @@
+"""Memory profiler, report and planner (mlorc_dist.memory, python -m mlorc_dist.plan).
+
+One 2-process launch of tests/dist/memory_worker.py (real DeepSpeed ZeRO-1/2/3 and FSDP2 on
+CPU/gloo, the "tiny" Llama, 2 steps per run) writes a MemoryProfiler report per run; the planner,
+run here on the meta device, must reproduce every rank's weights / grads / master / optimizer
+state bytes exactly, the activations within 25% (they are measured with saved-tensor hooks: the
+bytes of every distinct storage autograd saves for backward, parameters excluded, plus the
+logits the output holds), and the 2-rank totals. The rest runs in this process: activation
+checkpointing, the planner's MLorc state vs a real optimizer, the published anchors (APOLLO's
+LLaMA-7B breakdown, GaLore's Table 1 formula), the CLI, and the profiler without GPU/NVML.
+
+Set MLORC_MEMORY_100M=1 to also run the ~100M model (world size 2, ~1 min more).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mlorc_dist
+from mlorc_dist.memory import MemoryProfiler, PlanSettings, plan
+from mlorc_dist.memory.activations import ActivationTracker, activation_bytes
+from mlorc_dist.memory.planner import EXACT_CATEGORIES, build_meta_model, load_config, plan_model
+from mlorc_dist.memory.report import reference_sample
+from mlorc_dist.models import build_model, llama_config
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "dist" / "memory_worker.py"
+VOCAB, MICRO, SEQ, RANK = 101, 2, 32, 4
+RUNS = ["zero2:mlorc-adamw", "zero2:adamw", "zero3:mlorc-adamw", "zero3:adamw", "fsdp2:mlorc-adamw",
+        "fsdp2:adamw", "zero1:mlorc-adamw", "zero2:mlorc-adamw:bf16", "zero3:mlorc-adamw:bf16",
+        "fsdp2:mlorc-adamw:bf16", "zero2:mlorc-adamw:fp32:global"]
+
+
+def launch(out: Path, runs: list[str], port: int, *extra: str) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(port), str(WORKER), "--out", str(out), "--runs", *runs, *extra]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory job failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    out = tmp_path_factory.mktemp("memory")
+    launch(out, RUNS, 29731, "--model", "tiny", "--vocab", str(VOCAB), "--micro-batch", str(MICRO),
+           "--seq", str(SEQ), "--rank", str(RANK), "--steps", "2")
+    return out
+
+
+# Shapes that make DeepSpeed pad a flat group (the 1-D group: 7 x 42 = 294 elements, not a
+# multiple of 2 x world), cut matrices mid-row, and FSDP2 shard unevenly (101 rows); GQA 3:1.
+ODD = dict(model_type="llama", vocab_size=VOCAB, hidden_size=42, intermediate_size=61,
+           num_hidden_layers=3, num_attention_heads=3, num_key_value_heads=1,
+           max_position_embeddings=64, tie_word_embeddings=False, rms_norm_eps=1e-5)
+ODD_RUNS = ["zero2:mlorc-adamw", "zero2:adamw", "zero3:mlorc-adamw", "fsdp2:mlorc-adamw"]
+
+
+@pytest.fixture(scope="module")
+def odd_reports(tmp_path_factory):
+    out = tmp_path_factory.mktemp("memory_odd")
+    (out / "config.json").write_text(json.dumps(ODD))
+    launch(out, ODD_RUNS, 29733, "--model", str(out / "config.json"), "--micro-batch", "3",
+           "--seq", "20", "--rank", str(RANK), "--steps", "2")
+    return out
+
+
+def settings_for(spec: str, world: int = 2, micro: int = MICRO, seq: int = SEQ) -> PlanSettings:
+    parts = spec.split(":")
+    return PlanSettings(engine=parts[0], world_size=world, optimizer=parts[1], rank=RANK,
+                        micro_batch=micro, seq=seq, bf16=len(parts) > 2 and parts[2] == "bf16",
+                        scope=parts[3] if len(parts) > 3 else "local")
+
+
+def load_report(out: Path, spec: str) -> dict:
+    return json.loads((out / f"{spec.replace(':', '_')}.json").read_text())
+
+
+def check_exact(report: dict, planned) -> None:
+    assert [r["rank"] for r in report["ranks"]] == list(range(len(planned.ranks)))
+    for r, measured_rank in enumerate(report["ranks"]):
+        measured = reference_sample(measured_rank)["tensors"]
+        for category in EXACT_CATEGORIES:
+            assert measured[category] == planned.ranks[r][category], (
+                f"rank {r} {category}: measured {measured[category]}, planned {planned.ranks[r][category]}")
+
+
+def check_activations(report: dict, planned) -> None:
+    for measured_rank in report["ranks"]:
+        measured = measured_rank["peaks"]["activations"]
+        assert measured > 0
+        assert abs(planned.activations["saved"] - measured) <= 0.25 * measured, (
+            f"activations: planned {planned.activations['saved']}, measured {measured}")
+
+
+# --------------------------------------------------------------------------- real 2-process jobs
+@pytest.mark.parametrize("spec", RUNS)
+def test_planner_equals_measured_tensor_bytes(reports, spec):
+    planned = plan("tiny", settings_for(spec), vocab_size=VOCAB)
+    report = load_report(reports, spec)
+    check_exact(report, planned)
+    check_activations(report, planned)
+    if spec.startswith("zero3"):        # gradient partition buffer + reduce bucket, exactly
+        for r, rank_report in enumerate(report["ranks"]):
+            assert reference_sample(rank_report)["tensors"]["engine_buffers"] == planned.ranks[r]["engine_buffers"]
+    if spec.startswith(("zero1", "zero2")):   # model-dtype gradients kept from backward to step
+        for r, rank_report in enumerate(report["ranks"]):
+            after_backward = [s for s in rank_report["samples"] if s["name"] == "after_backward"][-1]
+            assert after_backward["tensors"]["grad_staging"] == planned.ranks[r]["staging"]
+
+
+@pytest.mark.parametrize("spec", ODD_RUNS)
+def test_planner_equals_measured_on_odd_shapes(odd_reports, spec):
+    """Padding of ZeRO-1/2 flat groups, mid-row cuts, uneven FSDP2 shards, an HF config JSON."""
+    planned = plan(str(odd_reports / "config.json"), settings_for(spec, micro=3, seq=20))
+    report = load_report(odd_reports, spec)
+    check_exact(report, planned)
+    check_activations(report, planned)
+    if spec == "zero2:mlorc-adamw":
+        assert planned.total("master") // 4 > planned.n_params      # the flat groups are padded
+        assert planned.ranks[0]["state_factors"] != planned.ranks[1]["state_factors"]
+
+
+def test_activation_estimate_is_exact_on_these_runs(reports):
+    """Stronger than the 25% the issue asks for: the itemised formula is exact here (fp32, bf16)."""
+    for spec in ("zero2:mlorc-adamw", "fsdp2:mlorc-adamw:bf16", "zero3:adamw"):
+        planned = plan("tiny", settings_for(spec), vocab_size=VOCAB)
+        for rank_report in load_report(reports, spec)["ranks"]:
+            assert rank_report["peaks"]["activations"] == planned.activations["saved"]
+
+
+@pytest.mark.parametrize("spec", ["zero2:mlorc-adamw", "zero3:mlorc-adamw", "fsdp2:mlorc-adamw"])
+def test_report_has_both_ranks_and_totals_match_the_plan(reports, spec):
+    report = load_report(reports, spec)
+    planned = plan("tiny", settings_for(spec), vocab_size=VOCAB)
+    assert report["world_size"] == 2 and [r["rank"] for r in report["ranks"]] == [0, 1]
+    for rank_report in report["ranks"]:
+        names = [s["name"] for s in rank_report["samples"]]
+        assert names.count("step") == 2 and names.count("after_step") == 2
+        assert rank_report["peaks"]["rss_peak"] > 0
+        assert any("NVML" in n or "CUDA" in n for n in rank_report["notes"])   # said, not hidden
+    for category in EXACT_CATEGORIES:
+        assert report["totals"][category] == planned.total(category), category
+    # the state differs by rank (uneven FSDP2 shards / ZeRO cuts), so the totals are a real sum
+    table = (reports / f"{spec.replace(':', '_')}.txt").read_text().splitlines()
+    assert table[1].split()[0] == "0" and table[2].split()[0] == "1"
+    assert (reports / f"{spec.replace(':', '_')}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.skipif(os.environ.get("MLORC_MEMORY_100M") != "1", reason="set MLORC_MEMORY_100M=1 (~1 min)")
+def test_100m_model_world_size_2(tmp_path):
+    runs = ["zero2:mlorc-adamw", "zero3:mlorc-adamw", "fsdp2:mlorc-adamw"]
+    launch(tmp_path, runs, 29732, "--model", "100m", "--vocab", "2048", "--micro-batch", "1",
+           "--seq", "64", "--rank", str(RANK), "--steps", "2")
+    for spec in runs:
+        planned = plan("100m", settings_for(spec, micro=1, seq=64), vocab_size=2048)
+        report = load_report(tmp_path, spec)
+        check_exact(report, planned)
+        check_activations(report, planned)
+
+
+# --------------------------------------------------------------------------- single process
+@pytest.mark.parametrize("dtype,checkpointing", [(torch.float32, True), (torch.bfloat16, True),
+                                                 (torch.float32, False)])
+def test_activation_estimate_single_process(dtype, checkpointing):
+    config = llama_config("tiny", VOCAB)
+    model = build_model(config, seed=0, dtype=dtype)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(0))
+    with ActivationTracker(model.parameters()) as acts:
+        out = model(input_ids=ids, labels=ids)
+        acts.hold(out.logits)
+    out.loss.backward()
+    saved, peak = activation_bytes(config, 3, 24, 2 if dtype == torch.bfloat16 else 4, checkpointing)
+    assert abs(saved - acts.bytes) <= 0.25 * acts.bytes
+    assert saved == acts.bytes          # exact with transformers 5.x; the bound above is the contract
+    assert peak > saved
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_planned_mlorc_state_equals_a_real_optimizer(scope):
+    """The planner's meta-device path vs MLorcAdamW.state_bytes() after a real step."""
+    config = llama_config("tiny", VOCAB)
+    model = build_model(config, seed=0)
+    optimizer = mlorc_dist.MLorcAdamW(mlorc_dist.param_groups(model), rank=RANK, scope=scope)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    planned = plan_model(build_meta_model(config), config,
+                         PlanSettings(engine="single", optimizer="mlorc-adamw", rank=RANK, scope=scope), "tiny")
+    row = planned.ranks[0]
+    assert row["state_factors"] + row["state_dense"] + row["state_scalars"] == optimizer.state_bytes()
+    assert row["weights"] == sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_apollo_anchor_llama7b_adamw():
+    """APOLLO (Zhu et al. 2024) LLaMA-7B, pure bf16 AdamW: ~13.5 GB weights, ~27 GB Adam state."""
+    planned = plan("llama-7b", PlanSettings(engine="single", optimizer="adamw", bf16=True, seq=2048))
+    row = planned.ranks[0]
+    assert planned.n_params == 6_738_415_616                 # LLaMA-2 7B
+    assert abs(row["weights"] / 1e9 - 13.5) < 0.05
+    assert abs(row["grads"] / 1e9 - 13.5) < 0.05
+    assert abs((row["state_dense"] + row["state_scalars"]) / 1e9 - 27.0) < 0.1
+    assert row["state_dense"] == 2 * 2 * planned.n_params
+    # the same model under MLorc r=4: the state is the dense embeddings/1-D + factors
+    mlorc = plan("llama-7b", PlanSettings(engine="single", optimizer="mlorc-adamw", bf16=True, rank=4))
+    m = mlorc.ranks[0]
+    assert m["state_factors"] + m["state_dense"] < 0.1 * (row["state_dense"])
+
+
+def test_galore_formula_llama7b():
+    """GaLore (Zhao et al. 2024, Table 1): m r + 2 n r per projected m x n matrix (m <= n)."""
+    r = 128
+    planned = plan("llama-7b", PlanSettings(engine="single", optimizer="galore", rank=r, bf16=True))
+    h, f, layers, vocab = 4096, 11008, 32, 32000
+    per_layer = 4 * (h * r + 2 * h * r) + 3 * (h * r + 2 * f * r)   # q,k,v,o square; gate/up/down 4096 x 11008
+    assert planned.ranks[0]["state_factors"] == 2 * layers * per_layer     # bf16
+    dense = 2 * vocab * h + (2 * layers + 1) * h                            # embeddings, lm_head, norms
+    assert planned.ranks[0]["state_dense"] == 2 * 2 * dense
+
+
+def test_engines_shard_the_state(tmp_path):
+    """Sanity of the partition rules at scale: per-GPU bytes shrink with world size as expected."""
+    config = load_config("llama-7b")
+    meta = build_meta_model(config)
+    n = sum(p.numel() for p in meta.parameters())
+    for engine in ("zero2", "zero3", "fsdp2"):
+        row = plan_model(meta, config, PlanSettings(engine=engine, world_size=8, optimizer="adamw", bf16=True),
+                         "llama-7b").ranks[0]
+        assert abs(row["state_dense"] - 8 * n / 8) < 8 * 8 * 1e6                  # 2 fp32 moments / 8
+        expected_weights = {"zero2": 2 * n, "zero3": 2 * n / 8, "fsdp2": 4 * n / 8}[engine]
+        assert abs(row["weights"] - expected_weights) < 1e-3 * expected_weights
+
+
+def test_cli_with_hf_config_json(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    llama_config("tiny", VOCAB).to_json_file(path)
+    from mlorc_dist.memory.planner import main
+    result = main(["--model", str(path), "--engine", "fsdp2", "--world-size", "2", "--optimizer",
+                   "mlorc-adamw", "--rank", "4", "--micro-batch", "2", "--seq", "32", "--json",
+                   str(tmp_path / "plan.json"), "-v"])
+    text = capsys.readouterr().out
+    assert "PEAK" in text and "fits on: 24GB yes" in text and "assumptions:" in text
+    same = plan("tiny", settings_for("fsdp2:mlorc-adamw"), vocab_size=VOCAB)
+    assert result.ranks == same.ranks
+    assert json.loads((tmp_path / "plan.json").read_text())["ranks"] == same.ranks
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "mlorc_dist.plan", "--model", "llama-70b", "--engine",
+                          "zero3", "--world-size", "64", "--optimizer", "adamw", "--bf16", "--seq", "4096"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "llama-70b" in out.stdout and "fits on:" in out.stdout
+
+
+def test_profiler_without_gpu_or_nvml(tmp_path, monkeypatch):
+    import pynvml
+
+    from mlorc_dist.memory import profiler as prof_module
+    monkeypatch.setitem(prof_module._NVML, "state", None)
+    monkeypatch.setattr(pynvml, "nvmlInit", lambda: (_ for _ in ()).throw(RuntimeError("no NVML here")))
+    assert prof_module.nvml_memory(0) is None
+    model = build_model(llama_config("tiny", VOCAB), seed=0)
+    optimizer = torch.optim.AdamW(mlorc_dist.param_groups(model), lr=1e-3)
+    prof = MemoryProfiler("single", model, optimizer, "cpu")
+    ids = torch.randint(0, VOCAB, (2, 8))
+    with prof.track_activations() as acts:
+        out = model(input_ids=ids, labels=ids)
+        acts.hold(out.logits)
+    prof.sample("after_forward")
+    out.loss.backward()
+    prof.sample("after_backward")
+    optimizer.step()
+    prof.sample("after_step")
+    report = prof.gather_and_write(tmp_path / "m.json", tmp_path / "m.png")
+    assert [s["name"] for s in report["ranks"][0]["samples"]] == ["after_forward", "after_backward",
+                                                                   "step", "after_step"]
+    notes = " ".join(report["ranks"][0]["notes"])
+    assert "no CUDA device" in notes
+    n = sum(p.numel() for p in model.parameters())
+    tensors = reference_sample(report["ranks"][0])["tensors"]
+    assert tensors["weights"] == tensors["grads"] == 4 * n
+    assert tensors["state_dense"] == 8 * n
+    assert report["ranks"][0]["peaks"]["activations"] == activation_bytes(model.config, 2, 8, 4)[0]
+    assert (tmp_path / "m.png").exists() and (tmp_path / "m.txt").exists()
+    prof.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lowrank,count", [(True, 1), (True, 4), (False, 1)])
+def test_step_workspace_is_within_the_planned_bound(dtype, lowrank, count):
+    """Re-measure one MLorc-AdamW step()'s extra memory (torch.profiler memory timeline); a
+    heavier step than the planner assumes must fail here, not make the plan lie."""
+    from mlorc_dist.memory.planner import MLORC_STEP_WORKSPACE
+    from mlorc_dist.memory.workspace import measure_step_workspace
+    measured = measure_step_workspace(
+        lambda ps: mlorc_dist.MLorcAdamW([{"params": ps, "lowrank": lowrank}], rank=4), 512, 256, dtype,
+        count=count)
+    ws = MLORC_STEP_WORKSPACE[2 if dtype == torch.bfloat16 else 4]
+    if not lowrank:
+        bound = ws["dense"]
+    else:
+        bound = ws["unbatched"] if count == 1 else ws["batch"] * count + ws["block"]
+    assert 0.9 * bound < measured <= bound + 0.01, f"measured {measured:.4f}x, planned {bound}x"
+
+
+def test_step_workspace_of_consecutive_batches_matches_the_plan():
+    """Two shapes, four and two blocks: the planner's batch model (previous batch still alive)
+    against the measured step, via the planner itself on a model with exactly those matrices."""
+    from mlorc_dist.memory.workspace import measure_step_workspace_bytes
+    shapes = [(96, 64)] * 4 + [(160, 64)] * 2
+    measured = measure_step_workspace_bytes(
+        lambda ps: mlorc_dist.MLorcAdamW([{"params": ps, "lowrank": True}], rank=4), shapes)
+
+    class Blocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ParameterList([torch.nn.Parameter(torch.empty(s, device="meta"))
+                                                  for s in shapes])
+    config = llama_config("tiny", VOCAB)
+    planned = plan_model(Blocks(), config, PlanSettings(engine="single", optimizer="mlorc-adamw", rank=4), "blocks")
+    ws = [v for k, v in planned.transients.items() if k.startswith("step workspace")][0]
+    assert ws == 4 * (2 * 4 * 96 * 64 + 2 * 2 * 160 * 64 + 2.25 * 160 * 64)
+    assert 0.97 * ws <= measured <= 1.03 * ws, (measured, ws)
