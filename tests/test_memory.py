@@ -312,8 +312,9 @@ def test_step_workspace_is_within_the_planned_bound(dtype, lowrank, count):
 
 
 def test_step_workspace_of_consecutive_batches_matches_the_plan():
-    """Two shapes, four and two blocks: the planner's batch model (previous batch still alive)
-    against the measured step, via the planner itself on a model with exactly those matrices."""
+    """Two shapes, four and two blocks: the planner's batch model (one batch alive at a time:
+    the optimizer frees each before building the next) against the measured step, via the
+    planner itself on a model with exactly those matrices."""
     from mlorc_dist.memory.workspace import measure_step_workspace_bytes
     shapes = [(96, 64)] * 4 + [(160, 64)] * 2
     measured = measure_step_workspace_bytes(
@@ -327,5 +328,5 @@ def test_step_workspace_of_consecutive_batches_matches_the_plan():
     config = llama_config("tiny", VOCAB)
     planned = plan_model(Blocks(), config, PlanSettings(engine="single", optimizer="mlorc-adamw", rank=4), "blocks")
     ws = [v for k, v in planned.transients.items() if k.startswith("step workspace")][0]
-    assert ws == 4 * (2 * 4 * 96 * 64 + 2 * 2 * 160 * 64 + 2.25 * 160 * 64)
+    assert ws == 4 * max(2 * 4 * 96 * 64 + 2.25 * 96 * 64, 2 * 2 * 160 * 64 + 2.25 * 160 * 64)
     assert 0.97 * ws <= measured <= 1.03 * ws, (measured, ws)

@@ -305,3 +305,11 @@ def test_rebind_parameters_after_a_swap_and_refused_with_state():
     opt.param_groups[0]["params"] = [torch.nn.Parameter(p.detach().clone()) for p in swapped]
     with pytest.raises(ValueError, match="replaced after it had state"):
         opt.rebind_parameters()
+
+
+def test_batches_are_capped_in_elements(monkeypatch):
+    import mlorc_dist.optim.base as base
+    monkeypatch.setattr(base, "BATCH_ELEMENTS", 250)
+    chunks = base.batch_chunks(list(range(7)), body_numel=100)
+    assert [len(c) for c in chunks] == [2, 2, 2, 1]
+    assert [len(c) for c in base.batch_chunks(list(range(3)), body_numel=1000)] == [1, 1, 1]

@@ -59,6 +59,7 @@ import torch
 
 from ..engines.deepspeed_layouts import zero3_layouts, zero12_layouts
 from ..engines.fsdp2 import _shard0_row_range
+from ..optim.base import BATCH_ELEMENTS
 from ..pieces import Layout, MatrixSpec, Piece
 from .activations import llama_activation_items
 
@@ -76,9 +77,9 @@ _FACTOR_SUFFIXES = ("_u", "_s", "_vh")
 # measured with mlorc_dist.memory.workspace.measure_step_workspace on CPU (the same for 512x256 ..
 # 4096x1024) and re-checked by tests/test_memory.py (an upper bound):
 #   local, batched (the default): the B same-shaped bodies of one step() call and param group
-#     are rebuilt into (B, k, n) buffers, one per moment: 2 B + c copies; the buffers of the
-#     previous batch stay alive while the next one is built (they are only rebound), so the
-#     peak is 2 B_prev + 2 B + c; a batch of one body takes the per-body path (c1 = 2 + c)
+#     are rebuilt into (B, k, n) buffers, one per moment: 2 B + c copies, B capped so that a
+#     buffer holds at most optim.base.BATCH_ELEMENTS elements; each batch is freed before the
+#     next is built; a batch of one body takes the per-body path (c1 = 2 + c)
 #   local, batched=False: c1 copies of the largest body
 #   global: every matrix of the call is rebuilt and compressed together: 4.125 sum(blocks) + c
 #   dense regions (1-D, embeddings, partial rows): d copies of the largest
@@ -445,13 +446,13 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
                     else:
                         call["dense"] = max(call["dense"], plan.piece.numel)
             for call in calls.values():
-                local, alive = 0, 0       # batches in the order the step meets them
+                local = 0                 # one batch alive at a time (the optimizer frees each)
                 for total, one in call["batches"].values():
-                    if not settings.batched or total == one:
-                        local = max(local, alive + ws["unbatched"] * one)
+                    batch = min(total, max(1, BATCH_ELEMENTS // one) * one)   # optim.base.batch_chunks
+                    if not settings.batched or batch == one:
+                        local = max(local, ws["unbatched"] * one)
                     else:
-                        local = max(local, alive + ws["batch"] * total + ws["block"] * one)
-                        alive = ws["batch"] * total if settings.batched else 0
+                        local = max(local, ws["batch"] * batch + ws["block"] * one)
                 glob = ws["global"] * call["global"] + ws["global_block"] * call["global_max"] \
                     if call["global"] else 0
                 mlorc_workspace = max(mlorc_workspace, local, glob, ws["dense"] * call["dense"])

@@ -481,32 +481,36 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             group, plan, value = body[0], body[1], body[2]
             key = (id(group), plan.body_rows, plan.piece.matrix.cols, plan.rank, value.dtype, value.device)
             batches.setdefault(key, []).append(body)
-        for items in batches.values():
+        for items in (chunk for same_shape in batches.values() for chunk in batch_chunks(same_shape)):
             if len(items) == 1:
                 self._local_update(*items[0])
-                continue
-            group, compute = items[0][0], compute_dtype_for(items[0][2].dtype)
-            entries = [item[4] for item in items]
-            prevs = [torch.bmm(torch.stack([(e[f"{name}_u"].to(compute) * e[f"{name}_s"].to(compute))
-                                            for e in entries]),
-                               torch.stack([e[f"{name}_vh"].to(compute) for e in entries]))
-                     for name in self.moment_names]                                 # (B, k, n) each
-            for i, (_, plan, body, body_grad, entry, step) in enumerate(items):
-                mine = [p[i] for p in prevs]
-                floors = self._noise_floors(entry, compute)
-                stats = self._moment_stats(mine, floors)
-                moments = self._lowrank_update(group, body, body_grad.to(compute), mine, floors, stats, step)
-                for buffer, moment in zip(mine, moments):
-                    if moment.data_ptr() != buffer.data_ptr():      # an update that was not in place
-                        buffer.copy_(moment)
-            for state_id, (name, buffer) in enumerate(zip(self.moment_names, prevs)):
-                seeds = [sketch_seed(self.seed, step, plan.piece.key, plan.body_row0, state_id)
-                         for _, plan, _, _, _, step in items]
-                u, s, vh = randomized_svd(buffer, items[0][1].rank, group["oversample"], group["niter"], seeds)
-                for i, entry in enumerate(entries):
-                    entry[f"{name}_u"].copy_(u[i])
-                    entry[f"{name}_s"].copy_(s[i])
-                    entry[f"{name}_vh"].copy_(vh[i])
+            else:
+                self._local_update_batch(items)     # its buffers die when it returns
+
+    def _local_update_batch(self, items: list[tuple]) -> None:
+        """Rebuild, update and recompress a batch of same-shaped bodies of one group."""
+        group, compute = items[0][0], compute_dtype_for(items[0][2].dtype)
+        entries = [item[4] for item in items]
+        prevs = [torch.bmm(torch.stack([(e[f"{name}_u"].to(compute) * e[f"{name}_s"].to(compute))
+                                        for e in entries]),
+                           torch.stack([e[f"{name}_vh"].to(compute) for e in entries]))
+                 for name in self.moment_names]                                     # (B, k, n) each
+        for i, (_, plan, body, body_grad, entry, step) in enumerate(items):
+            mine = [p[i] for p in prevs]
+            floors = self._noise_floors(entry, compute)
+            stats = self._moment_stats(mine, floors)
+            moments = self._lowrank_update(group, body, body_grad.to(compute), mine, floors, stats, step)
+            for buffer, moment in zip(mine, moments):
+                if moment.data_ptr() != buffer.data_ptr():          # an update that was not in place
+                    buffer.copy_(moment)
+        for state_id, (name, buffer) in enumerate(zip(self.moment_names, prevs)):
+            seeds = [sketch_seed(self.seed, step, plan.piece.key, plan.body_row0, state_id)
+                     for _, plan, _, _, _, step in items]
+            u, s, vh = randomized_svd(buffer, items[0][1].rank, group["oversample"], group["niter"], seeds)
+            for i, entry in enumerate(entries):
+                entry[f"{name}_u"].copy_(u[i])
+                entry[f"{name}_s"].copy_(s[i])
+                entry[f"{name}_vh"].copy_(vh[i])
 
     def _local_update(self, group, plan: PiecePlan, body, body_grad, entry, step: int) -> None:
         """Compress this body on its own: rebuild, update, recompress, apply. No collectives.
@@ -619,6 +623,22 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         shape, in the compute dtype; `floors`: their rounding-noise levels; `stats`: the sums of
         _moment_stats over the whole block or matrix); return the new moments to compress."""
         raise NotImplementedError
+
+
+# The largest batch of same-shaped bodies compressed together, in elements of one moment's
+# buffer (B x k x n): 2**26 is 256 MiB in fp32. The batch's buffers are a step's workspace, so
+# this bounds it (mlorc_dist.memory.planner models the same rule).
+BATCH_ELEMENTS = 1 << 26
+
+
+def batch_chunks(items: list, body_numel: int | None = None) -> list[list]:
+    """Split same-shaped bodies into batches of at most BATCH_ELEMENTS elements (at least one
+    body each). `items` are _local_piece_update tuples (their plan gives the body size)."""
+    if body_numel is None:
+        plan = items[0][1]
+        body_numel = plan.body_rows * plan.piece.matrix.cols
+    per_batch = max(1, BATCH_ELEMENTS // max(1, body_numel))
+    return [items[i:i + per_batch] for i in range(0, len(items), per_batch)]
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
