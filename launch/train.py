@@ -86,6 +86,9 @@ def parse_args(argv=None):
     out.add_argument("--save-every", type=int, default=0)
     out.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     out.add_argument("--export", action="store_true", help="write a plain HF model directory at the end")
+    out.add_argument("--profile-memory", action="store_true",
+                     help="sample memory per rank (after backward, after step; tensor bytes by category, "
+                          "RSS, CUDA allocator, NVML) and write memory.json / memory.png in --out")
     out.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     args = p.parse_args(argv)
     if args.deepspeed and args.fsdp:
@@ -459,6 +462,12 @@ def main(argv=None) -> int:
     if rank == 0 and start and metrics.path.is_file():   # drop lines a killed run wrote after the checkpoint
         kept = [l for l in metrics.path.read_text().splitlines() if json.loads(l).get("step", 0) <= start]
         metrics.path.write_text("".join(k + "\n" for k in kept))
+    profiler = None
+    if args.profile_memory:
+        from mlorc_dist.memory import MemoryProfiler
+        profiler = MemoryProfiler(kind,
+                                  trainer.engine if kind == "deepspeed" else trainer.model,
+                                  trainer.optimizer, device)
     progress = None
     if rank == 0:
         from tqdm import tqdm
@@ -469,7 +478,11 @@ def main(argv=None) -> int:
         trainer.set_lr(lr)
         started = time.perf_counter()
         losses = [trainer.micro_step(ids.to(device), lab.to(device)) for ids, lab in batches.next_step()]
+        if profiler:
+            profiler.sample("after_backward")
         trainer.step()
+        if profiler:
+            profiler.sample("after_step")
         loss = torch.tensor(sum(losses) / len(losses))
         if dist.is_initialized():
             dist.all_reduce(loss)
@@ -489,6 +502,9 @@ def main(argv=None) -> int:
             save_checkpoint(trainer, batches, step, args, rank, signature)
     if progress:
         progress.close()
+    if profiler:   # collective: every rank's samples reach rank 0, which writes the report
+        profiler.gather_and_write(Path(args.out) / "memory.json", Path(args.out) / "memory.png")
+        profiler.close()
     if args.export:
         export_hf(trainer, tokenizer, args, rank)
     if dist.is_initialized():

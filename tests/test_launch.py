@@ -59,12 +59,16 @@ def test_deepspeed_launcher_trains_and_checkpoints(tmp_path):
     out = tmp_path / "ds"
     ok([DEEPSPEED, "--num_accelerators", "2", "--master_port", "29801", TRAIN,
         "--deepspeed", str(ROOT / "ds_configs" / "mlorc.json"), *TINY, "--steps", "6",
-        "--save-every", "3", "--out", str(out)])
+        "--save-every", "3", "--profile-memory", "--out", str(out)])
     lines = metrics(out)
     assert [m["step"] for m in lines] == list(range(1, 7))
     assert all(m["loss"] == m["loss"] for m in lines) and lines[-1]["loss"] < lines[0]["loss"]
     meta = json.loads((out / "checkpoints" / "step_00000006" / "meta.json").read_text())
     assert meta["engine"] == "deepspeed" and meta["world_size"] == 2 and meta["algorithm"] == "MLorc-AdamW"
+    report = json.loads((out / "memory.json").read_text())          # --profile-memory
+    assert [r["rank"] for r in report["ranks"]] == [0, 1] and report["engine"] == "zero2"
+    assert all(r["peaks"]["state_factors"] > 0 for r in report["ranks"])
+    assert (out / "memory.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("config", ["mlorc_zero1.json", "mlorc_zero3.json"])

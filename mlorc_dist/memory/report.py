@@ -98,10 +98,10 @@ def render_png(ranks: list[dict], path_png) -> None:
     ax.set_xticks(xs, [f"rank {r['rank']}\n{r['host']}" for r in ranks], fontsize=7)
     ax.set_ylabel("MiB")
     engine = ranks[0].get("engine", "?") if ranks else "?"
-    ax.set_title(f"memory per rank by category ({engine}, {ranks[0].get('optimizer') if ranks else ''})")
+    ax.set_title(f"memory per rank by category\n({engine}, {ranks[0].get('optimizer') if ranks else ''})", fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    fig.savefig(path_png, dpi=110)
+    fig.savefig(path_png, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
