@@ -310,6 +310,10 @@ def test_rebind_parameters_after_a_swap_and_refused_with_state():
 def test_batches_are_capped_in_elements(monkeypatch):
     import mlorc_dist.optim.base as base
     monkeypatch.setattr(base, "BATCH_ELEMENTS", 250)
-    chunks = base.batch_chunks(list(range(7)), body_numel=100)
+    chunks = base.batch_chunks(list(range(7)), body_numel=100, device_type="cpu")
     assert [len(c) for c in chunks] == [2, 2, 2, 1]
-    assert [len(c) for c in base.batch_chunks(list(range(3)), body_numel=1000)] == [1, 1, 1]
+    assert [len(c) for c in base.batch_chunks(list(range(3)), body_numel=1000, device_type="cpu")] == [1, 1, 1]
+    big = base.BATCH_MAX_BODY["cpu"] + 1                 # large bodies go one by one on the CPU
+    monkeypatch.setattr(base, "BATCH_ELEMENTS", 1 << 30)
+    assert [len(c) for c in base.batch_chunks(list(range(3)), body_numel=big, device_type="cpu")] == [1, 1, 1]
+    assert [len(c) for c in base.batch_chunks(list(range(3)), body_numel=big, device_type="cuda")] == [3]

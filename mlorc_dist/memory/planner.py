@@ -59,7 +59,7 @@ import torch
 
 from ..engines.deepspeed_layouts import zero3_layouts, zero12_layouts
 from ..engines.fsdp2 import _shard0_row_range
-from ..optim.base import BATCH_ELEMENTS
+from ..optim.base import BATCH_ELEMENTS, BATCH_MAX_BODY_OTHER
 from ..pieces import Layout, MatrixSpec, Piece
 from .activations import llama_activation_items
 
@@ -448,7 +448,8 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
             for call in calls.values():
                 local = 0                 # one batch alive at a time (the optimizer frees each)
                 for total, one in call["batches"].values():
-                    batch = min(total, max(1, BATCH_ELEMENTS // one) * one)   # optim.base.batch_chunks
+                    # optim.base.batch_chunks, for a GPU (the planner plans GPU runs)
+                    batch = one if one > BATCH_MAX_BODY_OTHER else min(total, max(1, BATCH_ELEMENTS // one) * one)
                     if not settings.batched or batch == one:
                         local = max(local, ws["unbatched"] * one)
                     else:

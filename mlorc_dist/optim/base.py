@@ -629,14 +629,24 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
 # buffer (B x k x n): 2**26 is 256 MiB in fp32. The batch's buffers are a step's workspace, so
 # this bounds it (mlorc_dist.memory.planner models the same rule).
 BATCH_ELEMENTS = 1 << 26
+# Bodies larger than this (elements) are not batched: measured, batching wins only where calls
+# dominate (bench/optimizer_step.py: CPU 256x256 faster, 1024x1024 slower; H100 1024x1024
+# faster, 4096x4096 slower; docs/BENCHMARKS.md).
+BATCH_MAX_BODY = {"cpu": 1 << 18}
+BATCH_MAX_BODY_OTHER = 1 << 21
 
 
-def batch_chunks(items: list, body_numel: int | None = None) -> list[list]:
+def batch_chunks(items: list, body_numel: int | None = None, device_type: str | None = None) -> list[list]:
     """Split same-shaped bodies into batches of at most BATCH_ELEMENTS elements (at least one
-    body each). `items` are _local_piece_update tuples (their plan gives the body size)."""
+    body each); bodies above the device's BATCH_MAX_BODY go one by one. `items` are
+    _local_piece_update tuples (their plan and body give the size and device)."""
     if body_numel is None:
         plan = items[0][1]
         body_numel = plan.body_rows * plan.piece.matrix.cols
+    if device_type is None:
+        device_type = items[0][2].device.type
+    if body_numel > BATCH_MAX_BODY.get(device_type, BATCH_MAX_BODY_OTHER):
+        return [[item] for item in items]
     per_batch = max(1, BATCH_ELEMENTS // max(1, body_numel))
     return [items[i:i + per_batch] for i in range(0, len(items), per_batch)]
 
