@@ -62,6 +62,7 @@ from ..engines.fsdp2 import _shard0_row_range
 from ..optim.base import BATCH_ELEMENTS, BATCH_MAX_BODY_OTHER
 from ..pieces import Layout, MatrixSpec, Piece
 from .activations import llama_activation_items
+from .profiler import add_state_bytes
 
 __all__ = ["PlanSettings", "Plan", "plan", "plan_model", "load_config", "build_meta_model",
            "GPU_SIZES_GB", "EXACT_CATEGORIES", "main"]
@@ -71,7 +72,6 @@ OPTIMIZERS = ("mlorc-adamw", "mlorc-lion", "adamw", "galore")
 EXACT_CATEGORIES = ("weights", "grads", "master", "state_factors", "state_dense", "state_scalars")
 GPU_SIZES_GB = (24, 40, 80, 141)
 GB = 1e9
-_FACTOR_SUFFIXES = ("_u", "_s", "_vh")
 # Extra memory of one MLorc-AdamW step(), in fp32 copies of one block, by the element size of the
 # tensor the optimizer holds (4: fp32, DeepSpeed's master and FSDP2 shards; 2: pure bf16), as
 # measured with mlorc_dist.memory.workspace.measure_step_workspace on CPU (the same for 512x256 ..
@@ -208,26 +208,6 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _split_state(state, out: dict) -> None:
-    """Add the bytes of every tensor in an optimizer state entry to factors / dense / scalars."""
-    def walk(value, key=""):
-        if isinstance(value, torch.Tensor):
-            nbytes = value.numel() * value.element_size()
-            if value.dim() == 0:
-                out["state_scalars"] += nbytes
-            elif key.endswith(_FACTOR_SUFFIXES):
-                out["state_factors"] += nbytes
-            else:
-                out["state_dense"] += nbytes
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, str(k))
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                walk(v, key)
-    walk(state)
-
-
 class _MLorcStatePlanner:
     """Runs the real optimizer's plan and state initialisation on meta tensors."""
 
@@ -250,7 +230,7 @@ class _MLorcStatePlanner:
             opt.attach_layout(tensor, layout)
             plans = opt.plan_of(tensor, group, 0)
             state = opt._init_state(group, tensor, plans)
-        _split_state(state, out)
+        add_state_bytes(state, out)
         opt._layouts.pop(id(tensor), None)
         opt._plans.pop(id(tensor), None)
         return plans

@@ -110,6 +110,29 @@ def nvml_memory(local_rank: int) -> dict | None:
         return None
 
 
+def add_state_bytes(state, out: dict) -> None:
+    """Add the bytes of every tensor in an optimizer state entry to out["state_factors"]
+    (names ending in _u, _s, _vh), out["state_scalars"] (0-d) or out["state_dense"]. The
+    planner counts its planned state with this same function."""
+    def walk(value, key=""):
+        if isinstance(value, torch.Tensor):
+            local = _local(value)
+            nbytes = local.numel() * local.element_size()
+            if local.dim() == 0:
+                out["state_scalars"] += nbytes
+            elif key.endswith(_FACTOR_SUFFIXES):
+                out["state_factors"] += nbytes
+            else:
+                out["state_dense"] += nbytes
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, str(k))
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v, key)
+    walk(state)
+
+
 class MemoryProfiler:
     """See the module docstring."""
 
@@ -249,28 +272,8 @@ class MemoryProfiler:
             add_all("grad_staging", [p.grad for p in module_params])
         if self.optimizer is not None:
             for entry in self.optimizer.state.values():
-                self._add_state(entry, out)
+                add_state_bytes(entry, out)
         return out
-
-    @staticmethod
-    def _add_state(entry, out: dict) -> None:
-        def walk(value, key=""):
-            if isinstance(value, torch.Tensor):
-                local = _local(value)
-                nbytes = local.numel() * local.element_size()
-                if local.dim() == 0:
-                    out["state_scalars"] += nbytes
-                elif key.endswith(_FACTOR_SUFFIXES):
-                    out["state_factors"] += nbytes
-                else:
-                    out["state_dense"] += nbytes
-            elif isinstance(value, dict):
-                for k, v in value.items():
-                    walk(v, str(k))
-            elif isinstance(value, (list, tuple)):
-                for v in value:
-                    walk(v, key)
-        walk(entry)
 
     def _on_step(self, optimizer, args, kwargs) -> None:
         """Step pre-hook: the gradients handed to the optimizer in this call. "grads" of the step
