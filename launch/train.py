@@ -444,6 +444,10 @@ def main(argv=None) -> int:
         load_ds_config(args.deepspeed)                  # fail before any process group exists
     if args.dry_run:
         return dry_run(args)
+    previous = CheckpointDir(Path(args.out) / "checkpoints").latest()
+    if not args.resume and (previous is not None or (Path(args.out) / "metrics.jsonl").exists()):
+        raise ValueError(f"--out {args.out} already holds a run ({previous or 'metrics.jsonl'}): pass "
+                         "--resume to continue it, or choose another --out (nothing was overwritten)")
     kind = engine_kind(args)
     rank, world = init_distributed(kind)
     args.micro_batch = args.micro_batch or max(1, args.global_batch // world)

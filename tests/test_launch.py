@@ -198,6 +198,9 @@ def test_bad_input_gives_clear_errors_and_overwrites_nothing(tmp_path):
                  "--threads", "1", "--steps", "4", "--save-every", "2", "--resume", "--out", str(out)])
     assert other.returncode != 0 and "checkpoint of another model" in other.stderr
     assert tree_digest(out / "checkpoints") == before
+    fresh = run([sys.executable, TRAIN, *TINY, "--steps", "2", "--save-every", "2", "--out", str(out)])
+    assert fresh.returncode != 0 and "already holds a run" in fresh.stderr   # no --resume: refuse
+    assert tree_digest(out / "checkpoints") == before
 
 
 def test_run_train_sh_runs_deepspeed_under_torchrun_and_scripts_parse(tmp_path):
