@@ -167,8 +167,7 @@ def initialize(*args, model=None, config=None, mlorc: dict | None = None, **kwar
     engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
         model=model, config=config, optimizer=optimizer, **kwargs)
     kind = attach_layouts(engine, optimizer)
-    summary = optimizer.log_treatments()
-    logger.info("%s under DeepSpeed %s", optimizer.algorithm, kind)
+    summary = optimizer.log_treatments(f"under DeepSpeed {kind}, this rank's pieces")
     engine.mlorc_optimizer = optimizer
     engine.mlorc_treatments = summary
     return engine, ds_optimizer, loader, scheduler

@@ -322,7 +322,7 @@ def attach(optimizer, model, *, expect: str | None = None) -> dict:
                     summary["lowrank_params"], summary["params_2d"], summary["lowrank_pieces"],
                     summary["pieces_2d"], len(summary["dense_by_choice"]), summary["dense_by_choice"],
                     summary["dense_2d"] or "none")
-    mlorc.log_treatments()
+    mlorc.log_treatments(f"under {engine}, this rank's pieces")
     return summary
 
 

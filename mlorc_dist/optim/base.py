@@ -88,7 +88,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         self._warned_clamp: set[str] = set()
         super().__init__(params, defaults)
         self._index_parameters()
-        self.log_treatments()
+        self.log_treatments("at construction (an engine that shards the parameters logs again once "
+                            "its layout is attached)")
 
     def _index_parameters(self) -> None:
         """Remember the tensors in param_groups now: their position names them (param<i>) when
@@ -286,11 +287,13 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             entry["params"] = len(entry.pop("_keys"))
         return summary
 
-    def log_treatments(self) -> dict:
+    def log_treatments(self, when: str = "") -> dict:
+        """Log (and return) the treatment summary of this rank; `when` says at which point."""
         summary = self.treatment_summary()
         lines = [f"{kind}: {v['params']} params, {v['pieces']} pieces, {v['elements']:,} elements"
                  for kind, v in sorted(summary.items())]
-        logger.info("%s (scope=%s): %s", self.algorithm, self.scope, "; ".join(lines) or "no parameters")
+        logger.info("%s (scope=%s)%s: %s", self.algorithm, self.scope, f" {when}" if when else "",
+                    "; ".join(lines) or "no parameters")
         return summary
 
     # ------------------------------------------------------------------ state
