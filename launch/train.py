@@ -354,9 +354,12 @@ def save_checkpoint(trainer, batches, step, args, rank, signature):
     directory.save_file({"master": ckpt.master_records(optimizer), "optimizer": ckpt.optimizer_records(optimizer),
                          "rng": torch.get_rng_state(), "rank": rank}, staging / f"rank{rank}.pt")
     if rank == 0:
-        directory.save_file({"batches": batches.state_dict(), "optimizer_meta": optimizer.state_dict()["mlorc"],
-                             "param_groups": [{k: v for k, v in g.items() if k != "params"}
-                                              for g in optimizer.state_dict()["param_groups"]]},
+        # Not optimizer.state_dict(): under ZeRO-3 param_groups hold no tensor between steps,
+        # so torch's packing cannot name the state's keys; the records above carry the state.
+        directory.save_file({"batches": batches.state_dict(),
+                             "optimizer_meta": {"seed": optimizer.seed, "skipped_steps": optimizer.skipped_steps},
+                             "param_groups": [{k: v for k, v in g.items() if k not in ("params", "param_names")}
+                                              for g in optimizer.param_groups]},
                             staging / "common.pt")
     if dist.is_initialized():
         dist.barrier()

@@ -214,3 +214,25 @@ def test_run_train_sh_runs_deepspeed_under_torchrun_and_scripts_parse(tmp_path):
     assert len(metrics(tmp_path / "rt")) == 2
     for script in ("slurm_torchrun.sbatch", "slurm_deepspeed.sbatch", "run_train.sh"):
         assert subprocess.run(["bash", "-n", str(ROOT / "launch" / script)]).returncode == 0
+
+
+@pytest.mark.parametrize("config,world,exact", [("mlorc.json", 2, True), ("mlorc_zero3.json", 1, False)])
+def test_deepspeed_checkpoint_resumes(tmp_path, config, world, exact):
+    """ZeRO-2 at the same world size: bitwise; ZeRO-3 global scope written at 2 ranks, resumed
+    at 1: to rounding (master weights go back into DeepSpeed's partitions and compute copies)."""
+    straight = tmp_path / "straight"
+    ok([DEEPSPEED, "--num_accelerators", "2", "--master_port", "29813", TRAIN,
+        "--deepspeed", str(ROOT / "ds_configs" / config), *TINY, "--steps", "6", "--save-every", "3",
+        "--out", str(straight)])
+    out = tmp_path / "resumed"
+    (out / "checkpoints").mkdir(parents=True)
+    os.system(f"cp -r {straight}/checkpoints/step_00000003 {out}/checkpoints/")
+    ok([DEEPSPEED, "--num_accelerators", str(world), "--master_port", "29814", TRAIN,
+        "--deepspeed", str(ROOT / "ds_configs" / config), *TINY, "--steps", "6", "--out", str(out), "--resume"])
+    resumed, reference = metrics(out), metrics(straight)[3:]
+    assert [m["step"] for m in resumed] == [4, 5, 6]
+    if exact:
+        assert [m["loss"] for m in resumed] == [m["loss"] for m in reference]
+    else:
+        for a, b in zip(resumed, reference):
+            assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"])
