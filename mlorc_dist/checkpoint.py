@@ -30,7 +30,7 @@ __all__ = ["master_records", "load_master_records", "optimizer_records", "load_o
 
 def _pieces(optimizer: LowRankMomentumOptimizer):
     """(tensor, plan, state entry or None, step) for every piece this rank holds."""
-    for group, position, tensor in optimizer._known_tensors():
+    for group, position, tensor in optimizer.held_tensors():
         plans = optimizer.plan_of(tensor, group, position)
         state = optimizer.state.get(tensor) or {}
         entries = state.get("pieces", [None] * len(plans))
@@ -123,9 +123,9 @@ def load_optimizer_records(optimizer: LowRankMomentumOptimizer, records: list[di
     if len(steps) > 1:
         raise ValueError(f"checkpoint pieces disagree on the step count: {sorted(steps)}")
     step = steps.pop() if steps else 0
-    for group, position, tensor in list(optimizer._known_tensors()):
+    for group, position, tensor in list(optimizer.held_tensors()):
         plans = optimizer.plan_of(tensor, group, position)
-        fresh = optimizer._init_state(group, tensor, plans)
+        fresh = optimizer.new_state(tensor, group, position)
         fresh["step"] = step
         for plan, entry in zip(plans, fresh["pieces"]):
             piece = plan.piece

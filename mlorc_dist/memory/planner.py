@@ -20,7 +20,7 @@ partition rules the engines really use:
     single       one process, no sharding
 
 MLorc state is computed by the optimizer's own code: the planner attaches each rank's layout to
-a real MLorcAdamW / MLorcLion on meta tensors and calls its `plan_of` and `_init_state`, so
+a real MLorcAdamW / MLorcLion on meta tensors and calls its `plan_of` and `new_state`, so
 rank clamping, dense_when_no_saving, dense head/tail rows, dense 1-D tensors and global scope
 follow LowRankMomentumOptimizer exactly. AdamW: 2 moments per element of the tensor the optimizer
 holds + a 4-byte fp32 step tensor per tensor (torch.optim.AdamW). GaLore: m r + 2 n r per
@@ -229,10 +229,9 @@ class _MLorcStatePlanner:
             warnings.simplefilter("ignore")        # rank clamping is expected on small blocks
             opt.attach_layout(tensor, layout)
             plans = opt.plan_of(tensor, group, 0)
-            state = opt._init_state(group, tensor, plans)
+            state = opt.new_state(tensor, group, 0)
         add_state_bytes(state, out)
-        opt._layouts.pop(id(tensor), None)
-        opt._plans.pop(id(tensor), None)
+        opt.detach_layout(tensor)
         return plans
 
 

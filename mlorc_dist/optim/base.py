@@ -153,6 +153,17 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         if group is not None:
             self._attached[id(tensor)] = (tensor, group)
 
+    def detach_layout(self, tensor: torch.Tensor) -> None:
+        """Forget a tensor's layout and plan (the memory planner's tensors come and go)."""
+        self._layouts.pop(id(tensor), None)
+        self._plans.pop(id(tensor), None)
+        self._attached.pop(id(tensor), None)
+
+    def new_state(self, tensor: torch.Tensor, group: dict, position: int | None = None) -> dict:
+        """The zero state this optimizer would create for `tensor` at its first step (factors,
+        dense regions and step counter, by its plan): what checkpoints fill and planners count."""
+        return self._init_state(group, tensor, self.plan_of(tensor, group, position))
+
     def _key_for(self, group: dict, position: int, param: torch.Tensor) -> str:
         names = group.get("param_names")
         if names is not None:
@@ -243,7 +254,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         return matrices
 
     # ------------------------------------------------------------------ logging
-    def _known_tensors(self):
+    def held_tensors(self):
         """(group, position, tensor) for every tensor in param_groups, then for every tensor an
         engine attached that is not there right now (ZeRO-3 leaves only the sub-group being
         stepped in param_groups)."""
@@ -266,7 +277,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             entry["elements"] += elements
             entry.setdefault("_keys", set()).update(keys)
 
-        for group, position, param in self._known_tensors():
+        for group, position, param in self.held_tensors():
             try:
                 plans = self.plan_of(param, group, position)
             except ValueError:
