@@ -24,6 +24,7 @@ import torch
 
 from .lowrank import compute_dtype_for, randomized_svd, rebuild, sketch_seed
 from .optim.base import LowRankMomentumOptimizer, _flat
+from .pieces import Piece
 
 __all__ = ["master_records", "load_master_records", "optimizer_records", "load_optimizer_records"]
 
@@ -161,9 +162,8 @@ def _restore_global_rows(entry: dict, plan, saved: list[dict], moments) -> None:
         u = entry[f"{name}_u"]
         filled = torch.zeros(rows, dtype=torch.bool)
         for record in saved:
-            cols = record["shape"][1]
-            first = record["start"] // cols
-            count = 0 if record["stop"] == record["start"] else (record["stop"] - 1) // cols - first + 1
+            old = Piece(plan.piece.matrix, record["start"], record["stop"], 0)
+            first, count = old.first_row, old.row_count
             a, b = max(first, row0), min(first + count, row0 + rows)
             if b > a:
                 u[a - row0:b - row0] = record["state"][f"{name}_u"][a - first:b - first]

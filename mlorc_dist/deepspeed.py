@@ -29,7 +29,8 @@ from .engines.deepspeed_layouts import zero3_layouts, zero12_layouts
 from .groups import param_groups
 from .optim import MLorcAdamW, MLorcLion
 
-__all__ = ["initialize", "build_optimizer", "attach_layouts", "MLORC_KEYS", "OPTIMIZERS"]
+__all__ = ["initialize", "build_optimizer", "attach_layouts", "load_config", "check_mlorc_block",
+           "MLORC_KEYS", "OPTIMIZERS"]
 
 logger = logging.getLogger("mlorc_dist")
 
@@ -39,7 +40,22 @@ MLORC_KEYS = {"rank", "oversample", "niter", "scope", "seed", "factor_dtype", "n
               "compress_embeddings", "dense_when_no_saving", "correct_bias", "decay_1d"}
 
 
-def _load_config(config) -> dict:
+def load_config(config) -> dict:
+    """A DeepSpeed config from a path or a dict (a copy), with its "mlorc" block checked."""
+    config = _read_config(config)
+    check_mlorc_block(config.get("mlorc") or {})
+    return config
+
+
+def check_mlorc_block(block: dict) -> None:
+    """ValueError naming any key of an "mlorc" block that is not an MLorc setting."""
+    unknown = set(block) - MLORC_KEYS
+    if unknown:
+        raise ValueError(f"unknown key(s) in the 'mlorc' block: {sorted(unknown)}; "
+                         f"known: {sorted(MLORC_KEYS)}")
+
+
+def _read_config(config) -> dict:
     if isinstance(config, (str, Path)):
         path = Path(config)
         if not path.is_file():
@@ -66,10 +82,7 @@ def build_optimizer(model: torch.nn.Module, optimizer_type: str, optimizer_param
     cls = optimizer_class(optimizer_type)
     if cls is None:
         raise ValueError(f"{optimizer_type!r} is not an MLorc optimizer")
-    unknown = set(mlorc) - MLORC_KEYS
-    if unknown:
-        raise ValueError(f"unknown key(s) in the 'mlorc' block: {sorted(unknown)}; "
-                         f"known: {sorted(MLORC_KEYS)}")
+    check_mlorc_block(mlorc)
     unknown = set(optimizer_params) - OPTIMIZER_PARAM_KEYS - ({"eps"} if cls is MLorcAdamW else set())
     if cls is MLorcLion:
         unknown |= set(optimizer_params) & {"eps"}
@@ -145,7 +158,7 @@ def initialize(*args, model=None, config=None, mlorc: dict | None = None, **kwar
         raise ValueError("pass arguments by keyword: initialize(model=..., config=...)")
     if model is None or config is None:
         raise ValueError("initialize needs model= and config=")
-    config = _load_config(config)
+    config = load_config(config)
     block = dict(config.pop("mlorc", {}) or {})
     block.update(mlorc or {})
     opt_block = config.get("optimizer") or {}

@@ -224,7 +224,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         if self.scope == "global":
             m, n = spec.shape
             r = self._effective_rank(spec.key, group["rank"], m, n)
-            if group["dense_when_no_saving"] and (m + n + 1) * r >= m * n:
+            if not _worth_compressing(group, m, n, r):
                 return PiecePlan(piece, "dense", reason="no saving")
             return PiecePlan(piece, "global", rank=r)
         split = piece.split()
@@ -233,7 +233,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         k, n = split.body_rows, spec.cols
         label = spec.key if k == spec.rows else f"{spec.key}[rows {split.body_row0}:{split.body_row0 + k}]"
         r = self._effective_rank(label, group["rank"], k, n)
-        if group["dense_when_no_saving"] and (k + n + 1) * r >= k * n:
+        if not _worth_compressing(group, k, n, r):
             return PiecePlan(piece, "dense", reason="no saving")
         return PiecePlan(piece, "local", rank=r, head=split.head, body_row0=split.body_row0,
                          body_rows=k, tail=split.tail)
@@ -247,9 +247,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             held = {plan.piece.key: plan for plan in plans if plan.mode == "global"}
             for spec in layout.matrices:
                 m, n = spec.shape
-                r = min(group["rank"], m, n)
-                if group["dense_when_no_saving"] and (m + n + 1) * r >= m * n:
-                    continue
+                if not _worth_compressing(group, m, n, min(group["rank"], m, n)):
+                    continue                  # the same rule as _plan_piece: every rank agrees
                 matrices.append((group, param, spec, held.get(spec.key)))
         return matrices
 
@@ -663,6 +662,12 @@ def batch_chunks(items: list, body_numel: int | None = None, device_type: str | 
         return [[item] for item in items]
     per_batch = max(1, BATCH_ELEMENTS // max(1, body_numel))
     return [items[i:i + per_batch] for i in range(0, len(items), per_batch)]
+
+
+def _worth_compressing(group: dict, rows: int, cols: int, rank: int) -> bool:
+    """False when rank-r factors would not be smaller than the dense block, (rows + cols + 1) r
+    >= rows cols, and the group keeps dense state for such blocks (dense_when_no_saving)."""
+    return not group["dense_when_no_saving"] or (rows + cols + 1) * rank < rows * cols
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
