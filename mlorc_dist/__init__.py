@@ -5,7 +5,7 @@ engine lazily: `mlorc_dist.deepspeed`, `mlorc_dist.engines.fsdp2`.
 """
 from .groups import param_groups
 from .lowrank import randomized_svd
-from .optim import MLorcAdamW, MLorcLion
+from .optim import GaLoreAdamW, MLorcAdamW, MLorcLion, MoFaSGD
 
-__all__ = ["MLorcAdamW", "MLorcLion", "param_groups", "randomized_svd"]
+__all__ = ["GaLoreAdamW", "MLorcAdamW", "MLorcLion", "MoFaSGD", "param_groups", "randomized_svd"]
 __version__ = "0.1.0"

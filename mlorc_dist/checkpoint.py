@@ -142,6 +142,10 @@ def load_optimizer_records(optimizer: LowRankMomentumOptimizer, records: list[di
                 for k, v in same[0]["state"].items():
                     entry[k].copy_(v)
                 counts["exact"] += 1
+            elif plan.mode != "dense" and not optimizer.reshardable:
+                raise ValueError(f"{optimizer.algorithm} checkpoints resume only at the layout they "
+                                 f"were saved with; {piece.key}[{piece.start}:{piece.stop}] "
+                                 f"({plan.mode}) was not saved (another world size or engine?)")
             elif plan.mode == "global" and all(r["mode"] == "global" for r in saved):
                 _restore_global_rows(entry, plan, saved, optimizer.moment_names)
                 counts["global rows"] += 1

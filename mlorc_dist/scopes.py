@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from .lowrank import gaussian_test_matrix, sketch_width
 
-__all__ = ["SCOPES", "RowBlock", "all_reduce_sum", "global_randomized_svd", "world_size_of"]
+__all__ = ["SCOPES", "RowBlock", "all_reduce_sum", "global_randomized_svd", "run_summed", "world_size_of"]
 
 SCOPES = ("local", "global")
 
@@ -119,4 +119,36 @@ def global_randomized_svd(blocks: list[RowBlock], rank: int, oversample: int, ni
         r = min(rank, small.shape[0])
         local_basis = basis[b.row0:b.row0 + x.shape[0]]                       # (k, q)
         results.append((local_basis @ u_small[:, :r], s[:r], vh[:r]))
+    return results
+
+
+def run_summed(generators: list, group) -> list:
+    """Drive factor-update generators (tangent.factor_update) of many matrices on every rank of
+    `group` together. At each stage the partial sums that every live generator yields are packed
+    into one buffer per dtype, summed over ranks by one all-reduce, and sent back. Every rank
+    must pass generators for the same matrices in the same order (a rank holding no row of a
+    matrix passes one over zero rows). Returns each generator's return value."""
+    results: list = [None] * len(generators)
+    answers: dict[int, list | None] = {i: None for i in range(len(generators))}
+    while answers:
+        asked: dict[int, list[torch.Tensor]] = {}
+        for i, answer in answers.items():
+            try:
+                asked[i] = generators[i].send(answer)
+            except StopIteration as done:
+                results[i] = done.value
+        by_dtype: dict[torch.dtype, list[tuple[int, int]]] = {}
+        for i, tensors in asked.items():
+            for j, t in enumerate(tensors):
+                by_dtype.setdefault(t.dtype, []).append((i, j))
+        totals: dict[int, list] = {i: list(tensors) for i, tensors in asked.items()}
+        for dtype, slots in by_dtype.items():
+            flat = torch.cat([asked[i][j].reshape(-1) for i, j in slots])
+            all_reduce_sum(flat, group)
+            offset = 0
+            for i, j in slots:
+                t = asked[i][j]
+                totals[i][j] = flat[offset:offset + t.numel()].view(t.shape)
+                offset += t.numel()
+        answers = totals
     return results

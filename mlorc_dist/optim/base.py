@@ -68,6 +68,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
 
     moment_names: tuple[str, ...] = ()
     algorithm: str = "?"
+    reshardable: bool = True     # checkpoints of compressed blocks load at another layout
 
     def __init__(self, params, defaults: dict, *, scope: str = "local", seed: int = 0,
                  nonfinite: str = "skip", batched: bool = True):
@@ -330,12 +331,20 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
                                 entry[f"{side}_{name}"] = torch.zeros(length, dtype=compute, device=device)
                 else:
                     rows, cols = piece.row_count, piece.matrix.cols
-                for name in self.moment_names:
-                    entry[f"{name}_u"] = torch.zeros(rows, plan.rank, dtype=factor, device=device)
-                    entry[f"{name}_s"] = torch.zeros(plan.rank, dtype=factor, device=device)
-                    entry[f"{name}_vh"] = torch.zeros(plan.rank, cols, dtype=factor, device=device)
+                entry.update(self._lowrank_state(group, plan, rows, cols, factor, device))
             pieces.append(entry)
         return {"step": 0, "pieces": pieces}
+
+    def _lowrank_state(self, group: dict, plan: PiecePlan, rows: int, cols: int,
+                       dtype: torch.dtype, device) -> dict:
+        """Zero state of one compressed block of `rows` x `cols` (a local body, or this rank's
+        rows of a global matrix): here (U, s, Vh) factors of every moment."""
+        entry = {}
+        for name in self.moment_names:
+            entry[f"{name}_u"] = torch.zeros(rows, plan.rank, dtype=dtype, device=device)
+            entry[f"{name}_s"] = torch.zeros(plan.rank, dtype=dtype, device=device)
+            entry[f"{name}_vh"] = torch.zeros(plan.rank, cols, dtype=dtype, device=device)
+        return entry
 
     def state_bytes(self) -> int:
         """Bytes of every optimizer-state tensor this rank holds."""
