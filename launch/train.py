@@ -37,7 +37,7 @@ from mlorc_dist.training import (CheckpointDir, GlobalBatches, MetricsWriter, lo
                                  load_sft_records, lr_at, model_signature, packed_source, sft_source)
 
 logger = logging.getLogger("mlorc_dist.train")
-OPTIMIZERS = ("mlorc-adamw", "mlorc-lion", "adamw")
+from mlorc_dist.methods import METHODS as OPTIMIZERS  # noqa: E402
 TOKENIZER_VOCAB = 2048
 
 
@@ -50,10 +50,18 @@ def parse_args(argv=None):
     engine.add_argument("--dry-run", action="store_true", help="build on the meta device, check config and world size, exit")
     engine.add_argument("--world-size", type=int, default=None, help="for --dry-run: the planned world size")
     opt = p.add_argument_group("optimizer (FSDP2 / single process; DeepSpeed reads its JSON)")
-    opt.add_argument("--optimizer", default="mlorc-adamw", help=f"one of {OPTIMIZERS}")
-    opt.add_argument("--rank", type=int, default=4, help="MLorc rank r")
+    opt.add_argument("--optimizer", "--method", default="mlorc-adamw", help=f"one of {OPTIMIZERS}")
+    opt.add_argument("--rank", type=int, default=4, help="rank r (MLorc, MoFaSGD, GaLore, LoRA, SwitchLoRA)")
     opt.add_argument("--scope", default="local", help="local | global")
-    opt.add_argument("--lr", type=float, default=1e-3)
+    opt.add_argument("--lr", type=float, default=1e-3, help="peak lr of the method's update of 2-D weights")
+    opt.add_argument("--dense-lr", type=float, default=None,
+                     help="peak lr of the dense state (embeddings, lm_head, 1-D); default --lr. "
+                          "MoFaSGD wants a large --lr (e.g. 0.02) and an AdamW --dense-lr (e.g. 1e-3)")
+    opt.add_argument("--galore-interval", type=int, default=200, help="GaLore: steps between projector updates")
+    opt.add_argument("--galore-scale", type=float, default=0.25, help="GaLore: alpha")
+    opt.add_argument("--mofasgd-momentum", type=float, default=0.9)
+    opt.add_argument("--mofasgd-phi", default="spectral", help="MoFaSGD: spectral (U V^T) | inverse (min(1/s, cap))")
+    opt.add_argument("--lora-alpha", type=float, default=None, help="LoRA: alpha (default 2 r)")
     opt.add_argument("--weight-decay", type=float, default=0.0)
     opt.add_argument("--betas", type=float, nargs=2, default=None)
     opt.add_argument("--compress-embeddings", action="store_true")
@@ -95,6 +103,9 @@ def parse_args(argv=None):
         p.error("choose one of --deepspeed and --fsdp")
     if args.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown --optimizer {args.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+    if args.export and args.optimizer in ("lora", "switchlora") and not args.deepspeed:
+        raise ValueError("--export writes a plain HF model; merging adapters into it is not "
+                         "supported yet: export is refused for lora / switchlora")
     return args
 
 
@@ -193,6 +204,15 @@ def init_distributed(kind: str) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def decoder_layers(model) -> list:
+    """The transformer blocks (FSDP2 units), found by class name so that adapter wrappers
+    (peft's PeftModel) do not hide them."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not layers:
+        raise ValueError(f"no *DecoderLayer module in {type(model).__name__} to shard with FSDP2")
+    return layers
+
+
 def device_for(kind: str) -> torch.device:
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -202,21 +222,15 @@ def device_for(kind: str) -> torch.device:
 
 
 def make_torch_optimizer(args, model):
-    """MLorc (or dense AdamW through the same piece machinery, so that checkpoints and
-    resharding work the same way) for FSDP2 / single-process runs."""
-    import mlorc_dist
-    groups = mlorc_dist.param_groups(model, weight_decay=args.weight_decay,
-                                     compress_embeddings=args.compress_embeddings)
-    if args.optimizer == "mlorc-lion":
-        betas = tuple(args.betas) if args.betas else (0.95, 0.98)
-        return mlorc_dist.MLorcLion(groups, lr=args.lr, betas=betas, rank=args.rank, scope=args.scope,
-                                    seed=args.seed)
-    betas = tuple(args.betas) if args.betas else (0.9, 0.999)
-    if args.optimizer == "adamw":
-        for group in groups:
-            group["lowrank"] = False
-    return mlorc_dist.MLorcAdamW(groups, lr=args.lr, betas=betas, rank=args.rank, scope=args.scope,
-                                 seed=args.seed)
+    """The method's optimizer for FSDP2 / single-process runs (dense AdamW, too, runs through
+    the piece machinery, so that checkpoints and resharding work the same way)."""
+    from mlorc_dist.methods import build_optimizer
+    return build_optimizer(args.optimizer, model, lr=args.lr, dense_lr=args.dense_lr,
+                           weight_decay=args.weight_decay, rank=args.rank, scope=args.scope,
+                           seed=args.seed, betas=args.betas,
+                           compress_embeddings=args.compress_embeddings,
+                           galore_interval=args.galore_interval, galore_scale=args.galore_scale,
+                           mofasgd_momentum=args.mofasgd_momentum, mofasgd_phi=args.mofasgd_phi)
 
 
 def dry_run(args) -> int:
@@ -263,6 +277,7 @@ class Trainer:
             config.setdefault("steps_per_print", 10 ** 9)
             self.engine, _, _, _ = mds.initialize(model=model, config=config)
             self.model = self.engine.module
+            self.adapter = (config.get("adapter") or {}).get("type")
             self.optimizer = getattr(self.engine, "mlorc_optimizer", None)
             self.lr_groups = (self.optimizer or self.engine.optimizer).param_groups
             self.zero_stage = config.get("zero_optimization", {}).get("stage", 0)
@@ -275,7 +290,7 @@ class Trainer:
                 mesh = init_device_mesh(device.type, (world,))
                 policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if args.bf16 else None,
                                               reduce_dtype=torch.float32 if args.bf16 else None)
-                for layer in model.model.layers:
+                for layer in decoder_layers(model):
                     fully_shard(layer, mesh=mesh, mp_policy=policy)
                 fully_shard(model, mesh=mesh, mp_policy=policy)
             self.model = model
@@ -286,7 +301,7 @@ class Trainer:
 
     def set_lr(self, lr: float) -> None:
         for group in self.lr_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def forward(self, input_ids, labels):
         target = self.engine if self.kind == "deepspeed" else self.model
@@ -309,6 +324,13 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """The method's work between steps (SwitchLoRA's switching)."""
+        from mlorc_dist.methods import after_step
+        method = self.adapter if self.kind == "deepspeed" else self.args.optimizer
+        if method:
+            after_step(method, self.model, self.optimizer, step, total_steps)
 
     def sync_master_to_model(self) -> None:
         """After writing master weights into the optimizer's tensors: refresh what the model
@@ -455,6 +477,10 @@ def main(argv=None) -> int:
     if config.vocab_size < len(tokenizer):
         raise ValueError(f"model vocab {config.vocab_size} < tokenizer vocab {len(tokenizer)}")
     model = build_model(args, config)
+    if not args.deepspeed:      # under DeepSpeed the config's "adapter" block says (mlorc_dist.deepspeed)
+        from mlorc_dist.methods import prepare_model
+        model = prepare_model(args.optimizer, model, rank=args.rank, seed=args.seed,
+                              lora_alpha=args.lora_alpha)
     signature = model_signature(model)
     trainer = Trainer(args, kind, model, world, device)
     batches = GlobalBatches(train_source, args.global_batch, args.micro_batch, world, rank, args.seed)
@@ -482,6 +508,7 @@ def main(argv=None) -> int:
         if profiler:
             profiler.sample("after_backward")
         trainer.step()
+        trainer.after_step(step, args.steps)
         if profiler:
             profiler.sample("after_step")
         loss = torch.tensor(sum(losses) / len(losses))

@@ -19,6 +19,7 @@ DeepSpeed untouched (baselines).
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -27,17 +28,24 @@ import torch
 
 from .engines.deepspeed_layouts import zero3_layouts, zero12_layouts
 from .groups import param_groups
-from .optim import MLorcAdamW, MLorcLion
+from .optim import GaLoreAdamW, MLorcAdamW, MLorcLion, MoFaSGD
 
 __all__ = ["initialize", "build_optimizer", "attach_layouts", "load_config", "check_mlorc_block",
            "MLORC_KEYS", "OPTIMIZERS"]
 
 logger = logging.getLogger("mlorc_dist")
 
-OPTIMIZERS = {"mlorcadamw": MLorcAdamW, "mlorclion": MLorcLion}
-OPTIMIZER_PARAM_KEYS = {"lr", "betas", "eps", "weight_decay"}
+OPTIMIZERS = {"mlorcadamw": MLorcAdamW, "mlorclion": MLorcLion, "mofasgd": MoFaSGD,
+              "galoreadamw": GaLoreAdamW, "galore": GaLoreAdamW}
+# optimizer.params (DeepSpeed's own block) per class; everything else goes in the "mlorc" block
+OPTIMIZER_PARAM_KEYS = {MLorcAdamW: {"lr", "betas", "eps", "weight_decay"},
+                        MLorcLion: {"lr", "betas", "weight_decay"},
+                        MoFaSGD: {"lr", "momentum", "betas", "eps", "weight_decay"},
+                        GaLoreAdamW: {"lr", "betas", "eps", "weight_decay"}}
 MLORC_KEYS = {"rank", "oversample", "niter", "scope", "seed", "factor_dtype", "nonfinite",
-              "compress_embeddings", "dense_when_no_saving", "correct_bias", "decay_1d"}
+              "compress_embeddings", "dense_when_no_saving", "correct_bias", "decay_1d",
+              "phi", "max_value", "update_interval", "scale", "dense_lr"}
+ADAPTER_KEYS = {"type", "rank", "seed", "lora_alpha"}
 
 
 def load_config(config) -> dict:
@@ -72,7 +80,8 @@ def optimizer_class(name: str):
     if key in OPTIMIZERS:
         return OPTIMIZERS[key]
     if key.startswith("mlorc"):
-        raise ValueError(f"unknown MLorc optimizer type {name!r}; known: MLorcAdamW, MLorcLion")
+        raise ValueError(f"unknown MLorc optimizer type {name!r}; known: MLorcAdamW, MLorcLion, "
+                         "MoFaSGD, GaLoreAdamW")
     return None
 
 
@@ -83,19 +92,26 @@ def build_optimizer(model: torch.nn.Module, optimizer_type: str, optimizer_param
     if cls is None:
         raise ValueError(f"{optimizer_type!r} is not an MLorc optimizer")
     check_mlorc_block(mlorc)
-    unknown = set(optimizer_params) - OPTIMIZER_PARAM_KEYS - ({"eps"} if cls is MLorcAdamW else set())
-    if cls is MLorcLion:
-        unknown |= set(optimizer_params) & {"eps"}
+    unknown = set(optimizer_params) - OPTIMIZER_PARAM_KEYS[cls]
     if unknown:
         raise ValueError(f"unknown key(s) in optimizer.params for {optimizer_type}: {sorted(unknown)}")
     settings = dict(mlorc)
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    wrong = set(settings) - accepted - {"compress_embeddings", "decay_1d", "dense_lr"}
+    if wrong:
+        raise ValueError(f"'mlorc' block key(s) {sorted(wrong)} do not apply to {cls.algorithm}")
     compress_embeddings = settings.pop("compress_embeddings", False)
     decay_1d = settings.pop("decay_1d", False)
+    dense_lr = settings.pop("dense_lr", None)
     kwargs = dict(optimizer_params)
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
     groups = param_groups(model, weight_decay=kwargs.pop("weight_decay", 0.0),
                           compress_embeddings=compress_embeddings, decay_1d=decay_1d)
+    lr = kwargs.get("lr", inspect.signature(cls.__init__).parameters["lr"].default)
+    for group in groups:       # dense_lr: the lr of dense groups, kept as a ratio by schedules
+        group["lr"] = lr if group["lowrank"] or dense_lr is None else dense_lr
+        group["lr_scale"] = group["lr"] / lr if lr else 1.0
     return cls(groups, **kwargs, **settings)
 
 
@@ -150,6 +166,20 @@ def attach_layouts(engine=None, optimizer=None, *, zero_optimizer=None, module=N
     return engine_kind
 
 
+def _apply_adapter(model, adapter: dict):
+    """The config's "adapter" block ({"type": "lora" | "switchlora", "rank": r, ...}) applied
+    to the model before DeepSpeed sees it."""
+    from .methods import prepare_model
+    unknown = set(adapter) - ADAPTER_KEYS
+    if unknown:
+        raise ValueError(f"unknown key(s) in the 'adapter' block: {sorted(unknown)}; known: {sorted(ADAPTER_KEYS)}")
+    settings = dict(adapter)
+    kind = settings.pop("type", None)
+    if kind not in ("lora", "switchlora"):
+        raise ValueError(f"'adapter' type must be 'lora' or 'switchlora', got {kind!r}")
+    return prepare_model(kind, model, **settings)
+
+
 def initialize(*args, model=None, config=None, mlorc: dict | None = None, **kwargs):
     """Like deepspeed.initialize(model=..., config=...), with MLorc built from the config."""
     import deepspeed
@@ -159,6 +189,9 @@ def initialize(*args, model=None, config=None, mlorc: dict | None = None, **kwar
     if model is None or config is None:
         raise ValueError("initialize needs model= and config=")
     config = load_config(config)
+    adapter = dict(config.pop("adapter", {}) or {})
+    if adapter:
+        model = _apply_adapter(model, adapter)
     block = dict(config.pop("mlorc", {}) or {})
     block.update(mlorc or {})
     opt_block = config.get("optimizer") or {}

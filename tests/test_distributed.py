@@ -28,6 +28,14 @@ BF16_RUNS = ["zero2:mlorc-adamw:local:4:bf16", "zero1:mlorc-adamw:global:4:bf16"
              "fsdp2:mlorc-lion:global:4:bf16"]
 
 
+# MoFaSGD and GaLore on the same pieces (local scope: replayed single-process; global scope:
+# MoFaSGD against world size 1)
+PEER_RUNS = ["zero2:mofasgd:local:4", "fsdp2:mofasgd:local:4", "zero3:galore:local:4",
+             "fsdp2:galore:local:4"]
+PEER_GLOBAL_RUNS = ["zero1:mofasgd:global:4", "zero3:mofasgd:global:4", "fsdp2:mofasgd:global:4",
+                    "fsdp2:mofasgd:global:4:fp64"]
+
+
 def _load_worker():
     spec = importlib.util.spec_from_file_location("dist_worker", WORKER)
     module = importlib.util.module_from_spec(spec)
@@ -54,9 +62,10 @@ def results(tmp_path_factory):
     ws2 += ["fsdp2:adamw:local:full:fp64", "fsdp2:mlorc-adamw:local:full:fp64",
             "fsdp2:mlorc-adamw:global:4:fp64", "zero2:mlorc-lion:global:4", "fsdp2:mlorc-lion:global:4",
             "zero3:mlorc-lion:local:4", "zero3init:adamw", "zero3init:mlorc-adamw:local:full"]
-    ws2 += BF16_RUNS + ["zero2raw:mlorc-adamw"]
+    ws2 += BF16_RUNS + ["zero2raw:mlorc-adamw"] + PEER_RUNS + PEER_GLOBAL_RUNS
     ws1 = [f"{e}:mlorc-adamw:global:4" for e in ("zero1", "zero2", "zero3", "fsdp2")]
     ws1 += ["fsdp2:mlorc-adamw:global:4:fp64", "zero2:mlorc-lion:global:4", "fsdp2:mlorc-lion:global:4"]
+    ws1 += PEER_GLOBAL_RUNS
     ws3 = [f"{e}:{v}" for e in WS3_ENGINES for v in
            ("adamw", "mlorc-adamw:local:full", "mlorc-adamw:global:4", "mlorc-adamw:local:4")]
     for world, runs, port in ((2, ws2, 29521), (1, ws1, 29522), (3, ws3, 29523)):
@@ -295,3 +304,28 @@ def test_plain_deepspeed_initialize_with_mlorc_refuses_to_step(results):
         data = torch.load(results / "ws2" / f"zero2raw.rank{r}.pt", weights_only=True)
         assert data["error"] is not None and "mlorc_dist.deepspeed.initialize" in data["error"]
         assert data["unchanged"]
+
+
+# --------------------------------------------------------------------------- MoFaSGD and GaLore
+@pytest.mark.parametrize("spec", PEER_RUNS)
+def test_peers_local_scope_equal_single_process_handed_the_same_cuts(results, spec):
+    run = load(results, 2, spec)
+    assert rel(run["final"], run["initial"]) > 1e-3
+    assert replay(results, 2, spec) <= 1e-6
+    for r in range(2):
+        assert load(results, 2, spec, r)["calls"] == {}       # per shard: no collective at all
+
+
+@pytest.mark.parametrize("spec,tol", [(s, 1e-9 if s.endswith("fp64") else 1e-4) for s in PEER_GLOBAL_RUNS])
+def test_mofasgd_global_scope_world_size_2_is_world_size_1(results, spec, tol):
+    one, two = load(results, 1, spec), load(results, 2, spec)
+    assert rel(one["final"], one["initial"]) > 1e-3
+    assert rel(two["final"], one["final"]) <= tol
+
+
+def test_mofasgd_global_scope_collectives(results):
+    """Four all-reduces per step (G V rows and G^T U; the second projection; two Gram
+    matrices) plus the non-finite flag, and at the first step the global SVD of W (niter 2)."""
+    for r in range(2):
+        calls = load(results, 2, "fsdp2:mofasgd:global:4", r)["calls"]
+        assert calls == {"all_reduce": STEPS * 5 + 2 + 2 * 2}, calls

@@ -103,6 +103,11 @@ def make_optimizer_kwargs(opt_name, scope, rank_arg):
         # low-rank runs use the usual 1e-8.
         eps = 1e-30 if full else 1e-8
         return "MLorcAdamW", dict(lr=1e-3, betas=(0.9, 0.999), eps=eps, weight_decay=0.0), kwargs
+    if opt_name == "mofasgd":
+        return "MoFaSGD", dict(lr=1e-2, momentum=0.9, betas=(0.9, 0.999), weight_decay=0.0), kwargs
+    if opt_name == "galore":
+        kwargs["update_interval"] = 5
+        return "GaLoreAdamW", dict(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0), kwargs
     return "MLorcLion", dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0), kwargs
 
 
@@ -135,7 +140,7 @@ def run(spec: str, steps: int, out: Path, counter: CollectiveCounter):
         model = tiny_llama(dtype)
         initial = {n: p.detach().double().clone() for n, p in model.named_parameters()}
     micro = GLOBAL_BATCH // world
-    grad_log = [] if (opt_name.startswith("mlorc") and scope == "local") else None
+    grad_log = [] if (opt_name != "adamw" and scope == "local") else None
 
     if engine_name == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
