@@ -44,7 +44,7 @@ OPTIMIZER_PARAM_KEYS = {MLorcAdamW: {"lr", "betas", "eps", "weight_decay"},
                         GaLoreAdamW: {"lr", "betas", "eps", "weight_decay"}}
 MLORC_KEYS = {"rank", "oversample", "niter", "scope", "seed", "factor_dtype", "nonfinite",
               "compress_embeddings", "dense_when_no_saving", "correct_bias", "decay_1d",
-              "phi", "max_value", "update_interval", "scale", "dense_lr"}
+              "phi", "max_value", "update_interval", "scale", "dense_lr", "dense"}
 ADAPTER_KEYS = {"type", "rank", "seed", "lora_alpha"}
 
 
@@ -97,12 +97,13 @@ def build_optimizer(model: torch.nn.Module, optimizer_type: str, optimizer_param
         raise ValueError(f"unknown key(s) in optimizer.params for {optimizer_type}: {sorted(unknown)}")
     settings = dict(mlorc)
     accepted = set(inspect.signature(cls.__init__).parameters)
-    wrong = set(settings) - accepted - {"compress_embeddings", "decay_1d", "dense_lr"}
+    wrong = set(settings) - accepted - {"compress_embeddings", "decay_1d", "dense_lr", "dense"}
     if wrong:
         raise ValueError(f"'mlorc' block key(s) {sorted(wrong)} do not apply to {cls.algorithm}")
     compress_embeddings = settings.pop("compress_embeddings", False)
     decay_1d = settings.pop("decay_1d", False)
     dense_lr = settings.pop("dense_lr", None)
+    dense = settings.pop("dense", False)      # every tensor keeps dense state (AdamW baseline, LoRA)
     kwargs = dict(optimizer_params)
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
@@ -112,6 +113,8 @@ def build_optimizer(model: torch.nn.Module, optimizer_type: str, optimizer_param
     for group in groups:       # dense_lr: the lr of dense groups, kept as a ratio by schedules
         group["lr"] = lr if group["lowrank"] or dense_lr is None else dense_lr
         group["lr_scale"] = group["lr"] / lr if lr else 1.0
+        if dense:
+            group["lowrank"] = False
     return cls(groups, **kwargs, **settings)
 
 

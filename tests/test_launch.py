@@ -236,3 +236,45 @@ def test_deepspeed_checkpoint_resumes(tmp_path, config, world, exact):
     else:
         for a, b in zip(resumed, reference):
             assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"])
+
+
+def test_mofasgd_deepspeed_resumes_bitwise_and_fsdp2_refuses_another_world_size(tmp_path):
+    """MoFaSGD's factors are checkpointed per piece: ZeRO-2 at the same world size resumes
+    bitwise. FSDP2 cuts every matrix by rows, so at another world size no piece matches and the
+    checkpoint is refused (MoFaSGD does not reshard factors; dense pieces would load)."""
+    config = str(ROOT / "ds_configs" / "mofasgd.json")
+    straight = tmp_path / "straight"
+    ok([DEEPSPEED, "--num_accelerators", "2", "--master_port", "29815", TRAIN, "--deepspeed", config,
+        *TINY, "--steps", "6", "--save-every", "3", "--out", str(straight)])
+    out = tmp_path / "resumed"
+    (out / "checkpoints").mkdir(parents=True)
+    os.system(f"cp -r {straight}/checkpoints/step_00000003 {out}/checkpoints/")
+    ok([DEEPSPEED, "--num_accelerators", "2", "--master_port", "29816", TRAIN, "--deepspeed", config,
+        *TINY, "--steps", "6", "--out", str(out), "--resume"])
+    assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(straight)[3:]]
+    fsdp = tmp_path / "fsdp"
+    common = [*TINY, "--fsdp", "--optimizer", "mofasgd", "--lr", "0.02", "--dense-lr", "1e-3",
+              "--steps", "4", "--save-every", "2", "--out", str(fsdp)]
+    ok(torchrun(2, 29817, *common))
+    result = run(torchrun(1, 29820, *common, "--resume"))
+    assert result.returncode != 0 and "resume only at the layout" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("method,extra", [("lora", ["--lr", "2e-3"]),
+                                          ("galore", ["--rank", "8", "--galore-interval", "2"])])
+def test_fsdp2_trains_the_peer_methods(tmp_path, method, extra):
+    out = tmp_path / method
+    ok(torchrun(2, 29818, *TINY, "--fsdp", "--optimizer", method, *extra, "--steps", "8",
+                "--out", str(out)))
+    losses = [m["loss"] for m in metrics(out)]
+    assert len(losses) == 8 and all(l == l for l in losses)
+    assert sum(losses[-3:]) / 3 < losses[0]
+
+
+def test_deepspeed_lora_config_trains_only_the_adapters(tmp_path):
+    out = tmp_path / "lora"
+    result = ok([DEEPSPEED, "--num_accelerators", "2", "--master_port", "29819", TRAIN, "--deepspeed",
+                 str(ROOT / "ds_configs" / "lora.json"), *TINY, "--steps", "4", "--out", str(out)])
+    log = result.stdout + result.stderr
+    assert "LoRA (peft) rank 8" in log and "dense (group lowrank=False): 14 params" in log
+    assert len(metrics(out)) == 4
