@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -103,6 +104,44 @@ def default_corpus_path() -> Path:
     if not target.is_file():
         text = "\n\n".join(topics[name].strip() for name in sorted(topics)) + "\n"
         _atomic_write(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return target
+
+
+def docstring_corpus_path(max_chars: int = 1_500_000) -> Path:
+    """Path of a second English corpus, for fine-tuning runs: the docstrings of the Python
+    standard library's own source files (module, class and function docstrings of at least 80
+    characters, parsed with ``ast``: nothing is imported), in sorted file order, at most
+    ``max_chars`` characters, written once to the cache. Prose about APIs, where the demo
+    corpus (``default_corpus_path``) is prose about the language."""
+    import ast
+    import sysconfig
+
+    version = f"{sys.version_info.major}{sys.version_info.minor}"
+    target = cache_root() / f"stdlib_docstrings_py{version}_{max_chars}.txt"
+    if target.is_file():
+        return target
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo"}
+    docs, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if skip & set(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= 80:
+                    docs.append(doc.strip())
+                    total += len(doc) + 2
+        if total >= max_chars:
+            break
+    if not docs:
+        raise FileNotFoundError(f"no docstrings found under the standard library at {root}")
+    text = "\n\n".join(docs)[:max_chars] + "\n"
+    _atomic_write(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return target
 
 
