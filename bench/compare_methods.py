@@ -153,7 +153,8 @@ def train_run(method: str, setting: str, lr: float, config, corpus: Corpus, step
     return record, weights
 
 
-def run_setting(setting: str, args, preset: dict, config, corpus: Corpus, base_state) -> tuple[dict, dict]:
+def run_setting(setting: str, args, preset: dict, config, corpus: Corpus, base_state) -> tuple[dict, tuple]:
+    """Every method's sweep; returns the results and (eval loss, lr, weights) of AdamW's best run."""
     steps = preset[f"{setting}_steps"]
     results, best_adamw_weights = {}, None
     for method in args.methods:
@@ -167,11 +168,11 @@ def run_setting(setting: str, args, preset: dict, config, corpus: Corpus, base_s
             sweep.append(record)
             if weights is not None and (best_adamw_weights is None or
                                         record["eval_loss"] < best_adamw_weights[0]):
-                best_adamw_weights = (record["eval_loss"], weights)
+                best_adamw_weights = (record["eval_loss"], lr, weights)
         finite = [r for r in sweep if math.isfinite(r["eval_loss"])] or sweep
         best = min(finite, key=lambda r: r["eval_loss"])
         results[method] = {"best": best, "sweep": [{"lr": r["lr"], "eval_loss": r["eval_loss"]} for r in sweep]}
-    return results, (best_adamw_weights[1] if best_adamw_weights else None)
+    return results, best_adamw_weights
 
 
 def table(setting: str, results: dict) -> str:
@@ -236,8 +237,9 @@ def main(argv=None) -> int:
               "galore_interval": GALORE_INTERVAL, "threads": torch.get_num_threads(),
               "corpora": {"pretrain": pretrain.name, "finetune": finetune.name}, "results": {}}
     report["results"]["pretrain"], base = run_setting("pretrain", args, preset, config, pretrain, None)
+    report["finetune_base"] = {"method": "adamw", "lr": base[1], "pretrain_eval_loss": base[0]}
     report["results"]["finetune"], _ = run_setting("finetune", args, preset, config, finetune,
-                                                   copy.deepcopy(base))
+                                                   copy.deepcopy(base[2]))
     report["wall_s"] = time.perf_counter() - started
     markdown = "\n\n".join(table(s, report["results"][s]) for s in ("pretrain", "finetune"))
     print("\n" + markdown)

@@ -20,13 +20,15 @@ Use, single process or DDP (ZeRO-1/2 below):
     for step in range(total_steps):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        switch_step(model, optimizer, step, total_steps)    # after backward, before step()
+        switch_step(model, optimizer, step, total_steps)    # once per optimizer step
         optimizer.step()
         optimizer.zero_grad()
 
-switch_step is called where the reference calls it, between backward and step: the gradient of
-a switched A[i] is s B[:, i]^T G, which does not depend on A[i], so it is still exact after the
-switch; the stale gradient of its counterpart is never applied (the counterpart is frozen).
+switch_step must run once per optimizer step with `step` counting optimizer steps; it may run
+between backward and step (as the reference does: the gradient of a switched A[i] is
+s B[:, i]^T G, which does not depend on A[i], so it is still exact after the switch, and the
+stale gradient of its counterpart is never applied since the counterpart is frozen) or right
+after optimizer.step(). Either way the counterpart skips the next `freeze_steps` optimizer steps.
 
 Every random choice (how many vectors, which ones, which candidates) comes from a generator
 seeded with (seed, step, layer name), and every input to the switch (the model's A, B, W and
@@ -34,8 +36,10 @@ the pools) is replicated, so DDP and ZeRO-1/2 ranks switch identically with no c
 
 DeepSpeed ZeRO-1/2: build SwitchLoRAAdamW on switchlora_param_groups(model), pass it to
 deepspeed.initialize (with "zero_allow_untested_optimizer": true), then
-mlorc_dist.deepspeed.attach_layouts(engine, optimizer), and call
-switch_step(engine.module, optimizer, ...) between engine.backward and engine.step. The model's
+mlorc_dist.deepspeed.attach_layouts(engine, optimizer), and call switch_step(engine, optimizer,
+...) between engine.backward and engine.step, or after engine.step (the engine's own
+optimizer wrapper is accepted for `optimizer` too). Note that DeepSpeed 0.19 clips the gradient
+norm to 1.0 unless the config sets "gradient_clipping" (DDP does not clip). The model's
 parameters are full replicas but the optimizer steps fp32 flat partitions: switch_step writes
 the new A and B into this rank's partitions (SwitchLoRAAdamW.load_values), otherwise DeepSpeed
 would copy the old values back after the step. ZeRO-3 and FSDP shard W, A and B, and the switch
@@ -92,6 +96,7 @@ __all__ = [
     "per_element_adamw_",
     "switchlora_state_dict",
     "load_switchlora_state_dict",
+    "merge_switchlora",
 ]
 
 logger = logging.getLogger("mlorc_dist")
@@ -335,6 +340,25 @@ def load_switchlora_state_dict(model: nn.Module, state: dict) -> None:
             current.copy_(value)
 
 
+@torch.no_grad()
+def merge_switchlora(model: nn.Module) -> nn.Module:
+    """Replace every SwitchLoRA layer by a plain nn.Linear holding W + s B A (and its bias), in
+    place; returns the model (for export or evaluation without adapters). The new weights keep
+    the old W's requires_grad (False)."""
+    for name, layer in switchlora_layers(model):
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                           device=layer.weight.device, dtype=layer.weight.dtype)
+        linear.weight.copy_(layer.merged_weight())
+        linear.weight.requires_grad_(layer.weight.requires_grad)
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias)
+            linear.bias.requires_grad_(layer.bias.requires_grad)
+        parent_name, _, leaf = name.rpartition(".")
+        root = _unwrap(model)
+        setattr(root.get_submodule(parent_name) if parent_name else root, leaf, linear)
+    return model
+
+
 # --------------------------------------------------------------------------- the schedule
 def switch_rate(step: int, total_steps: int, *, descend_fraction: float = 0.1,
                 descend_to: float = 0.3) -> float:
@@ -383,6 +407,7 @@ def switch_step(model: nn.Module, optimizer, step: int, total_steps: int, *, int
                          "components would be frozen than the schedule lets switch")
     if freeze_steps < 0 or step < 0:
         raise ValueError(f"need step >= 0 and freeze_steps >= 0, got {step}, {freeze_steps}")
+    optimizer = _client_optimizer(optimizer)
     if optimizer is not None and not isinstance(optimizer, SwitchLoRAAdamW):
         raise ValueError(f"switch_step needs a SwitchLoRAAdamW (per-vector state and freezing), got "
                          f"{type(optimizer).__name__}")
@@ -408,6 +433,14 @@ def switch_step(model: nn.Module, optimizer, step: int, total_steps: int, *, int
         totals["A"] += rows.numel()
         totals["B"] += cols.numel()
     return totals
+
+
+def _client_optimizer(optimizer):
+    """The SwitchLoRAAdamW inside a DeepSpeed ZeRO optimizer wrapper, else `optimizer`."""
+    inner = getattr(optimizer, "optimizer", None)
+    if not isinstance(optimizer, SwitchLoRAAdamW) and isinstance(inner, SwitchLoRAAdamW):
+        return inner
+    return optimizer
 
 
 def _refuse_sharded(name: str, layer: SwitchLoRALinear) -> None:
@@ -484,7 +517,9 @@ class SwitchLoRAAdamW(LowRankMomentumOptimizer):
 
     Arguments (per param group unless marked *): lr, betas, eps, weight_decay as
     torch.optim.AdamW (decoupled decay applied before the update); nonfinite* as MLorcAdamW
-    ("skip", "raise" or "ignore" a step with a non-finite gradient).
+    ("skip", "raise" or "ignore" a step with a non-finite gradient); scope* and seed* are
+    accepted for a uniform signature with the MLorc optimizers and change nothing here (every
+    piece keeps dense state: nothing is compressed, no collective is run).
     Memory: four fp32 numbers per trainable element (the two counts are kept for every
     parameter so that every piece has the same state and checkpoints copy it as dense state).
     """
@@ -493,11 +528,12 @@ class SwitchLoRAAdamW(LowRankMomentumOptimizer):
     algorithm = "SwitchLoRA-AdamW"
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, *, nonfinite: str = "skip"):
+                 weight_decay: float = 0.0, *, nonfinite: str = "skip", scope: str = "local",
+                 seed: int = 0):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=1,
                         oversample=0, niter=0, lowrank=False, dense_when_no_saving=True,
                         factor_dtype=None)
-        super().__init__(params, defaults, scope="local", seed=0, nonfinite=nonfinite)
+        super().__init__(params, defaults, scope=scope, seed=seed, nonfinite=nonfinite)
 
     def _validate_group(self, group: dict) -> None:
         if group["lowrank"] is not False:

@@ -31,10 +31,10 @@ def test_harness_runs_every_method_at_toy_size(tmp_path):
         adamw = results["adamw"]["best"]
         assert results["mlorc-adamw"]["best"]["state_bytes"] < adamw["state_bytes"]
         assert results["lora"]["best"]["trainable_params"] < adamw["trainable_params"] / 5
-    # fine-tuning starts from the pretrained model: its loss before training is below the
-    # loss of the random initial weights on the same text
-    fine = report["results"]["finetune"]["adamw"]["best"]
-    pre = report["results"]["pretrain"]["adamw"]["best"]
-    assert fine["eval_before"] < pre["eval_before"]
+    # every fine-tuning run starts from the same pretrained model, seen through each method's
+    # adapters (LoRA, SwitchLoRA leave its function unchanged): the same loss before training
+    before = [e["best"]["eval_before"] for e in report["results"]["finetune"].values()]
+    assert max(before) - min(before) <= 1e-4 * before[0]
+    assert report["finetune_base"]["method"] == "adamw"
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert "| mofasgd |" in out.with_suffix(".md").read_text()
