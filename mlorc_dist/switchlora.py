@@ -162,9 +162,13 @@ class SwitchLoRALinear(nn.Module):
                           stacklevel=2)
         bound_a, bound_b = init_bounds(m, n, rank, self.scale)
         generator = torch.Generator().manual_seed(sketch_seed(seed, 0, name, 0, 0))
-        pool_dtype = weight.dtype
-        self.cand_A = (torch.rand(k, n, generator=generator, dtype=torch.float64) * 2 - 1).mul_(bound_a).to(pool_dtype)
-        self.cand_B = (torch.rand(m, k, generator=generator, dtype=torch.float64) * 2 - 1).mul_(bound_b).to(pool_dtype)
+
+        def uniform(rows: int, cols: int, bound: float) -> torch.Tensor:   # U(-bound, bound), CPU
+            values = torch.rand(rows, cols, generator=generator).mul_(2.0 * bound).sub_(bound)
+            return values.to(weight.dtype)
+
+        self.cand_A = uniform(k, n, bound_a)                                # (K, n)
+        self.cand_B = uniform(m, k, bound_b)                                # (m, K)
         self.selected_A = torch.arange(rank)           # A's rows and B's columns start as slots 0..r-1
         self.selected_B = torch.arange(rank)
         self.busy_until = torch.zeros(rank, dtype=torch.long)
@@ -395,13 +399,14 @@ def switch_step(model: nn.Module, optimizer, step: int, total_steps: int, *, int
                 freeze_steps: int = FREEZE_STEPS, descend_fraction: float = 0.1, descend_to: float = 0.3,
                 seed: int = 0) -> dict:
     """One step of switching for every SwitchLoRA layer of `model` (bare, DDP or a DeepSpeed
-    engine), between backward and optimizer.step(). `step` counts optimizer steps from 0.
+    engine): call it once per optimizer step, between backward and optimizer.step() or right
+    after the step (see the module docstring); `step` counts optimizer steps from 0.
 
     Per layer, with a generator seeded by (seed, step, layer path): n = switch_count(r / interval)
     rank-1 components i whose counterpart is not frozen get a new A[i] from a random free pool
     slot, then n others get a new B[:, i]; the counterparts are reset and frozen in `optimizer`
-    (a SwitchLoRAAdamW, or None to switch the model alone). Returns {"A": rows switched,
-    "B": columns switched} summed over layers."""
+    (a SwitchLoRAAdamW or DeepSpeed's ZeRO wrapper of one, or None to switch the model alone).
+    Returns {"A": rows switched, "B": columns switched}, summed over layers."""
     if interval0 < 2 * freeze_steps:
         raise ValueError(f"interval0={interval0} is below 2 x freeze_steps={freeze_steps}: more "
                          "components would be frozen than the schedule lets switch")

@@ -63,7 +63,7 @@ def train(run: str, steps: int, world: int = 1, rank: int = 0, replay: list | No
     optimizer = SwitchLoRAAdamW(switchlora_param_groups(model, WEIGHT_DECAY), lr=LR, eps=EPS)
     micro = GLOBAL_BATCH // world
     layout, grads = None, None
-    wrapped = model
+    wrapped, switch_optimizer = model, optimizer
 
     def backward(loss):
         loss.backward()
@@ -94,6 +94,7 @@ def train(run: str, steps: int, world: int = 1, rank: int = 0, replay: list | No
         grads = [[] for _ in range(steps)]
         log_grads(optimizer, grads)
         backward, step = wrapped.backward, wrapped.step
+        switch_optimizer = wrapped.optimizer       # DeepSpeed's wrapper: switch_step unwraps it
     elif engine not in ("single", "replay"):
         raise ValueError(engine)
 
@@ -107,7 +108,7 @@ def train(run: str, steps: int, world: int = 1, rank: int = 0, replay: list | No
             loss = wrapped(input_ids=ids, labels=ids).loss
             backward(loss)
             losses.append(float(loss.detach()))
-        counts.append(switch_step(wrapped, optimizer, index, TOTAL_STEPS, interval0=INTERVAL0,
+        counts.append(switch_step(wrapped, switch_optimizer, index, TOTAL_STEPS, interval0=INTERVAL0,
                                   seed=SWITCH_SEED))
         step()
     return {"params": {n: p.detach().double().clone() for n, p in model.named_parameters()},
