@@ -1,4 +1,4 @@
-"""optimizer.step() time: MLorc-AdamW / MLorc-Lion vs torch AdamW (foreach, fused) on the same
+"""optimizer.step() time: MLorc-AdamW / MLorc-Lion / MoFaSGD / GaLore vs torch AdamW (foreach, fused) on the same
 matrices, measured in one run so the ratios are comparable.
 
     python bench/optimizer_step.py                          # CPU, sizes 256 1024 4096, ranks 4 16 64
@@ -47,6 +47,9 @@ def optimizers(params, rank: int, device):
     yield "mlorc-adamw per-body", mlorc_dist.MLorcAdamW(params, lr=1e-3, rank=rank, batched=False)
     yield "mlorc-adamw niter=0", mlorc_dist.MLorcAdamW(params, lr=1e-3, rank=rank, niter=0)
     yield "mlorc-lion", mlorc_dist.MLorcLion(params, lr=1e-4, rank=rank)
+    yield "mofasgd", mlorc_dist.MoFaSGD(params, lr=1e-2, rank=rank)
+    # GaLore's full SVD of the gradient runs every T steps: the timed steps come after the first
+    yield "galore (T=200)", mlorc_dist.GaLoreAdamW(params, lr=1e-3, rank=rank, update_interval=200)
 
 
 def sync(device):

@@ -103,6 +103,9 @@ def parse_args(argv=None):
         p.error("choose one of --deepspeed and --fsdp")
     if args.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown --optimizer {args.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+    if args.fsdp and args.optimizer == "switchlora":
+        raise ValueError("SwitchLoRA needs whole W, A and B on every rank, which FSDP2 shards: run "
+                         "it single-process or with --deepspeed ds_configs/switchlora.json (ZeRO-1/2)")
     if args.export and args.optimizer in ("lora", "switchlora") and not args.deepspeed:
         raise ValueError("--export writes a plain HF model; merging adapters into it is not "
                          "supported yet: export is refused for lora / switchlora")
@@ -298,6 +301,7 @@ class Trainer:
             self.lr_groups = self.optimizer.param_groups
             self.peak_lr = args.lr
         self.accumulation = args.global_batch // (args.micro_batch * world)
+        self.method = self.adapter if kind == "deepspeed" else args.optimizer
 
     def set_lr(self, lr: float) -> None:
         for group in self.lr_groups:
@@ -325,12 +329,10 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def after_step(self, step: int, total_steps: int) -> None:
-        """The method's work between steps (SwitchLoRA's switching)."""
+    def after_step(self, step: int, total_steps: int) -> dict:
+        """The method's work between steps (SwitchLoRA's switching); what it did."""
         from mlorc_dist.methods import after_step
-        method = self.adapter if self.kind == "deepspeed" else self.args.optimizer
-        if method:
-            after_step(method, self.model, self.optimizer, step, total_steps)
+        return after_step(self.method, self.model, self.optimizer, step, total_steps) if self.method else {}
 
     def sync_master_to_model(self) -> None:
         """After writing master weights into the optimizer's tensors: refresh what the model
@@ -375,7 +377,8 @@ def save_checkpoint(trainer, batches, step, args, rank, signature):
         directory.save_file({"batches": batches.state_dict(),
                              "optimizer_meta": {"seed": optimizer.seed, "skipped_steps": optimizer.skipped_steps},
                              "param_groups": [{k: v for k, v in g.items() if k not in ("params", "param_names")}
-                                              for g in optimizer.param_groups]},
+                                              for g in optimizer.param_groups],
+                             "switchlora": switchlora_checkpoint(trainer)},
                             staging / "common.pt")
     if dist.is_initialized():
         dist.barrier()
@@ -385,6 +388,28 @@ def save_checkpoint(trainer, batches, step, args, rank, signature):
                                 "model": signature, "global_batch": args.global_batch})
     if dist.is_initialized():
         dist.barrier()
+
+
+def switchlora_checkpoint(trainer) -> dict | None:
+    """What SwitchLoRA changes outside the optimizer: the frozen W of every layer (switches
+    fold vectors into it) and the candidate pools, slots and busy steps (the same on every
+    rank: rank 0 writes them)."""
+    if trainer.method != "switchlora":
+        return None
+    from mlorc_dist.switchlora import switchlora_layers, switchlora_state_dict
+    return {"pools": switchlora_state_dict(trainer.model),
+            "weights": {name: layer.weight.detach().cpu().clone() for name, layer in switchlora_layers(trainer.model)}}
+
+
+def load_switchlora_checkpoint(trainer, saved: dict) -> None:
+    from mlorc_dist.switchlora import load_switchlora_state_dict, switchlora_layers
+    load_switchlora_state_dict(trainer.model, saved["pools"])
+    layers = dict(switchlora_layers(trainer.model))
+    if set(layers) != set(saved["weights"]):
+        raise ValueError("checkpoint's SwitchLoRA layers differ from the model's")
+    with torch.no_grad():
+        for name, weight in saved["weights"].items():
+            layers[name].weight.copy_(weight)
 
 
 def load_checkpoint(trainer, batches, args, rank, signature) -> int:
@@ -413,6 +438,11 @@ def load_checkpoint(trainer, batches, args, rank, signature) -> int:
     optimizer.seed = common["optimizer_meta"]["seed"]
     optimizer.skipped_steps = common["optimizer_meta"]["skipped_steps"]
     batches.load_state_dict(common["batches"])
+    if (common.get("switchlora") is None) != (trainer.method != "switchlora"):
+        raise ValueError(f"{path}: SwitchLoRA state {'missing' if trainer.method == 'switchlora' else 'present'}"
+                         f" (a checkpoint of another method?)")
+    if common.get("switchlora") is not None:
+        load_switchlora_checkpoint(trainer, common["switchlora"])
     if rank < len(shards):
         torch.set_rng_state(shards[rank]["rng"])
     if rank == 0:
@@ -469,6 +499,9 @@ def main(argv=None) -> int:
                          "--resume to continue it, or choose another --out (nothing was overwritten)")
     kind = engine_kind(args)
     rank, world = init_distributed(kind)
+    if kind == "single" and world > 1:
+        raise ValueError(f"{world} processes but neither --fsdp nor --deepspeed: the ranks would train "
+                         "separate copies that never share gradients")
     args.micro_batch = args.micro_batch or max(1, args.global_batch // world)
     device = device_for(kind)
     tokenizer = load_tokenizer(args, rank)
@@ -508,7 +541,7 @@ def main(argv=None) -> int:
         if profiler:
             profiler.sample("after_backward")
         trainer.step()
-        trainer.after_step(step, args.steps)
+        done = trainer.after_step(step, args.steps)
         if profiler:
             profiler.sample("after_step")
         loss = torch.tensor(sum(losses) / len(losses))
@@ -517,7 +550,7 @@ def main(argv=None) -> int:
             loss /= world
         elapsed = time.perf_counter() - started
         record = {"step": step, "loss": float(loss), "lr": lr, "step_time": elapsed,
-                  "tokens_per_s": args.global_batch * args.seq_len / elapsed}
+                  "tokens_per_s": args.global_batch * args.seq_len / elapsed, **done}
         if torch.cuda.is_available():
             record["max_allocated"] = torch.cuda.max_memory_allocated()
         if args.eval_every and step % args.eval_every == 0:

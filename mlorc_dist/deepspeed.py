@@ -36,7 +36,7 @@ __all__ = ["initialize", "build_optimizer", "attach_layouts", "load_config", "ch
 logger = logging.getLogger("mlorc_dist")
 
 OPTIMIZERS = {"mlorcadamw": MLorcAdamW, "mlorclion": MLorcLion, "mofasgd": MoFaSGD,
-              "galoreadamw": GaLoreAdamW, "galore": GaLoreAdamW}
+              "galoreadamw": GaLoreAdamW, "galore": GaLoreAdamW}   # and SwitchLoRAAdamW (optimizer_class)
 # optimizer.params (DeepSpeed's own block) per class; everything else goes in the "mlorc" block
 OPTIMIZER_PARAM_KEYS = {MLorcAdamW: {"lr", "betas", "eps", "weight_decay"},
                         MLorcLion: {"lr", "betas", "weight_decay"},
@@ -77,6 +77,9 @@ def _read_config(config) -> dict:
 def optimizer_class(name: str):
     """The MLorc class for a DeepSpeed optimizer type, None for any other type."""
     key = name.replace("-", "").replace("_", "").lower()
+    if key == "switchloraadamw":
+        from .switchlora import SwitchLoRAAdamW      # imported on demand (it imports the optimizers)
+        return SwitchLoRAAdamW
     if key in OPTIMIZERS:
         return OPTIMIZERS[key]
     if key.startswith("mlorc"):
@@ -92,7 +95,7 @@ def build_optimizer(model: torch.nn.Module, optimizer_type: str, optimizer_param
     if cls is None:
         raise ValueError(f"{optimizer_type!r} is not an MLorc optimizer")
     check_mlorc_block(mlorc)
-    unknown = set(optimizer_params) - OPTIMIZER_PARAM_KEYS[cls]
+    unknown = set(optimizer_params) - OPTIMIZER_PARAM_KEYS.get(cls, {"lr", "betas", "eps", "weight_decay"})
     if unknown:
         raise ValueError(f"unknown key(s) in optimizer.params for {optimizer_type}: {sorted(unknown)}")
     settings = dict(mlorc)
@@ -107,13 +110,19 @@ def build_optimizer(model: torch.nn.Module, optimizer_type: str, optimizer_param
     kwargs = dict(optimizer_params)
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
-    groups = param_groups(model, weight_decay=kwargs.pop("weight_decay", 0.0),
-                          compress_embeddings=compress_embeddings, decay_1d=decay_1d)
     lr = kwargs.get("lr", inspect.signature(cls.__init__).parameters["lr"].default)
+    if cls.algorithm == "SwitchLoRA-AdamW":       # the adapter's A and B, then everything trainable
+        from .switchlora import switchlora_param_groups
+        groups = switchlora_param_groups(model, weight_decay=kwargs.get("weight_decay", 0.0))
+        for group in groups:
+            group["lowrank"] = group["name"] == "lora"      # "is it the method's own group" below
+    else:
+        groups = param_groups(model, weight_decay=kwargs.pop("weight_decay", 0.0),
+                              compress_embeddings=compress_embeddings, decay_1d=decay_1d)
     for group in groups:       # dense_lr: the lr of dense groups, kept as a ratio by schedules
         group["lr"] = lr if group["lowrank"] or dense_lr is None else dense_lr
         group["lr_scale"] = group["lr"] / lr if lr else 1.0
-        if dense:
+        if dense or cls.algorithm == "SwitchLoRA-AdamW":
             group["lowrank"] = False
     return cls(groups, **kwargs, **settings)
 
@@ -193,6 +202,8 @@ def initialize(*args, model=None, config=None, mlorc: dict | None = None, **kwar
         raise ValueError("initialize needs model= and config=")
     config = load_config(config)
     adapter = dict(config.pop("adapter", {}) or {})
+    if adapter.get("type") == "switchlora" and (config.get("zero_optimization") or {}).get("stage", 0) == 3:
+        raise ValueError("SwitchLoRA needs whole W, A and B on every rank: ZeRO-3 shards them (use ZeRO-1/2)")
     if adapter:
         model = _apply_adapter(model, adapter)
     block = dict(config.pop("mlorc", {}) or {})

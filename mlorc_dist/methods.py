@@ -85,14 +85,20 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float, dense_lr: float |
     if name == "galore":
         return optim.GaLoreAdamW(groups, lr=lr, betas=tuple(betas or (0.9, 0.999)), rank=rank,
                                  update_interval=galore_interval, scale=galore_scale, **common)
-    from .switchlora import SwitchLoRAAdamW
+    from .switchlora import SwitchLoRAAdamW, switchlora_param_groups
+    groups = switchlora_param_groups(model, weight_decay=weight_decay)
     for group in groups:
-        group["lowrank"] = False
+        group["lr"] = lr if group["name"] == "lora" else dense_lr
+        group["lr_scale"] = group["lr"] / lr if lr else 1.0
     return SwitchLoRAAdamW(groups, lr=lr, betas=tuple(betas or (0.9, 0.999)), **common)
 
 
-def after_step(name: str, model: nn.Module, optimizer, step: int, total_steps: int) -> None:
-    """Work a method does between optimizer steps (SwitchLoRA switches candidate vectors)."""
+def after_step(name: str, model: nn.Module, optimizer, step: int, total_steps: int) -> dict:
+    """Work a method does between optimizer steps (SwitchLoRA switches candidate vectors);
+    returns what it did, for the metrics ({} for the other methods). `step` is the optimizer
+    step just taken, counted from 1 (that is, SwitchLoRA's 0-based index of the next one)."""
     if name == "switchlora":
         from .switchlora import switch_step
-        switch_step(model, optimizer, step, total_steps)
+        switched = switch_step(model, optimizer, step, total_steps)
+        return {"switched_rows_A": switched["A"], "switched_cols_B": switched["B"]}
+    return {}

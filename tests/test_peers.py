@@ -204,7 +204,7 @@ def _tiny():
     return build_model(llama_config("tiny", 256), seed=0)
 
 
-@pytest.mark.parametrize("name", [m for m in METHODS if m != "switchlora"])
+@pytest.mark.parametrize("name", METHODS)
 def test_every_method_builds_and_steps_on_a_tiny_llama(name):
     model = prepare_model(name, _tiny(), rank=4)
     optimizer = build_optimizer(name, model, lr=1e-3, dense_lr=5e-4, rank=4, galore_interval=2)
