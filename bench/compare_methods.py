@@ -59,9 +59,10 @@ SWEEPS = {
                  "galore": [3e-4, 1e-3, 3e-3], "lora": [3e-4, 1e-3, 3e-3],
                  "switchlora": [1e-3, 3e-3, 1e-2]},
 }
-# MoFaSGD's own lr is for its spectral update of 2-D weights; its embeddings, lm_head and 1-D
-# tensors run AdamW at AdamW's middle lr.
+# MoFaSGD's own lr is for its spectral update of 2-D weights, SwitchLoRA's for its factors (about
+# 10x full training): their embeddings, lm_head and 1-D tensors run AdamW at AdamW's middle lr.
 DENSE_LR = {"pretrain": 1e-3, "finetune": 3e-4}
+DENSE_LR_METHODS = ("mofasgd", "switchlora")
 GALORE_INTERVAL = 50          # GaLore's T (200 in the paper, for runs of thousands of steps)
 
 
@@ -113,7 +114,8 @@ def train_run(method: str, setting: str, lr: float, config, corpus: Corpus, step
         model.load_state_dict(base_state)
     rank = RANKS[method]
     model = methods.prepare_model(method, model, rank=max(rank, 1), seed=seed)
-    optimizer = methods.build_optimizer(method, model, lr=lr, dense_lr=DENSE_LR[setting] if method == "mofasgd" else None,
+    dense_lr = DENSE_LR[setting] if method in DENSE_LR_METHODS else None
+    optimizer = methods.build_optimizer(method, model, lr=lr, dense_lr=dense_lr,
                                         rank=max(rank, 1), seed=seed, galore_interval=GALORE_INTERVAL)
     trainable = [p for p in model.parameters() if p.requires_grad]
     batches = corpus.batches(seed)
@@ -233,7 +235,7 @@ def main(argv=None) -> int:
           f"({pretrain.train_ids.numel():,} tokens), finetune on {finetune.name} "
           f"({finetune.train_ids.numel():,} tokens)", flush=True)
     report = {"preset": {"name": args.preset, **preset}, "model": preset["model"], "parameters": parameters,
-              "ranks": RANKS, "sweeps": SWEEPS, "dense_lr_mofasgd": DENSE_LR,
+              "ranks": RANKS, "sweeps": SWEEPS, "dense_lr": {"methods": DENSE_LR_METHODS, **DENSE_LR},
               "galore_interval": GALORE_INTERVAL, "threads": torch.get_num_threads(),
               "corpora": {"pretrain": pretrain.name, "finetune": finetune.name}, "results": {}}
     report["results"]["pretrain"], base = run_setting("pretrain", args, preset, config, pretrain, None)
