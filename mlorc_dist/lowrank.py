@@ -15,6 +15,8 @@ import torch
 
 __all__ = [
     "compute_dtype_for",
+    "times_skinny",
+    "skinny_t_times",
     "sketch_seed",
     "gaussian_test_matrix",
     "randomized_svd",
@@ -66,6 +68,21 @@ def _orthonormal_basis(y: torch.Tensor) -> torch.Tensor:
     return q
 
 
+def times_skinny(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """a @ x for a large a (.., m, n) and a skinny x (.., n, q), returned as a transposed view.
+
+    Computed as (x^T a^T)^T: BLAS on the CPU runs the product with the skinny factor on the
+    left several times faster than a @ x (measured 0.4 vs 1.2-2.5 ms for 1024 x 1024 times
+    1024 x 4, one thread); on a GPU it is the same call."""
+    return (x.mT @ a.mT).mT
+
+
+def skinny_t_times(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """x^T @ a (.., q, n) for a skinny x (.., m, q): the fast orientation. a^T @ x is its
+    transpose, never computed directly (4 ms against 0.3 ms on the CPU at 1024 x 1024, q = 4)."""
+    return x.mT @ a
+
+
 def randomized_svd(a: torch.Tensor, rank: int, oversample: int = 0, niter: int = 0,
                    seed: int | list[int] = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank-`rank` truncated SVD of a (m, n) by a Halko range finder.
@@ -89,11 +106,11 @@ def randomized_svd(a: torch.Tensor, rank: int, oversample: int = 0, niter: int =
         if len(seed) != a.shape[0]:
             raise ValueError(f"a batch of {a.shape[0]} matrices needs as many seeds, got {len(seed)}")
         omega = torch.stack([gaussian_test_matrix(n, q, s, dtype, a.device) for s in seed])  # (B, n, q)
-    basis = _orthonormal_basis(a @ omega)                        # (.., m, q)
+    basis = _orthonormal_basis(times_skinny(a, omega))           # (.., m, q)
     for _ in range(niter):
-        z = _orthonormal_basis(a.mT @ basis)                     # (.., n, q)
-        basis = _orthonormal_basis(a @ z)                        # (.., m, q)
-    small = basis.mT @ a                                          # (.., q, n)
+        z = _orthonormal_basis(skinny_t_times(basis, a).mT)      # (.., n, q)
+        basis = _orthonormal_basis(times_skinny(a, z))           # (.., m, q)
+    small = skinny_t_times(basis, a)                              # (.., q, n)
     u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
     r = min(rank, q)
     u = basis @ u_small[..., :r]                                  # (.., m, r)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .lowrank import gaussian_test_matrix, sketch_width
+from .lowrank import gaussian_test_matrix, sketch_width, times_skinny
 
 __all__ = ["SCOPES", "RowBlock", "all_reduce_sum", "global_randomized_svd", "run_summed", "world_size_of"]
 
@@ -91,7 +91,7 @@ def global_randomized_svd(blocks: list[RowBlock], rank: int, oversample: int, ni
         buffer, offsets = _pack(blocks, widths, "m", dtype, device)
         for j, (b, x, q) in enumerate(zip(blocks, xs, widths)):
             y = buffer[offsets[j]:offsets[j + 1]].view(b.shape[0], q)
-            y[b.row0:b.row0 + x.shape[0]] = x @ right_factors[j]           # (k, q)
+            y[b.row0:b.row0 + x.shape[0]] = times_skinny(x, right_factors[j])   # (k, q)
         all_reduce_sum(buffer, group)
         return [_orth(buffer[offsets[j]:offsets[j + 1]].view(b.shape[0], q))
                 for j, (b, q) in enumerate(zip(blocks, widths))]

@@ -145,9 +145,11 @@ def test_one_dimensional_parameters_are_trained():
             assert not torch.equal(before[name], p), name
 
 
+@pytest.mark.parametrize("poison", [[float("nan")], [float("inf")], [float("-inf")],
+                                    [float("inf"), float("-inf")]])
 @pytest.mark.parametrize("cls", [MLorcAdamW, MLorcLion])
 @pytest.mark.parametrize("scope", ["local", "global"])
-def test_nan_gradient_skips_the_whole_step(cls, scope):
+def test_nan_gradient_skips_the_whole_step(cls, scope, poison):
     model = make_mlp()
     opt = cls(model.parameters(), lr=1e-2, scope=scope)
     data = batches(torch.float32, 3)
@@ -157,7 +159,8 @@ def test_nan_gradient_skips_the_whole_step(cls, scope):
              for k, v in ((f"{id(p)}.{i}.{name}", t) for name, t in e.items() if torch.is_tensor(t))}
     opt.zero_grad()
     ((model(data[2][0]) - data[2][1]) ** 2).mean().backward()
-    model[3].weight.grad[1, 2] = float("nan")
+    for j, value in enumerate(poison):
+        model[3].weight.grad[1, 2 + j] = value
     with pytest.warns(UserWarning, match="non-finite gradient, step skipped"):
         opt.step()
     assert opt.skipped_steps == 1
