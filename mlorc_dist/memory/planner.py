@@ -68,7 +68,7 @@ __all__ = ["PlanSettings", "Plan", "plan", "plan_model", "load_config", "build_m
            "GPU_SIZES_GB", "EXACT_CATEGORIES", "main"]
 
 ENGINES = ("single", "zero1", "zero2", "zero3", "fsdp2")
-OPTIMIZERS = ("mlorc-adamw", "mlorc-lion", "adamw", "galore")
+OPTIMIZERS = ("mlorc-adamw", "mlorc-lion", "mofasgd", "adamw", "galore")
 EXACT_CATEGORIES = ("weights", "grads", "master", "state_factors", "state_dense", "state_scalars")
 GPU_SIZES_GB = (24, 40, 80, 141)
 GB = 1e9
@@ -86,6 +86,12 @@ GB = 1e9
 MLORC_STEP_WORKSPACE = {
     4: {"batch": 2.0, "block": 2.25, "unbatched": 4.25, "global": 4.125, "global_block": 0.25, "dense": 1.75},
     2: {"batch": 2.0, "block": 3.5, "unbatched": 5.5, "global": 4.125, "global_block": 1.5, "dense": 3.5},
+}
+# MoFaSGD (per block, never batched): the direction U diag(phi(s)) V^T (1x the block, +1x for
+# a bf16 gradient cast to fp32); global scope: the padded weight, gradient and direction rows.
+MOFASGD_STEP_WORKSPACE = {
+    4: {"batch": 0.0, "block": 0.0, "unbatched": 1.0, "global": 3.0, "global_block": 0.0, "dense": 1.75},
+    2: {"batch": 0.0, "block": 0.0, "unbatched": 2.0, "global": 3.0, "global_block": 0.0, "dense": 3.5},
 }
 # torch AdamW: foreach (the CUDA default) materialises one temporary per tensor of a param group
 # at once (1.00x the group); the single-tensor loop 2.00x the largest tensor.
@@ -213,14 +219,16 @@ class _MLorcStatePlanner:
 
     def __init__(self, settings: PlanSettings, lowrank_of_group: list[bool]):
         import mlorc_dist
-        cls = mlorc_dist.MLorcAdamW if settings.optimizer == "mlorc-adamw" else mlorc_dist.MLorcLion
+        cls = {"mlorc-adamw": mlorc_dist.MLorcAdamW, "mlorc-lion": mlorc_dist.MLorcLion,
+               "mofasgd": mlorc_dist.MoFaSGD}[settings.optimizer]
         groups = [{"params": [torch.empty(2, 2, device="meta")], "lowrank": lowrank}
                   for lowrank in lowrank_of_group]
+        extra = {} if cls is mlorc_dist.MoFaSGD else {"batched": settings.batched}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.optimizer = cls(groups, rank=settings.rank, factor_dtype=settings.factor_dtype,
                                  dense_when_no_saving=settings.dense_when_no_saving,
-                                 scope=settings.scope, batched=settings.batched)
+                                 scope=settings.scope, **extra)
 
     def add(self, tensor: torch.Tensor, layout: Layout, group_index: int, out: dict) -> list:
         opt = self.optimizer
@@ -401,9 +409,11 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
     largest_held = 0
     held_bytes = rows[0]["held"][0][0].element_size() if rows[0]["held"] else 4
     mlorc_workspace = 0       # elements (fp32 copies of one element) of the worst step() call
-    if settings.optimizer.startswith("mlorc"):
+    if settings.optimizer.startswith("mlorc") or settings.optimizer == "mofasgd":
         planner = _MLorcStatePlanner(settings, lowrank_of_group)
-        ws = MLORC_STEP_WORKSPACE[2 if held_bytes == 2 else 4]
+        table = MOFASGD_STEP_WORKSPACE if settings.optimizer == "mofasgd" else MLORC_STEP_WORKSPACE
+        ws = table[2 if held_bytes == 2 else 4]
+        batched = settings.batched and settings.optimizer != "mofasgd"
         for row in rows:
             state = _empty_state()
             calls: dict = {}      # DeepSpeed: one step() per flat tensor; FSDP2/single: one per step
@@ -429,7 +439,7 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
                 for total, one in call["batches"].values():
                     # optim.base.batch_chunks, for a GPU (the planner plans GPU runs)
                     batch = one if one > BATCH_MAX_BODY_OTHER else min(total, max(1, BATCH_ELEMENTS // one) * one)
-                    if not settings.batched or batch == one:
+                    if not batched or batch == one:
                         local = max(local, ws["unbatched"] * one)
                     else:
                         local = max(local, ws["batch"] * batch + ws["block"] * one)
@@ -454,8 +464,9 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
         for row in rows:
             row.update({k: (v if engine == "single" else -(-v // world)) for k, v in total.items()})
         if engine != "single":
-            assumptions.append("GaLore: no shard-aware implementation exists; its state is shown "
-                               "as total / world (ideal split), fp32 (the DeepSpeed/FSDP2 master dtype)")
+            assumptions.append("GaLore: the paper's state formula, shown as total / world (an ideal "
+                               "split), fp32 (the DeepSpeed/FSDP2 master dtype); mlorc_dist.GaLoreAdamW "
+                               "projects each rank's own rows, whose state is close to that split")
 
     # ---- activations (one micro-batch per rank)
     act_bytes = 2 if settings.bf16 else 4
@@ -487,6 +498,8 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
     if settings.optimizer.startswith("mlorc"):
         transients["step workspace (MLorc: batched rebuild of same-shaped blocks, fp32)"] = \
             int(mlorc_workspace * 4)
+    elif settings.optimizer == "mofasgd":
+        transients["step workspace (MoFaSGD: one block's update direction, fp32)"] = int(mlorc_workspace * 4)
     elif settings.optimizer == "adamw":
         transients["step workspace (AdamW foreach: 1x the largest param group)"] = \
             int(ADAMW_FOREACH_WORKSPACE * largest_held)
