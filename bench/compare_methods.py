@@ -50,12 +50,12 @@ RANKS = {"adamw": 0, "mlorc-adamw": 4, "mlorc-lion": 4, "mofasgd": 8, "galore": 
          "switchlora": 32}
 # Peak learning rates swept per method and setting (the toy preset runs the middle one).
 SWEEPS = {
-    "pretrain": {"adamw": [5e-4, 1e-3, 2e-3], "mlorc-adamw": [1e-3, 2e-3, 4e-3],
+    "pretrain": {"adamw": [5e-4, 1e-3, 2e-3], "mlorc-adamw": [2e-3, 4e-3, 8e-3],
                  "mlorc-lion": [3e-4, 1e-3, 3e-3], "mofasgd": [5e-3, 1e-2, 2e-2],
                  "galore": [5e-3, 1e-2, 2e-2], "lora": [1e-3, 3e-3, 1e-2],
                  "switchlora": [3e-3, 1e-2, 3e-2]},
-    "finetune": {"adamw": [3e-4, 1e-3, 3e-3], "mlorc-adamw": [3e-4, 1e-3, 3e-3],
-                 "mlorc-lion": [1e-4, 3e-4, 1e-3], "mofasgd": [3e-3, 1e-2, 3e-2],
+    "finetune": {"adamw": [1e-3, 3e-3, 1e-2], "mlorc-adamw": [3e-4, 1e-3, 3e-3],
+                 "mlorc-lion": [3e-4, 1e-3, 3e-3], "mofasgd": [3e-3, 1e-2, 3e-2],
                  "galore": [1e-3, 3e-3, 1e-2], "lora": [1e-3, 3e-3, 1e-2],
                  "switchlora": [3e-3, 1e-2, 3e-2]},
 }
@@ -64,7 +64,7 @@ SWEEPS = {
 # this small they are a third of the parameters, and letting their lr follow the method's sweep
 # (0.01 for GaLore) measured the embeddings' lr more than the method. (MLorc-Lion's dense
 # tensors run Lion, whose lr is not AdamW's: they follow its sweep.)
-DENSE_LR = {"pretrain": 1e-3, "finetune": 1e-3}
+DENSE_LR = {"pretrain": 1e-3, "finetune": 3e-3}
 DENSE_LR_METHODS = ("mlorc-adamw", "mofasgd", "galore", "switchlora")
 GALORE_INTERVAL = 50          # GaLore's T (200 in the paper, for runs of thousands of steps)
 

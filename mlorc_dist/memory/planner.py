@@ -84,13 +84,13 @@ GB = 1e9
 #   global: every matrix of the call is rebuilt and compressed together: 4.125 sum(blocks) + c
 #   dense regions (1-D, embeddings, partial rows): d copies of the largest
 MLORC_STEP_WORKSPACE = {
-    4: {"batch": 2.0, "block": 2.25, "unbatched": 4.25, "global": 4.125, "global_block": 0.25, "dense": 1.75},
+    4: {"batch": 2.0, "block": 2.25, "unbatched": 4.25, "global": 4.125, "global_block": 0.25, "dense": 1.0},
     2: {"batch": 2.0, "block": 3.5, "unbatched": 5.5, "global": 4.125, "global_block": 1.5, "dense": 3.5},
 }
 # MoFaSGD (per block, never batched): the direction U diag(phi(s)) V^T (1x the block, +1x for
 # a bf16 gradient cast to fp32); global scope: the padded weight, gradient and direction rows.
 MOFASGD_STEP_WORKSPACE = {
-    4: {"batch": 0.0, "block": 0.0, "unbatched": 1.0, "global": 3.0, "global_block": 0.0, "dense": 1.75},
+    4: {"batch": 0.0, "block": 0.0, "unbatched": 1.0, "global": 3.0, "global_block": 0.0, "dense": 1.0},
     2: {"batch": 0.0, "block": 0.0, "unbatched": 2.0, "global": 3.0, "global_block": 0.0, "dense": 3.5},
 }
 # torch AdamW: foreach (the CUDA default) materialises one temporary per tensor of a param group
