@@ -135,9 +135,13 @@ def rebuild_noise_floor(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def negative_stats(v: torch.Tensor, floor: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of |v| over the entries below -floor, and their count (both in v's dtype)."""
-    negative = v < -floor
-    return torch.where(negative, v, 0.0).sum().neg(), negative.sum().to(v.dtype)
+    """Sum of |v| over the entries below -floor, and their count (both in v's dtype).
+
+    Computed as floor * count - sum(min(v + floor, 0)): both terms are >= 0, so nothing
+    cancels, and it avoids torch.where with a scalar and a bool sum (a full int64 copy), each
+    several times slower than these passes on the CPU."""
+    count = torch.count_nonzero(v < -floor).to(v.dtype)
+    return floor * count - (v + floor).clamp_max_(0).sum(), count
 
 
 def negative_fill_value(abs_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
