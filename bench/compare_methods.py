@@ -59,13 +59,14 @@ SWEEPS = {
                  "galore": [1e-3, 3e-3, 1e-2], "lora": [1e-3, 3e-3, 1e-2],
                  "switchlora": [3e-3, 1e-2, 3e-2]},
 }
-# What a sweep varies is the method's own update of 2-D weights. The methods whose embeddings,
-# lm_head and 1-D tensors run AdamW keep those at AdamW's best lr of a first sweep: on a model
-# this small they are a third of the parameters, and letting their lr follow the method's sweep
-# (0.01 for GaLore) measured the embeddings' lr more than the method. (MLorc-Lion's dense
-# tensors run Lion, whose lr is not AdamW's: they follow its sweep.)
+# What a sweep varies is the lr of each method's own update of the 2-D weights. Embeddings,
+# lm_head and 1-D tensors run AdamW for every method but MLorc-Lion (Lion, its lr is not
+# AdamW's: they follow its sweep) and LoRA (frozen), always at the same fixed lr: AdamW's
+# best single lr of a first sweep. On a model this small they are a third of the parameters:
+# letting their lr follow each method's sweep measured the embeddings' lr more than the
+# method (GaLore at 0.01 "beat" AdamW by 0.6 nats that way; docs/BENCHMARKS.md).
 DENSE_LR = {"pretrain": 1e-3, "finetune": 3e-3}
-DENSE_LR_METHODS = ("mlorc-adamw", "mofasgd", "galore", "switchlora")
+DENSE_LR_METHODS = ("adamw", "mlorc-adamw", "mofasgd", "galore", "switchlora")
 GALORE_INTERVAL = 50          # GaLore's T (200 in the paper, for runs of thousands of steps)
 
 
