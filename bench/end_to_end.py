@@ -26,7 +26,9 @@ TRAIN = str(ROOT / "launch" / "train.py")
 
 def ds_config(name: str, stage: int, scope: str | None, folder: Path) -> str:
     config = json.loads((ROOT / "ds_configs" / name).read_text())
-    config["zero_optimization"]["stage"] = stage
+    # the same ZeRO settings for both optimizers (those of mlorc.json), only the stage varies
+    config["zero_optimization"] = dict(json.loads((ROOT / "ds_configs" / "mlorc.json").read_text())
+                                       ["zero_optimization"], stage=stage)
     if scope and "mlorc" in config:
         config["mlorc"]["scope"] = scope
     path = folder / f"{name[:-5]}_z{stage}_{scope or 'dense'}.json"
