@@ -79,12 +79,15 @@ GB = 1e9
 #   local, batched (the default): the B same-shaped bodies of one step() call and param group
 #     are rebuilt into (B, k, n) buffers, one per moment: 2 B + c copies, B capped so that a
 #     buffer holds at most optim.base.BATCH_ELEMENTS elements; each batch is freed before the
-#     next is built; a batch of one body takes the per-body path (c1 = 2 + c)
+#     next is built; a batch of one body takes the per-body path (c1)
 #   local, batched=False: c1 copies of the largest body
+# fp32 values since negative_stats stopped making full-size int64 / where() temporaries: c1 = 3.0
+# (measured 3.0); c = 1.75 (measured 1.0 at 512x256, 1.6 at 96x64: the factors and sketches
+# weigh more next to small blocks).
 #   global: every matrix of the call is rebuilt and compressed together: 4.125 sum(blocks) + c
 #   dense regions (1-D, embeddings, partial rows): d copies of the largest
 MLORC_STEP_WORKSPACE = {
-    4: {"batch": 2.0, "block": 2.25, "unbatched": 4.25, "global": 4.125, "global_block": 0.25, "dense": 1.0},
+    4: {"batch": 2.0, "block": 1.75, "unbatched": 3.0, "global": 4.125, "global_block": 0.25, "dense": 1.0},
     2: {"batch": 2.0, "block": 3.5, "unbatched": 5.5, "global": 4.125, "global_block": 1.5, "dense": 3.5},
 }
 # MoFaSGD (per block, never batched): the direction U diag(phi(s)) V^T (1x the block, +1x for
