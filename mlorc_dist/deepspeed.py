@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .engines.deepspeed_layouts import zero3_layouts, zero12_layouts
-from .groups import param_groups
+from .groups import param_groups, set_group_lrs
 from .optim import GaLoreAdamW, MLorcAdamW, MLorcLion, MoFaSGD
 
 __all__ = ["initialize", "build_optimizer", "attach_layouts", "load_config", "check_mlorc_block",
@@ -113,17 +113,15 @@ def build_optimizer(model: torch.nn.Module, optimizer_type: str, optimizer_param
     lr = kwargs.get("lr", inspect.signature(cls.__init__).parameters["lr"].default)
     if cls.algorithm == "SwitchLoRA-AdamW":       # the adapter's A and B, then everything trainable
         from .switchlora import switchlora_param_groups
-        groups = switchlora_param_groups(model, weight_decay=kwargs.get("weight_decay", 0.0))
-        for group in groups:
-            group["lowrank"] = group["name"] == "lora"      # "is it the method's own group" below
+        groups = set_group_lrs(switchlora_param_groups(model, weight_decay=kwargs.get("weight_decay", 0.0)),
+                               lr, dense_lr, own=lambda group: group["name"] == "lora")
     else:
-        groups = param_groups(model, weight_decay=kwargs.pop("weight_decay", 0.0),
-                              compress_embeddings=compress_embeddings, decay_1d=decay_1d)
-    for group in groups:       # dense_lr: the lr of dense groups, kept as a ratio by schedules
-        group["lr"] = lr if group["lowrank"] or dense_lr is None else dense_lr
-        group["lr_scale"] = group["lr"] / lr if lr else 1.0
-        if dense or cls.algorithm == "SwitchLoRA-AdamW":
-            group["lowrank"] = False
+        groups = set_group_lrs(param_groups(model, weight_decay=kwargs.pop("weight_decay", 0.0),
+                                            compress_embeddings=compress_embeddings, decay_1d=decay_1d),
+                               lr, dense_lr)
+        if dense:
+            for group in groups:
+                group["lowrank"] = False
     return cls(groups, **kwargs, **settings)
 
 

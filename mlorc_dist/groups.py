@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["param_groups"]
+__all__ = ["param_groups", "set_group_lrs"]
 
 
 def _embedding_params(model: nn.Module) -> set[int]:
@@ -45,3 +45,16 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0, *, compress_embedd
         {"params": buckets["vectors"], "weight_decay": weight_decay if decay_1d else 0.0, "lowrank": False},
     ]
     return [g for g in groups if g["params"]]
+
+
+def set_group_lrs(groups: list[dict], lr: float, dense_lr: float | None = None,
+                  own=lambda group: group["lowrank"]) -> list[dict]:
+    """Give each group its lr: `lr` for the groups that `own` says the method updates itself
+    (default: the compressed ones), `dense_lr` (default lr) for the others (embeddings, lm_head,
+    1-D tensors). Each group records lr_scale = its lr / lr, so a schedule that sets lr keeps
+    the ratio (launch/train.py's set_lr). Returns `groups`."""
+    dense_lr = lr if dense_lr is None else dense_lr
+    for group in groups:
+        group["lr"] = lr if own(group) else dense_lr
+        group["lr_scale"] = group["lr"] / lr if lr else 1.0
+    return groups

@@ -21,7 +21,7 @@ import logging
 
 from torch import nn
 
-from .groups import param_groups
+from .groups import param_groups, set_group_lrs
 
 __all__ = ["METHODS", "prepare_model", "build_optimizer", "after_step", "check_method"]
 
@@ -66,10 +66,7 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float, dense_lr: float |
     groups = param_groups(model, weight_decay=weight_decay, compress_embeddings=compress_embeddings)
     if not groups:
         raise ValueError(f"{name}: the model has no trainable parameter")
-    dense_lr = lr if dense_lr is None else dense_lr
-    for group in groups:
-        group["lr"] = lr if group["lowrank"] else dense_lr
-        group["lr_scale"] = group["lr"] / lr if lr else 1.0
+    set_group_lrs(groups, lr, dense_lr)
     common = dict(scope=scope, seed=seed)
     if name in ("adamw", "lora"):
         for group in groups:
@@ -86,10 +83,8 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float, dense_lr: float |
         return optim.GaLoreAdamW(groups, lr=lr, betas=tuple(betas or (0.9, 0.999)), rank=rank,
                                  update_interval=galore_interval, scale=galore_scale, **common)
     from .switchlora import SwitchLoRAAdamW, switchlora_param_groups
-    groups = switchlora_param_groups(model, weight_decay=weight_decay)
-    for group in groups:
-        group["lr"] = lr if group["name"] == "lora" else dense_lr
-        group["lr_scale"] = group["lr"] / lr if lr else 1.0
+    groups = set_group_lrs(switchlora_param_groups(model, weight_decay=weight_decay), lr, dense_lr,
+                           own=lambda group: group["name"] == "lora")
     return SwitchLoRAAdamW(groups, lr=lr, betas=tuple(betas or (0.9, 0.999)), **common)
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "lion_direction",
     "lion_moment_",
     "decoupled_weight_decay",
+    "apply_direction",
 ]
 
 
@@ -79,7 +80,9 @@ def lion_moment_(grad: torch.Tensor, m_prev: torch.Tensor, beta2: float) -> torc
     return m_prev.lerp_(grad, 1.0 - beta2)
 
 
-def _apply_direction(param: torch.Tensor, direction: torch.Tensor, lr: float) -> None:
+def apply_direction(param: torch.Tensor, direction: torch.Tensor, lr: float) -> None:
+    """W -= lr * direction, computed in the direction's dtype, written in param's (Lion's sign,
+    MoFaSGD's U V^T, GaLore's projected-back update)."""
     if param.dtype == direction.dtype:
         param.add_(direction, alpha=-lr)
     else:
@@ -91,11 +94,7 @@ def lion_dense_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tens
     """Plain Lion on one dense region, with the same conventions as MLorc-Lion
     (update, then decoupled weight decay)."""
     g = grad.to(exp_avg.dtype)
-    _apply_direction(param, lion_direction(g, exp_avg, beta1), lr)
+    apply_direction(param, lion_direction(g, exp_avg, beta1), lr)
     exp_avg.lerp_(g, 1.0 - beta2)
     decoupled_weight_decay(param, lr, weight_decay)
 
-
-def lion_apply(param: torch.Tensor, direction: torch.Tensor, lr: float) -> None:
-    """W -= lr * direction."""
-    _apply_direction(param, direction, lr)

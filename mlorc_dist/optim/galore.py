@@ -5,7 +5,7 @@ import torch
 
 from ..lowrank import compute_dtype_for
 from .base import LowRankMomentumOptimizer
-from .functional import adam_moments_, adam_step_size, adamw_dense_step, decoupled_weight_decay
+from .functional import adam_moments_, adam_step_size, adamw_dense_step, apply_direction, decoupled_weight_decay
 
 __all__ = ["GaLoreAdamW", "galore_projector", "project", "project_back"]
 
@@ -98,9 +98,5 @@ class GaLoreAdamW(LowRankMomentumOptimizer):
                              beta1, beta2)
         low = m / (v.sqrt() + group["eps"])
         step_size = adam_step_size(group["lr"], beta1, beta2, step, True) * group["scale"]
-        update = project_back(low, side, proj)
-        if body.dtype == update.dtype:
-            body.add_(update, alpha=-step_size)
-        else:
-            body.copy_((body.to(compute) - step_size * update).to(body.dtype))
+        apply_direction(body, project_back(low, side, proj), step_size)
         decoupled_weight_decay(body, group["lr"], group["weight_decay"])

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .base import LowRankMomentumOptimizer
-from .functional import decoupled_weight_decay, lion_apply, lion_dense_step, lion_direction, lion_moment_
+from .functional import apply_direction, decoupled_weight_decay, lion_dense_step, lion_direction, lion_moment_
 
 __all__ = ["MLorcLion"]
 
@@ -38,6 +38,6 @@ class MLorcLion(LowRankMomentumOptimizer):
     def _lowrank_update(self, group, value, grad, prevs, floors, stats, step: int):
         beta1, beta2 = group["betas"]
         (m_prev,) = prevs
-        lion_apply(value, lion_direction(grad, m_prev, beta1), group["lr"])
+        apply_direction(value, lion_direction(grad, m_prev, beta1), group["lr"])
         decoupled_weight_decay(value, group["lr"], group["weight_decay"])
         return [lion_moment_(grad, m_prev, beta2)]     # after the direction: it needs m_prev

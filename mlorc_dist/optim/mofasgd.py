@@ -10,7 +10,7 @@ from ..lowrank import compute_dtype_for, randomized_svd, sketch_seed
 from ..scopes import RowBlock, global_randomized_svd, run_summed
 from ..tangent import PHIS, factor_update, run_alone
 from .base import LowRankMomentumOptimizer, _flat
-from .functional import adamw_dense_step, decoupled_weight_decay
+from .functional import adamw_dense_step, apply_direction, decoupled_weight_decay
 
 __all__ = ["MoFaSGD"]
 
@@ -92,13 +92,6 @@ class MoFaSGD(LowRankMomentumOptimizer):
         entry["s"].copy_(s)
         entry["v"].copy_(v)
 
-    @staticmethod
-    def _apply(value: torch.Tensor, direction: torch.Tensor, lr: float) -> None:
-        if value.dtype == direction.dtype:
-            value.add_(direction, alpha=-lr)
-        else:
-            value.copy_((value.to(direction.dtype) - lr * direction).to(value.dtype))
-
     # ------------------------------------------------------------------ local scope
     def _local_update(self, group, plan, body, body_grad, entry, step: int) -> None:
         compute = compute_dtype_for(body.dtype)
@@ -110,7 +103,7 @@ class MoFaSGD(LowRankMomentumOptimizer):
         factors = [entry[name].to(compute) for name in ("u", "s", "v")]
         u, s, v = run_alone(factor_update(*factors, body_grad.to(compute), group["momentum"]))
         self._store(entry, u, s, v)
-        self._apply(body, self._direction(group, u, s, v), group["lr"])
+        apply_direction(body, self._direction(group, u, s, v), group["lr"])
         decoupled_weight_decay(body, group["lr"], group["weight_decay"])
 
     # ------------------------------------------------------------------ global scope
@@ -162,7 +155,7 @@ class MoFaSGD(LowRankMomentumOptimizer):
             group, piece = b["group"], b["plan"].piece
             direction = self._direction(group, u, s, v).reshape(-1)[b["skip"]:b["skip"] + piece.numel]
             value = piece.view(_flat(b["param"]))
-            self._apply(value, direction, group["lr"])
+            apply_direction(value, direction, group["lr"])
             decoupled_weight_decay(value, group["lr"], group["weight_decay"])
 
     def _global_init(self, blocks: list[dict], group_handle) -> None:
