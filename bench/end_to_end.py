@@ -3,6 +3,7 @@ world size 2: DeepSpeed ZeRO-2, ZeRO-3 and FSDP2, on the CPU (gloo) or GPUs.
 
     python bench/end_to_end.py                                   # configs/50m.json, 12 steps each
     python bench/end_to_end.py --model tiny --steps 6 --out /tmp/e2e.json
+    python bench/end_to_end.py --engines zero2 --rounds 3        # the issue-7 target, alternating
 
 Each pair runs the same model, data, batch and engine; the table gives the median step time
 over the steps after --skip warm-up steps, tokens/s, and the MLorc / AdamW ratio. The AdamW
@@ -24,14 +25,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
 
 
-def ds_config(name: str, stage: int, scope: str | None, folder: Path) -> str:
+def ds_config(name: str, stage: int, scope: str | None, folder: Path, fused: bool = False) -> str:
     config = json.loads((ROOT / "ds_configs" / name).read_text())
     # the same ZeRO settings for both optimizers (those of mlorc.json), only the stage varies
     config["zero_optimization"] = dict(json.loads((ROOT / "ds_configs" / "mlorc.json").read_text())
                                        ["zero_optimization"], stage=stage)
     if scope and "mlorc" in config:
         config["mlorc"]["scope"] = scope
-    path = folder / f"{name[:-5]}_z{stage}_{scope or 'dense'}.json"
+    if fused:
+        config["mlorc"]["fused"] = True
+    path = folder / f"{name[:-5]}_z{stage}_{scope or 'dense'}{'_fused' if fused else ''}.json"
     path.write_text(json.dumps(config))
     return str(path)
 
@@ -59,6 +62,9 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--engines", default="zero2,zero3,fsdp2")
+    p.add_argument("--optimizers", default="adamw,mlorc-adamw,mlorc-adamw-fused",
+                   help="adamw (the base of the ratios) and any of mlorc-adamw, mlorc-adamw-fused")
+    p.add_argument("--rounds", type=int, default=1, help="run every pair this many times, alternating")
     p.add_argument("--out", type=Path, default=Path("runs/bench_end_to_end.json"))
     args = p.parse_args(argv)
     common = ["--model", args.model, "--steps", str(args.steps), "--global-batch", str(args.global_batch),
@@ -70,21 +76,28 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        optimizers = args.optimizers.split(",")
+        if optimizers[0] != "adamw":
+            raise ValueError("--optimizers must start with adamw (the base of the ratios)")
         for engine in args.engines.split(","):
-            pair = []
-            for optimizer in ("adamw", "mlorc-adamw"):
-                label = f"{engine} {optimizer}"
-                if engine == "fsdp2":
-                    cmd = torchrun + common + ["--fsdp", "--optimizer", optimizer, "--rank", str(args.rank)]
-                else:
-                    stage = int(engine[-1])
-                    name = "adamw.json" if optimizer == "adamw" else "mlorc.json"
-                    cmd = deepspeed + common + ["--deepspeed", ds_config(name, stage, "local", folder)]
-                pair.append(run(label, cmd, folder / label.replace(" ", "_"), args))
-                print(f"{label:<22} {pair[-1]['step_s'] * 1e3:9.1f} ms {pair[-1]['tokens_per_s']:9.0f} tok/s",
-                      flush=True)
-            pair[1]["vs_adamw"] = pair[1]["step_s"] / pair[0]["step_s"]
-            rows += pair
+            for round_index in range(args.rounds):
+                pair = []
+                for optimizer in optimizers:
+                    label = f"{engine} {optimizer}" + (f" (round {round_index + 1})" if args.rounds > 1 else "")
+                    fused = optimizer.endswith("-fused")
+                    if engine == "fsdp2":
+                        cmd = torchrun + common + ["--fsdp", "--optimizer", optimizer.removesuffix("-fused"),
+                                                   "--rank", str(args.rank)] + (["--fused"] if fused else [])
+                    else:
+                        stage = int(engine[-1])
+                        name = "adamw.json" if optimizer == "adamw" else "mlorc.json"
+                        cmd = deepspeed + common + ["--deepspeed", ds_config(name, stage, "local", folder, fused)]
+                    pair.append(run(label, cmd, folder / label.replace(" ", "_").replace("(", "").replace(")", ""), args))
+                    print(f"{label:<36} {pair[-1]['step_s'] * 1e3:9.1f} ms {pair[-1]['tokens_per_s']:9.0f} tok/s",
+                          flush=True)
+                for row in pair[1:]:
+                    row["vs_adamw"] = row["step_s"] / pair[0]["step_s"]
+                rows += pair
     print(f"\n| engine, optimizer | step ms | tokens/s | x AdamW |\n|---|---:|---:|---:|")
     for row in rows:
         print(f"| {row['run']} | {row['step_s'] * 1e3:.1f} | {row['tokens_per_s']:.0f} | "

@@ -6,6 +6,9 @@ matrices, measured in one run so the ratios are comparable.
 
 For each size s and rank r: --matrices s x s matrices with random gradients; each optimizer
 is stepped --warmup times, then timed over --repeats steps (median, synchronised on CUDA).
+With --rounds N the optimizers run one after another N times and each gets the median of its
+N round medians (on a noisy machine, alternation spreads the noise over all of them).
+The "fused" rows compile their kernel in the warm-up steps (torch.compile).
 Prints a table (ms and ratio to AdamW foreach) and writes JSON.
 """
 from __future__ import annotations
@@ -44,9 +47,11 @@ def optimizers(params, rank: int, device):
     except (RuntimeError, ValueError):
         pass
     yield "mlorc-adamw", mlorc_dist.MLorcAdamW(params, lr=1e-3, rank=rank)
+    yield "mlorc-adamw fused", mlorc_dist.MLorcAdamW(params, lr=1e-3, rank=rank, fused=True)
     yield "mlorc-adamw per-body", mlorc_dist.MLorcAdamW(params, lr=1e-3, rank=rank, batched=False)
     yield "mlorc-adamw niter=0", mlorc_dist.MLorcAdamW(params, lr=1e-3, rank=rank, niter=0)
     yield "mlorc-lion", mlorc_dist.MLorcLion(params, lr=1e-4, rank=rank)
+    yield "mlorc-lion fused", mlorc_dist.MLorcLion(params, lr=1e-4, rank=rank, fused=True)
     yield "mofasgd", mlorc_dist.MoFaSGD(params, lr=1e-2, rank=rank)
     # GaLore's full SVD of the gradient runs every T steps: the timed steps come after the first
     yield "galore (T=200)", mlorc_dist.GaLoreAdamW(params, lr=1e-3, rank=rank, update_interval=200)
@@ -78,6 +83,9 @@ def main():
     parser.add_argument("--matrices", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--only", nargs="+", default=None, help="names of the optimizers to run "
+                        "(adamw-foreach is always run: it is the base of the ratios)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/bench_step.json"))
     args = parser.parse_args()
@@ -89,10 +97,13 @@ def main():
     for size in args.sizes:
         for rank in args.ranks:
             params = make_params(size, args.matrices, device)
-            timings = {}
-            for name, opt in optimizers(params, rank, device):
-                timings[name] = time_steps(opt, args.warmup, args.repeats, device)
-                del opt
+            rounds: dict[str, list[float]] = {}
+            for _ in range(args.rounds):
+                for name, opt in optimizers(params, rank, device):
+                    if args.only is None or name in args.only or name == "adamw-foreach":
+                        rounds.setdefault(name, []).append(time_steps(opt, args.warmup, args.repeats, device))
+                    del opt
+            timings = {name: statistics.median(values) for name, values in rounds.items()}
             base = timings["adamw-foreach"]
             for name, seconds in timings.items():
                 rows.append({"size": size, "rank": rank, "optimizer": name, "ms": 1e3 * seconds,

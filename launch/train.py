@@ -53,6 +53,8 @@ def parse_args(argv=None):
     opt.add_argument("--optimizer", "--method", default="mlorc-adamw", help=f"one of {OPTIMIZERS}")
     opt.add_argument("--rank", type=int, default=4, help="rank r (MLorc, MoFaSGD, GaLore, LoRA, SwitchLoRA)")
     opt.add_argument("--scope", default="local", help="local | global")
+    opt.add_argument("--fused", action="store_true",
+                     help="MLorc: the compiled one-pass step (torch.compile; local scope)")
     opt.add_argument("--lr", type=float, default=1e-3, help="peak lr of the method's update of 2-D weights")
     opt.add_argument("--dense-lr", type=float, default=None,
                      help="peak lr of the dense state (embeddings, lm_head, 1-D); default --lr. "
@@ -103,6 +105,9 @@ def parse_args(argv=None):
         p.error("choose one of --deepspeed and --fsdp")
     if args.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown --optimizer {args.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+    if args.deepspeed and args.fused:
+        p.error("--fused is read from the DeepSpeed config under --deepspeed: set \"fused\": true "
+                "in its \"mlorc\" block")
     if args.fsdp and args.optimizer == "switchlora":
         raise ValueError("SwitchLoRA needs whole W, A and B on every rank, which FSDP2 shards: run "
                          "it single-process or with --deepspeed ds_configs/switchlora.json (ZeRO-1/2)")
@@ -233,7 +238,8 @@ def make_torch_optimizer(args, model):
                            seed=args.seed, betas=args.betas,
                            compress_embeddings=args.compress_embeddings,
                            galore_interval=args.galore_interval, galore_scale=args.galore_scale,
-                           mofasgd_momentum=args.mofasgd_momentum, mofasgd_phi=args.mofasgd_phi)
+                           mofasgd_momentum=args.mofasgd_momentum, mofasgd_phi=args.mofasgd_phi,
+                           fused=args.fused)
 
 
 def dry_run(args) -> int:
@@ -574,5 +580,23 @@ def main(argv=None) -> int:
     return 0
 
 
+def exit_after_distributed_run(code: int) -> None:
+    """End a process that ran collectives without interpreter finalization.
+
+    Every file is closed and the process group destroyed by then; what finalization would
+    still do is tear down gloo's worker threads and free tensors behind them, and that race
+    aborts the process now and then ("terminate called without an active exception", SIGABRT,
+    exit -6, seen once in CI after a finished 2-process DeepSpeed run; pytorch/pytorch#179291
+    describes the mechanism). A finished run must not fail, so it leaves with os._exit."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    ran_distributed = "RANK" in os.environ or "LOCAL_RANK" in os.environ
+    code = main()
+    if ran_distributed:
+        exit_after_distributed_run(code)
+    sys.exit(code)

@@ -44,7 +44,7 @@ OPTIMIZER_PARAM_KEYS = {MLorcAdamW: {"lr", "betas", "eps", "weight_decay"},
                         GaLoreAdamW: {"lr", "betas", "eps", "weight_decay"}}
 MLORC_KEYS = {"rank", "oversample", "niter", "scope", "seed", "factor_dtype", "nonfinite",
               "compress_embeddings", "dense_when_no_saving", "correct_bias", "decay_1d",
-              "phi", "max_value", "update_interval", "scale", "dense_lr", "dense"}
+              "phi", "max_value", "update_interval", "scale", "dense_lr", "dense", "fused", "batched"}
 ADAPTER_KEYS = {"type", "rank", "seed", "lora_alpha"}
 
 

@@ -53,16 +53,19 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float, dense_lr: float |
                     weight_decay: float = 0.0, rank: int = 4, scope: str = "local", seed: int = 0,
                     betas=None, compress_embeddings: bool = False, galore_interval: int = 200,
                     galore_scale: float = 0.25, mofasgd_momentum: float = 0.9,
-                    mofasgd_phi: str = "spectral"):
+                    mofasgd_phi: str = "spectral", fused: bool = False):
     """The optimizer of method `name` over the model's trainable parameters.
 
     lr is the step size of the method's own update of 2-D weights; dense_lr (default: lr)
     that of the AdamW / Lion state kept for embeddings, lm_head and 1-D tensors. Each param
     group records `lr_scale` = its lr / lr, so a schedule that sets lr keeps the ratio
-    (launch/train.py's set_lr)."""
+    (launch/train.py's set_lr). fused=True selects MLorc's compiled step (mlorc-adamw,
+    mlorc-lion; a ValueError for the other methods)."""
     from . import optim
 
     check_method(name)
+    if fused and name not in ("mlorc-adamw", "mlorc-lion"):
+        raise ValueError(f"fused=True is MLorc's compiled step (mlorc-adamw, mlorc-lion), not {name}'s")
     groups = param_groups(model, weight_decay=weight_decay, compress_embeddings=compress_embeddings)
     if not groups:
         raise ValueError(f"{name}: the model has no trainable parameter")
@@ -73,9 +76,11 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float, dense_lr: float |
             group["lowrank"] = False
         return optim.MLorcAdamW(groups, lr=lr, betas=tuple(betas or (0.9, 0.999)), rank=rank, **common)
     if name == "mlorc-adamw":
-        return optim.MLorcAdamW(groups, lr=lr, betas=tuple(betas or (0.9, 0.999)), rank=rank, **common)
+        return optim.MLorcAdamW(groups, lr=lr, betas=tuple(betas or (0.9, 0.999)), rank=rank,
+                                fused=fused, **common)
     if name == "mlorc-lion":
-        return optim.MLorcLion(groups, lr=lr, betas=tuple(betas or (0.95, 0.98)), rank=rank, **common)
+        return optim.MLorcLion(groups, lr=lr, betas=tuple(betas or (0.95, 0.98)), rank=rank,
+                               fused=fused, **common)
     if name == "mofasgd":
         return optim.MoFaSGD(groups, lr=lr, momentum=mofasgd_momentum, phi=mofasgd_phi,
                              betas=tuple(betas or (0.9, 0.999)), rank=rank, **common)

@@ -71,16 +71,22 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
     reshardable: bool = True     # checkpoints of compressed blocks load at another layout
 
     def __init__(self, params, defaults: dict, *, scope: str = "local", seed: int = 0,
-                 nonfinite: str = "skip", batched: bool = True):
+                 nonfinite: str = "skip", batched: bool = True, fused: bool = False):
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
+        if not isinstance(fused, bool):
+            raise ValueError(f"fused must be True or False, got {fused!r}")
+        if fused and scope != "local":
+            raise ValueError("fused=True is implemented for scope='local' (each rank's blocks); "
+                             "global scope runs the reference path: pass fused=False")
         self.scope = scope
         self.seed = seed
         self.batched = batched
+        self.fused = fused
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         self._layouts: dict[int, Layout] = {}
@@ -485,6 +491,11 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         return [rebuild(entry[f"{name}_u"], entry[f"{name}_s"], entry[f"{name}_vh"], dtype)
                 for name in self.moment_names]
 
+    def _factor_pairs(self, entry: dict, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per moment, (U diag(s), Vh) in `dtype`: what the fused step rebuilds from."""
+        return [(entry[f"{name}_u"].to(dtype) * entry[f"{name}_s"].to(dtype), entry[f"{name}_vh"].to(dtype))
+                for name in self.moment_names]
+
     def _noise_floors(self, entry: dict, dtype: torch.dtype) -> list[torch.Tensor]:
         """Per moment, the size of rounding noise in its rebuilt entries (see
         lowrank.rebuild_noise_floor). Depends only on s, so it is the same on every rank in
@@ -517,18 +528,25 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         """Rebuild, update and recompress a batch of same-shaped bodies of one group."""
         group, compute = items[0][0], compute_dtype_for(items[0][2].dtype)
         entries = [item[4] for item in items]
-        prevs = [torch.bmm(torch.stack([(e[f"{name}_u"].to(compute) * e[f"{name}_s"].to(compute))
-                                        for e in entries]),
-                           torch.stack([e[f"{name}_vh"].to(compute) for e in entries]))
-                 for name in self.moment_names]                                     # (B, k, n) each
-        for i, (_, plan, body, body_grad, entry, step) in enumerate(items):
-            mine = [p[i] for p in prevs]
-            floors = self._noise_floors(entry, compute)
-            stats = self._moment_stats(mine, floors)
-            moments = self._lowrank_update(group, body, body_grad.to(compute), mine, floors, stats, step)
-            for buffer, moment in zip(mine, moments):
-                if moment.data_ptr() != buffer.data_ptr():          # an update that was not in place
-                    buffer.copy_(moment)
+        if self.fused:    # each body's kernel returns its new moments; stacked for the batched rsvd
+            per_body = [self._fused_update(group, body, body_grad.to(compute), self._factor_pairs(entry, compute),
+                                           self._noise_floors(entry, compute), step)
+                        for _, plan, body, body_grad, entry, step in items]
+            prevs = [torch.stack(moments) for moments in zip(*per_body)]           # (B, k, n) each
+            del per_body
+        else:
+            prevs = [torch.bmm(torch.stack([(e[f"{name}_u"].to(compute) * e[f"{name}_s"].to(compute))
+                                            for e in entries]),
+                               torch.stack([e[f"{name}_vh"].to(compute) for e in entries]))
+                     for name in self.moment_names]                                 # (B, k, n) each
+            for i, (_, plan, body, body_grad, entry, step) in enumerate(items):
+                mine = [p[i] for p in prevs]
+                floors = self._noise_floors(entry, compute)
+                stats = self._moment_stats(mine, floors)
+                moments = self._lowrank_update(group, body, body_grad.to(compute), mine, floors, stats, step)
+                for buffer, moment in zip(mine, moments):
+                    if moment.data_ptr() != buffer.data_ptr():      # an update that was not in place
+                        buffer.copy_(moment)
         for state_id, (name, buffer) in enumerate(zip(self.moment_names, prevs)):
             seeds = [sketch_seed(self.seed, step, plan.piece.key, plan.body_row0, state_id)
                      for _, plan, _, _, _, step in items]
@@ -542,10 +560,14 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         """Compress this body on its own: rebuild, update, recompress, apply. No collectives.
         The reference path (batched=False); _local_update_batched must agree with it."""
         compute = compute_dtype_for(body.dtype)
-        prevs = self._rebuild_moments(entry, compute)                        # (k, n) each
         floors = self._noise_floors(entry, compute)
-        stats = self._moment_stats(prevs, floors)
-        moments = self._lowrank_update(group, body, body_grad.to(compute), prevs, floors, stats, step)
+        if self.fused:
+            moments = self._fused_update(group, body, body_grad.to(compute),
+                                         self._factor_pairs(entry, compute), floors, step)
+        else:
+            prevs = self._rebuild_moments(entry, compute)                    # (k, n) each
+            stats = self._moment_stats(prevs, floors)
+            moments = self._lowrank_update(group, body, body_grad.to(compute), prevs, floors, stats, step)
         key = plan.piece.key
         self._store_factors(entry, [
             randomized_svd(moment, plan.rank, group["oversample"], group["niter"],
@@ -649,6 +671,12 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         shape, in the compute dtype; `floors`: their rounding-noise levels; `stats`: the sums of
         _moment_stats over the whole block or matrix); return the new moments to compress."""
         raise NotImplementedError
+
+    def _fused_update(self, group, value, grad, factors, floors, step: int) -> list[torch.Tensor]:
+        """fused=True, local scope: the same update as _lowrank_update, from the factors
+        (`factors`: per moment (U diag(s), Vh)) instead of rebuilt moments; returns the new
+        moments to compress."""
+        raise NotImplementedError(f"{self.algorithm} has no fused step")
 
 
 # The largest batch of same-shaped bodies compressed together, in elements of one moment's

@@ -5,6 +5,7 @@ import torch
 
 from ..lowrank import fill_negatives_, negative_fill_value, negative_stats
 from .base import LowRankMomentumOptimizer
+from .fused import adamw_block_, compiled, factored_negative_stats, scalars
 from .functional import adam_apply, adam_moments_, adam_step_size, adamw_dense_step, decoupled_weight_decay
 
 __all__ = ["MLorcAdamW"]
@@ -38,6 +39,10 @@ class MLorcAdamW(LowRankMomentumOptimizer):
         nonfinite*                     "skip" (default: the whole step is skipped, counted in
                                        .skipped_steps, warned about; nothing changes), "raise",
                                        or "ignore" (no check: a NaN then poisons the factors)
+        batched*                       compress same-shaped small bodies in one batched call
+        fused*                         one compiled pass per block (optim/fused.py, torch.compile)
+                                       instead of the reference path's GEMM rebuild and
+                                       elementwise passes; local scope only
     """
 
     moment_names = ("exp_avg", "exp_avg_sq")
@@ -48,13 +53,13 @@ class MLorcAdamW(LowRankMomentumOptimizer):
                  weight_decay: float = 0.01, *, rank: int = 4, oversample: int = 0, niter: int = 1,
                  correct_bias: bool = True, factor_dtype=None, lowrank: bool = True,
                  dense_when_no_saving: bool = True, scope: str = "local", seed: int = 0,
-                 nonfinite: str = "skip", batched: bool = True):
+                 nonfinite: str = "skip", batched: bool = True, fused: bool = False):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
                         oversample=oversample, niter=niter, correct_bias=correct_bias,
                         factor_dtype=factor_dtype, lowrank=lowrank,
                         dense_when_no_saving=dense_when_no_saving)
         super().__init__(params, defaults, scope=scope, seed=seed, nonfinite=nonfinite,
-                         batched=batched)
+                         batched=batched, fused=fused)
 
     def _dense_update(self, group, value, grad, entry, prefix: str, step: int) -> None:
         beta1, beta2 = group["betas"]
@@ -76,3 +81,12 @@ class MLorcAdamW(LowRankMomentumOptimizer):
                    step_size=adam_step_size(group["lr"], beta1, beta2, step, group["correct_bias"]))
         decoupled_weight_decay(value, group["lr"], group["weight_decay"])
         return [m, v]
+
+    def _fused_update(self, group, value, grad, factors, floors, step: int) -> list[torch.Tensor]:
+        beta1, beta2 = group["betas"]
+        (m_us, m_vh), (v_us, v_vh) = factors
+        abs_sum, count = compiled(factored_negative_stats)(v_us, v_vh, floors[1])
+        step_size = adam_step_size(group["lr"], beta1, beta2, step, group["correct_bias"])
+        hyper = scalars(negative_fill_value(abs_sum, count), floors[1], beta1, beta2, step_size,
+                        group["eps"], 1.0 - group["lr"] * group["weight_decay"], like=grad)
+        return list(compiled(adamw_block_)(value, grad, m_us, m_vh, v_us, v_vh, *hyper))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .base import LowRankMomentumOptimizer
+from .fused import compiled, lion_block_, scalars
 from .functional import apply_direction, decoupled_weight_decay, lion_dense_step, lion_direction, lion_moment_
 
 __all__ = ["MLorcLion"]
@@ -23,12 +24,12 @@ class MLorcLion(LowRankMomentumOptimizer):
     def __init__(self, params, lr: float = 1e-4, betas=(0.95, 0.98), weight_decay: float = 0.05, *,
                  rank: int = 4, oversample: int = 0, niter: int = 0, factor_dtype=None,
                  lowrank: bool = True, dense_when_no_saving: bool = True, scope: str = "local",
-                 seed: int = 0, nonfinite: str = "skip", batched: bool = True):
+                 seed: int = 0, nonfinite: str = "skip", batched: bool = True, fused: bool = False):
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, rank=rank,
                         oversample=oversample, niter=niter, factor_dtype=factor_dtype,
                         lowrank=lowrank, dense_when_no_saving=dense_when_no_saving)
         super().__init__(params, defaults, scope=scope, seed=seed, nonfinite=nonfinite,
-                         batched=batched)
+                         batched=batched, fused=fused)
 
     def _dense_update(self, group, value, grad, entry, prefix: str, step: int) -> None:
         beta1, beta2 = group["betas"]
@@ -41,3 +42,9 @@ class MLorcLion(LowRankMomentumOptimizer):
         apply_direction(value, lion_direction(grad, m_prev, beta1), group["lr"])
         decoupled_weight_decay(value, group["lr"], group["weight_decay"])
         return [lion_moment_(grad, m_prev, beta2)]     # after the direction: it needs m_prev
+
+    def _fused_update(self, group, value, grad, factors, floors, step: int) -> list:
+        beta1, beta2 = group["betas"]
+        ((m_us, m_vh),) = factors
+        hyper = scalars(beta1, beta2, group["lr"], 1.0 - group["lr"] * group["weight_decay"], like=grad)
+        return [compiled(lion_block_)(value, grad, m_us, m_vh, *hyper)]

@@ -1,0 +1,143 @@
+"""The fused step (fused=True, optim/fused.py) against the reference path.
+
+The fused functions are plain torch, so they are checked twice: run eagerly against the
+reference functions (exact math, float64), and compiled inside the optimizers against
+fused=False (the same training to rounding). The compiled path is torch.compile on the CPU
+(inductor, a C++ compiler): the first test in a process pays its compile time (seconds).
+"""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import mlorc_dist
+from mlorc_dist import MLorcAdamW, MLorcLion
+from mlorc_dist.lowrank import fill_negatives_, negative_fill_value, negative_stats, rebuild
+from mlorc_dist.optim import fused
+from mlorc_dist.optim.functional import (adam_apply, adam_moments_, decoupled_weight_decay,
+                                         lion_direction, lion_moment_, apply_direction)
+
+
+def _factors(k, n, r, generator, positive=False):
+    us = torch.randn(k, r, generator=generator, dtype=torch.float64)
+    vh = torch.randn(r, n, generator=generator, dtype=torch.float64)
+    return (us.abs(), vh.abs() - 0.3) if positive else (us, vh)     # some negative entries
+
+
+def test_eager_adamw_block_is_the_reference_math():
+    g = torch.Generator().manual_seed(0)
+    k, n, r = 37, 29, 5
+    (m_us, m_vh), (v_us, v_vh) = _factors(k, n, r, g), _factors(k, n, r, g, positive=True)
+    w, grad = torch.randn(k, n, generator=g, dtype=torch.float64), torch.randn(k, n, generator=g, dtype=torch.float64)
+    floor = torch.tensor(1e-3, dtype=torch.float64)
+    ones = torch.ones(r, dtype=torch.float64)
+    m_prev, v_prev = rebuild(m_us, ones, m_vh), rebuild(v_us, ones, v_vh)
+    abs_sum, count = negative_stats(v_prev, floor)
+    assert count > 10                                                # the fix really acts
+    got_sum, got_count = fused.factored_negative_stats(v_us, v_vh, floor)
+    torch.testing.assert_close(got_sum, abs_sum, rtol=1e-12, atol=1e-12)
+    assert got_count == count
+    fill = negative_fill_value(abs_sum, count)
+    reference_w = w.clone()
+    fill_negatives_(v_prev, fill, floor)
+    m, v = adam_moments_(grad, m_prev, v_prev, 0.9, 0.99)
+    adam_apply(reference_w, m, v, step_size=0.01, eps=1e-8)
+    decoupled_weight_decay(reference_w, 0.02, 0.5)
+    hyper = fused.scalars(fill, floor, 0.9, 0.99, 0.01, 1e-8, 1 - 0.02 * 0.5, like=w)
+    m_out, v_out = fused.adamw_block_(w, grad, m_us, m_vh, v_us, v_vh, *hyper)
+    for got, want in ((m_out, m), (v_out, v), (w, reference_w)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_eager_lion_block_is_the_reference_math():
+    g = torch.Generator().manual_seed(1)
+    k, n, r = 23, 31, 3
+    m_us, m_vh = _factors(k, n, r, g)
+    w, grad = torch.randn(k, n, generator=g, dtype=torch.float64), torch.randn(k, n, generator=g, dtype=torch.float64)
+    m_prev = rebuild(m_us, torch.ones(r, dtype=torch.float64), m_vh)
+    reference_w = w.clone()
+    apply_direction(reference_w, lion_direction(grad, m_prev, 0.95), 0.01)
+    decoupled_weight_decay(reference_w, 0.01, 0.1)
+    m = lion_moment_(grad, m_prev, 0.98)
+    m_out = fused.lion_block_(w, grad, m_us, m_vh, *fused.scalars(0.95, 0.98, 0.01, 1 - 0.01 * 0.1, like=w))
+    torch.testing.assert_close(m_out, m, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(w, reference_w, rtol=1e-12, atol=1e-12)
+
+
+def _tiny_llama(dtype=torch.float32, layers=2):
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=56, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def _train_pair(cls, kwargs, dtype=torch.float32, steps=8, layers=2):
+    fast, plain = _tiny_llama(dtype, layers), _tiny_llama(dtype, layers)
+    plain.load_state_dict(fast.state_dict())
+    fast_opt = cls(mlorc_dist.param_groups(fast), fused=True, **kwargs)
+    plain_opt = cls(mlorc_dist.param_groups(plain), fused=False, **kwargs)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        ids = torch.randint(0, 97, (4, 16), generator=g)
+        for model, opt in ((fast, fast_opt), (plain, plain_opt)):
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+    return fast, plain, fast_opt
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("cls,kwargs", [
+    (MLorcAdamW, dict(lr=1e-2, rank=4, weight_decay=0.1)),
+    (MLorcLion, dict(lr=1e-3, rank=4, weight_decay=0.1)),
+])
+def test_fused_step_equals_the_reference_path(cls, kwargs, batched, rel_diff):
+    fast, plain, opt = _train_pair(cls, dict(kwargs, batched=batched))
+    assert rel_diff(list(fast.parameters()), list(plain.parameters())) <= 1e-5
+    assert rel_diff(list(fast.parameters()), list(_tiny_llama().parameters())) > 1e-3   # it trained
+    assert "exp_avg_u" in opt.state[fast.model.layers[0].self_attn.q_proj.weight]["pieces"][0]
+
+
+def test_fused_step_in_bf16_parameters(rel_diff):
+    """bf16 parameters: the fused kernel computes in fp32 and writes bf16, like the reference."""
+    fast, plain, _ = _train_pair(MLorcAdamW, dict(lr=1e-2, rank=4, weight_decay=0.0), dtype=torch.bfloat16)
+    assert next(fast.parameters()).dtype == torch.bfloat16
+    assert rel_diff(list(fast.parameters()), list(plain.parameters())) <= 1e-2
+
+
+def test_fused_full_rank_mlorc_adamw_is_adamw(rel_diff):
+    """The oracle of the core issue, through the fused kernel: full rank IS AdamW (float64)."""
+    model = _tiny_llama(torch.float64, layers=1)
+    reference = _tiny_llama(torch.float64, layers=1)
+    opt = MLorcAdamW(mlorc_dist.param_groups(model), lr=1e-3, eps=1e-30, weight_decay=0.0,
+                     rank=97, dense_when_no_saving=False, fused=True)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3, eps=1e-30, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        ids = torch.randint(0, 97, (4, 16), generator=g)
+        for mod, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            mod(input_ids=ids, labels=ids).loss.backward()
+            o.step()
+    assert rel_diff(list(model.parameters()), list(reference.parameters())) <= 1e-8
+
+
+def test_fused_needs_local_scope_and_a_bool():
+    model = _tiny_llama()
+    with pytest.raises(ValueError, match="scope='local'"):
+        MLorcAdamW(model.parameters(), scope="global", fused=True)
+    with pytest.raises(ValueError, match="fused must be True or False"):
+        MLorcLion(model.parameters(), fused="yes")
+
+
+def test_a_compile_failure_is_a_clear_error(monkeypatch):
+    """No quiet fallback: when torch.compile cannot build the kernel, step() says so."""
+    def broken(*args):
+        raise OSError("no C++ compiler")
+    block = fused._CompiledBlock(fused.lion_block_)
+    monkeypatch.setattr(block, "compiled", broken)
+    monkeypatch.setitem(fused._COMPILED, fused.lion_block_, block)
+    model = _tiny_llama()
+    opt = MLorcLion(mlorc_dist.param_groups(model), fused=True)
+    model(input_ids=torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long)).loss.backward()
+    with pytest.raises(RuntimeError, match="torch.compile could not build lion_block_.*no C\\+\\+ compiler"):
+        opt.step()
