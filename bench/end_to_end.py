@@ -49,6 +49,7 @@ def run(label: str, cmd: list[str], out: Path, args) -> dict:
     timed = [r["step_time"] for r in records[args.skip:]]
     step = statistics.median(timed)
     return {"run": label, "step_s": step, "tokens_per_s": args.global_batch * args.seq_len / step,
+            "optimizer_s": statistics.median(r["optimizer_time"] for r in records[args.skip:]),
             "final_loss": records[-1]["loss"]}
 
 
@@ -93,15 +94,17 @@ def main(argv=None) -> int:
                         name = "adamw.json" if optimizer == "adamw" else "mlorc.json"
                         cmd = deepspeed + common + ["--deepspeed", ds_config(name, stage, "local", folder, fused)]
                     pair.append(run(label, cmd, folder / label.replace(" ", "_").replace("(", "").replace(")", ""), args))
-                    print(f"{label:<36} {pair[-1]['step_s'] * 1e3:9.1f} ms {pair[-1]['tokens_per_s']:9.0f} tok/s",
-                          flush=True)
+                    print(f"{label:<36} {pair[-1]['step_s'] * 1e3:9.1f} ms {pair[-1]['tokens_per_s']:9.0f} tok/s "
+                          f"(optimizer step {pair[-1]['optimizer_s'] * 1e3:.1f} ms)", flush=True)
                 for row in pair[1:]:
                     row["vs_adamw"] = row["step_s"] / pair[0]["step_s"]
+                    row["optimizer_vs_adamw"] = row["optimizer_s"] / pair[0]["optimizer_s"]
                 rows += pair
-    print(f"\n| engine, optimizer | step ms | tokens/s | x AdamW |\n|---|---:|---:|---:|")
+    print(f"\n| engine, optimizer | step ms | tokens/s | x AdamW | optimizer step ms | x AdamW's |"
+          f"\n|---|---:|---:|---:|---:|---:|")
     for row in rows:
         print(f"| {row['run']} | {row['step_s'] * 1e3:.1f} | {row['tokens_per_s']:.0f} | "
-              f"{row.get('vs_adamw', 1.0):.2f} |")
+              f"{row.get('vs_adamw', 1.0):.2f} | {row['optimizer_s'] * 1e3:.1f} | {row.get('optimizer_vs_adamw', 1.0):.2f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
     return 0

@@ -546,7 +546,9 @@ def main(argv=None) -> int:
         losses = [trainer.micro_step(ids.to(device), lab.to(device)) for ids, lab in batches.next_step()]
         if profiler:
             profiler.sample("after_backward")
+        step_started = time.perf_counter()
         trainer.step()
+        optimizer_time = time.perf_counter() - step_started
         done = trainer.after_step(step, args.steps)
         if profiler:
             profiler.sample("after_step")
@@ -556,6 +558,7 @@ def main(argv=None) -> int:
             loss /= world
         elapsed = time.perf_counter() - started
         record = {"step": step, "loss": float(loss), "lr": lr, "step_time": elapsed,
+                  "optimizer_time": optimizer_time,
                   "tokens_per_s": args.global_batch * args.seq_len / elapsed, **done}
         if torch.cuda.is_available():
             record["max_allocated"] = torch.cuda.max_memory_allocated()

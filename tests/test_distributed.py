@@ -34,6 +34,11 @@ PEER_RUNS = ["zero2:mofasgd:local:4", "fsdp2:mofasgd:local:4", "zero3:galore:loc
              "fsdp2:galore:local:4"]
 PEER_GLOBAL_RUNS = ["zero1:mofasgd:global:4", "zero3:mofasgd:global:4", "fsdp2:mofasgd:global:4",
                     "fsdp2:mofasgd:global:4:fp64"]
+# the fused step (fused=True) under real engines, against the reference path's runs
+FUSED_RUNS = {"zero2:mlorc-adamw-fused:local:4": "zero2:mlorc-adamw:local:4",
+              "fsdp2:mlorc-adamw-fused:local:4": "fsdp2:mlorc-adamw:local:4",
+              "zero3:mlorc-lion-fused:local:4": "zero3:mlorc-lion:local:4",
+              "zero2:mlorc-adamw-fused:local:full": "zero2:adamw"}
 
 
 def _load_worker():
@@ -62,7 +67,7 @@ def results(tmp_path_factory):
     ws2 += ["fsdp2:adamw:local:full:fp64", "fsdp2:mlorc-adamw:local:full:fp64",
             "fsdp2:mlorc-adamw:global:4:fp64", "zero2:mlorc-lion:global:4", "fsdp2:mlorc-lion:global:4",
             "zero3:mlorc-lion:local:4", "zero3init:adamw", "zero3init:mlorc-adamw:local:full"]
-    ws2 += BF16_RUNS + ["zero2raw:mlorc-adamw"] + PEER_RUNS + PEER_GLOBAL_RUNS
+    ws2 += BF16_RUNS + ["zero2raw:mlorc-adamw"] + PEER_RUNS + PEER_GLOBAL_RUNS + list(FUSED_RUNS)
     ws1 = [f"{e}:mlorc-adamw:global:4" for e in ("zero1", "zero2", "zero3", "fsdp2")]
     ws1 += ["fsdp2:mlorc-adamw:global:4:fp64", "zero2:mlorc-lion:global:4", "fsdp2:mlorc-lion:global:4"]
     ws1 += PEER_GLOBAL_RUNS
@@ -329,3 +334,12 @@ def test_mofasgd_global_scope_collectives(results):
     for r in range(2):
         calls = load(results, 2, "fsdp2:mofasgd:global:4", r)["calls"]
         assert calls == {"all_reduce": STEPS * 5 + 2 + 2 * 2}, calls
+
+
+@pytest.mark.parametrize("spec", list(FUSED_RUNS))
+def test_fused_step_under_real_engines_equals_the_reference_path(results, spec):
+    """fused=True in real ZeRO-2 / ZeRO-3 / FSDP2 jobs: the same training as the reference path
+    (rank 4), and at full rank the same as AdamW through the same engine."""
+    fused, reference = load(results, 2, spec), load(results, 2, FUSED_RUNS[spec])
+    assert rel(fused["final"], reference["final"]) <= (1e-3 if spec.endswith("full") else 1e-5)
+    assert rel(fused["final"], fused["initial"]) > 1e-4              # it trained

@@ -97,6 +97,9 @@ def make_optimizer_kwargs(opt_name, scope, rank_arg):
     full = rank_arg == "full"
     kwargs = dict(rank=VOCAB if full else int(rank_arg), scope=scope, seed=7,
                   dense_when_no_saving=not full, compress_embeddings=True)
+    if opt_name.endswith("-fused"):       # the compiled step (mlorc_dist/optim/fused.py)
+        opt_name = opt_name.removesuffix("-fused")
+        kwargs["fused"] = True
     if opt_name == "mlorc-adamw":
         # eps ~ 0 makes full-rank MLorc equal torch AdamW (see MLorcAdamW's bias correction); at
         # rank 4 it would divide by rebuilt second moments near 0 and amplify rounding, so the
