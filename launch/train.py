@@ -307,6 +307,7 @@ class Trainer:
             self.lr_groups = self.optimizer.param_groups
             self.peak_lr = args.lr
         self.accumulation = args.global_batch // (args.micro_batch * world)
+        self.step_seconds = 0.0
         self.method = self.adapter if kind == "deepspeed" else args.optimizer
 
     def set_lr(self, lr: float) -> None:
@@ -322,7 +323,9 @@ class Trainer:
         loss = self.forward(input_ids, labels)
         if self.kind == "deepspeed":
             self.engine.backward(loss)
+            started = time.perf_counter()
             self.engine.step()           # DeepSpeed steps only at the accumulation boundary
+            self.step_seconds += time.perf_counter() - started
         else:
             (loss / self.accumulation).backward()
         return float(loss.detach())
@@ -330,10 +333,19 @@ class Trainer:
     def step(self) -> None:
         if self.kind == "deepspeed":
             return
+        started = time.perf_counter()
         if self.args.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.step_seconds += time.perf_counter() - started
+
+    def take_step_seconds(self) -> float:
+        """Seconds spent in the optimizer step (DeepSpeed: engine.step(), with its gradient
+        reduction and parameter gather; else clipping, step() and zero_grad) since the last
+        call."""
+        seconds, self.step_seconds = self.step_seconds, 0.0
+        return seconds
 
     def after_step(self, step: int, total_steps: int) -> dict:
         """The method's work between steps (SwitchLoRA's switching); what it did."""
@@ -546,9 +558,8 @@ def main(argv=None) -> int:
         losses = [trainer.micro_step(ids.to(device), lab.to(device)) for ids, lab in batches.next_step()]
         if profiler:
             profiler.sample("after_backward")
-        step_started = time.perf_counter()
         trainer.step()
-        optimizer_time = time.perf_counter() - step_started
+        optimizer_time = trainer.take_step_seconds()
         done = trainer.after_step(step, args.steps)
         if profiler:
             profiler.sample("after_step")

@@ -141,3 +141,18 @@ def test_a_compile_failure_is_a_clear_error(monkeypatch):
     model(input_ids=torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long)).loss.backward()
     with pytest.raises(RuntimeError, match="torch.compile could not build lion_block_.*no C\\+\\+ compiler"):
         opt.step()
+
+
+def test_fused_is_selected_by_name_in_launch_and_deepspeed_configs():
+    from mlorc_dist import deepspeed as ds_adapter
+    from mlorc_dist.methods import build_optimizer
+    model = _tiny_llama()
+    assert build_optimizer("mlorc-adamw", model, lr=1e-3, fused=True).fused
+    assert build_optimizer("mlorc-lion", model, lr=1e-4, fused=True).fused
+    assert not build_optimizer("mlorc-adamw", model, lr=1e-3).fused
+    with pytest.raises(ValueError, match="not mofasgd's"):
+        build_optimizer("mofasgd", model, lr=1e-2, fused=True)
+    opt = ds_adapter.build_optimizer(model, "MLorcAdamW", {"lr": 1e-3}, {"rank": 4, "fused": True})
+    assert opt.fused
+    with pytest.raises(ValueError, match="do not apply to MoFaSGD"):
+        ds_adapter.build_optimizer(model, "MoFaSGD", {"lr": 1e-2}, {"rank": 4, "fused": True})

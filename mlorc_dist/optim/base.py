@@ -528,12 +528,15 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         """Rebuild, update and recompress a batch of same-shaped bodies of one group."""
         group, compute = items[0][0], compute_dtype_for(items[0][2].dtype)
         entries = [item[4] for item in items]
-        if self.fused:    # each body's kernel returns its new moments; stacked for the batched rsvd
-            per_body = [self._fused_update(group, body, body_grad.to(compute), self._factor_pairs(entry, compute),
-                                           self._noise_floors(entry, compute), step)
-                        for _, plan, body, body_grad, entry, step in items]
-            prevs = [torch.stack(moments) for moments in zip(*per_body)]           # (B, k, n) each
-            del per_body
+        if self.fused:    # each body's kernel returns its new moments, copied into the batch
+            body = items[0][2]
+            prevs = [torch.empty((len(items), *body.shape), dtype=compute, device=body.device)
+                     for _ in self.moment_names]                                    # (B, k, n) each
+            for i, (_, plan, body, body_grad, entry, step) in enumerate(items):
+                moments = self._fused_update(group, body, body_grad.to(compute), self._factor_pairs(entry, compute),
+                                             self._noise_floors(entry, compute), step)
+                for buffer, moment in zip(prevs, moments):
+                    buffer[i].copy_(moment)
         else:
             prevs = [torch.bmm(torch.stack([(e[f"{name}_u"].to(compute) * e[f"{name}_s"].to(compute))
                                             for e in entries]),

@@ -31,7 +31,7 @@ __all__ = [
 # Up to this rank the rebuild is unrolled into the elementwise kernel (2 r multiply-adds per
 # entry, no m x n temporary); above it the kernel calls a GEMM for it (an unrolled sum of 64
 # terms compiles slowly and costs more arithmetic than the memory pass it saves).
-UNROLLED_RANK = 16
+UNROLLED_RANK = 8
 
 
 def rank_sum(us: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
