@@ -33,7 +33,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlorc_dist import checkpoint as ckpt  # noqa: E402
-from mlorc_dist.training import (CheckpointDir, GlobalBatches, MetricsWriter, load_pretraining_ids,  # noqa: E402
+from mlorc_dist.training import (CheckpointDir, exit_without_teardown, GlobalBatches, MetricsWriter, load_pretraining_ids,  # noqa: E402
                                  load_sft_records, lr_at, model_signature, packed_source, sft_source)
 
 logger = logging.getLogger("mlorc_dist.train")
@@ -594,23 +594,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def exit_after_distributed_run(code: int) -> None:
-    """End a process that ran collectives without interpreter finalization.
-
-    Every file is closed and the process group destroyed by then; what finalization would
-    still do is tear down gloo's worker threads and free tensors behind them, and that race
-    aborts the process now and then ("terminate called without an active exception", SIGABRT,
-    exit -6, seen once in CI after a finished 2-process DeepSpeed run; pytorch/pytorch#179291
-    describes the mechanism). A finished run must not fail, so it leaves with os._exit."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(code)
-
-
 if __name__ == "__main__":
     ran_distributed = "RANK" in os.environ or "LOCAL_RANK" in os.environ
     code = main()
     if ran_distributed:
-        exit_after_distributed_run(code)
+        exit_without_teardown(code)
     sys.exit(code)

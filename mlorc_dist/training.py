@@ -5,16 +5,18 @@ same global batches, the checkpoint directory protocol, and the JSONL metrics wr
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 __all__ = ["lr_at", "GlobalBatches", "load_pretraining_ids", "load_sft_records", "SFTBatches",
-           "CheckpointDir", "MetricsWriter", "model_signature"]
+           "CheckpointDir", "MetricsWriter", "model_signature", "exit_without_teardown"]
 
 IGNORE_INDEX = -100
 
@@ -214,3 +216,17 @@ class MetricsWriter:
         if self.path:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def exit_without_teardown(code: int = 0) -> None:
+    """End a process that ran collectives without interpreter finalization (call it last, after
+    destroy_process_group, with every file closed).
+
+    What finalization would still do then is tear down gloo's worker threads and free tensors
+    behind them, and that race aborts the process now and then ("terminate called without an active exception", SIGABRT,
+    exit -6, seen once in CI after a finished 2-process DeepSpeed run; pytorch/pytorch#179291
+    describes the mechanism). A finished run must not fail, so it leaves with os._exit."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)

@@ -272,3 +272,5 @@ def main():
 
 if __name__ == "__main__":
     main()
+    from mlorc_dist.training import exit_without_teardown
+    exit_without_teardown(0)      # gloo's teardown race at interpreter exit (see its docstring)
