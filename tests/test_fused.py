@@ -4,6 +4,8 @@ The fused functions are plain torch, so they are checked twice: run eagerly agai
 reference functions (exact math, float64), and compiled inside the optimizers against
 fused=False (the same training to rounding). The compiled path is torch.compile on the CPU
 (inductor, a C++ compiler): the first test in a process pays its compile time (seconds).
+The full-rank oracle through the fused step (it IS AdamW) is tests/test_optim.py's
+test_full_rank_oracle_on_tiny_llama[fused]; under real engines, tests/test_distributed.py.
 """
 import pytest
 import torch
@@ -102,23 +104,6 @@ def test_fused_step_in_bf16_parameters(rel_diff):
     fast, plain, _ = _train_pair(MLorcAdamW, dict(lr=1e-2, rank=4, weight_decay=0.0), dtype=torch.bfloat16)
     assert next(fast.parameters()).dtype == torch.bfloat16
     assert rel_diff(list(fast.parameters()), list(plain.parameters())) <= 1e-2
-
-
-def test_fused_full_rank_mlorc_adamw_is_adamw(rel_diff):
-    """The oracle of the core issue, through the fused kernel: full rank IS AdamW (float64)."""
-    model = _tiny_llama(torch.float64, layers=1)
-    reference = _tiny_llama(torch.float64, layers=1)
-    opt = MLorcAdamW(mlorc_dist.param_groups(model), lr=1e-3, eps=1e-30, weight_decay=0.0,
-                     rank=97, dense_when_no_saving=False, fused=True)
-    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3, eps=1e-30, weight_decay=0.0)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(10):
-        ids = torch.randint(0, 97, (4, 16), generator=g)
-        for mod, o in ((model, opt), (reference, ref_opt)):
-            o.zero_grad()
-            mod(input_ids=ids, labels=ids).loss.backward()
-            o.step()
-    assert rel_diff(list(model.parameters()), list(reference.parameters())) <= 1e-8
 
 
 def test_fused_needs_local_scope_and_a_bool():

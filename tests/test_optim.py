@@ -98,7 +98,8 @@ def test_full_rank_mlorc_lion_is_lion(dtype, tol, rel_diff):
     assert rel_diff(list(model.parameters()), list(reference.parameters())) <= tol
 
 
-def test_full_rank_oracle_on_tiny_llama(rel_diff):
+@pytest.mark.parametrize("fused", [False, True])     # True: the compiled step (optim/fused.py)
+def test_full_rank_oracle_on_tiny_llama(rel_diff, fused):
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -107,7 +108,7 @@ def test_full_rank_oracle_on_tiny_llama(rel_diff):
     reference = LlamaForCausalLM(config)
     reference.load_state_dict(model.state_dict())
     opt = MLorcAdamW(mlorc_dist.param_groups(model), lr=1e-3, eps=1e-30, weight_decay=0.0,
-                     rank=97, dense_when_no_saving=False)
+                     rank=97, dense_when_no_saving=False, fused=fused)
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3, eps=1e-30, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
     for _ in range(30):
