@@ -141,3 +141,20 @@ def test_fused_is_selected_by_name_in_launch_and_deepspeed_configs():
     assert opt.fused
     with pytest.raises(ValueError, match="do not apply to MoFaSGD"):
         ds_adapter.build_optimizer(model, "MoFaSGD", {"lr": 1e-2}, {"rank": 4, "fused": True})
+
+
+def test_more_shapes_than_dynamo_default_recompile_limit():
+    """Every rank up to the unrolled limit and two dtypes: 9+ graphs of one function, past
+    dynamo's default of 8 (with fullgraph=True that would be an error mid-training)."""
+    k, n = 12, 10
+    cases = [(torch.float32, r) for r in range(1, fused.UNROLLED_RANK + 1)] + [(torch.float64, 3)]
+    for dtype, r in cases:
+        g = torch.Generator().manual_seed(r)
+        w, grad = torch.randn(k, n, generator=g, dtype=dtype), torch.randn(k, n, generator=g, dtype=dtype)
+        us, vh = torch.randn(k, r, generator=g, dtype=dtype), torch.randn(r, n, generator=g, dtype=dtype)
+        hyper = fused.scalars(0.9, 0.99, 1e-2, 0.999, like=grad)
+        want_w = w.clone()
+        want_m = fused.lion_block_(want_w, grad, us, vh, *hyper)                  # eager
+        got_m = fused.compiled(fused.lion_block_)(w, grad, us, vh, *hyper)
+        torch.testing.assert_close(got_m, want_m)
+        torch.testing.assert_close(w, want_w)

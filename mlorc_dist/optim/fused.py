@@ -91,6 +91,10 @@ def lion_block_(w: torch.Tensor, g: torch.Tensor, m_us: torch.Tensor, m_vh: torc
     return m_prev + (1 - beta2) * (g - m_prev)
 
 
+# Graphs allowed per fused function: ranks 1..UNROLLED_RANK, x parameter dtypes, x bodies of
+# one row (a size-1 dimension is specialised), with room to spare.
+RECOMPILE_LIMIT = 64
+
 _COMPILED: dict = {}
 
 
@@ -113,7 +117,10 @@ class _CompiledBlock:
         # can be a view of a tensor that autograd tracks, which torch.compile refuses to trace
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         try:
-            return self.compiled(*args)
+            # one graph per rank (unrolled), dtype and size-1 dimension: a model can need more
+            # than dynamo's default of 8 per function, which with fullgraph=True is an error
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                return self.compiled(*args)
         except Exception as error:     # torch.compile's errors have many types; all end here
             raise RuntimeError(
                 f"fused=True: torch.compile could not build {self.fn.__name__} ({type(error).__name__}: "
