@@ -158,3 +158,10 @@ def test_more_shapes_than_dynamo_default_recompile_limit():
         got_m = fused.compiled(fused.lion_block_)(w, grad, us, vh, *hyper)
         torch.testing.assert_close(got_m, want_m)
         torch.testing.assert_close(w, want_w)
+
+
+def test_the_start_up_log_says_fused(caplog):
+    import logging
+    with caplog.at_level(logging.INFO, logger="mlorc_dist"):
+        MLorcAdamW(mlorc_dist.param_groups(_tiny_llama()), fused=True)
+    assert "MLorc-AdamW (scope=local, fused step)" in caplog.text

@@ -309,7 +309,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         summary = self.treatment_summary()
         lines = [f"{kind}: {v['params']} params, {v['pieces']} pieces, {v['elements']:,} elements"
                  for kind, v in sorted(summary.items())]
-        logger.info("%s (scope=%s)%s: %s", self.algorithm, self.scope, f" {when}" if when else "",
+        logger.info("%s (scope=%s%s)%s: %s", self.algorithm, self.scope,
+                    ", fused step" if self.fused else "", f" {when}" if when else "",
                     "; ".join(lines) or "no parameters")
         return summary
 
