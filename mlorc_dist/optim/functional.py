@@ -19,6 +19,7 @@ __all__ = [
     "lion_moment_",
     "decoupled_weight_decay",
     "apply_direction",
+    "apply_low_rank_direction",
 ]
 
 
@@ -87,6 +88,17 @@ def apply_direction(param: torch.Tensor, direction: torch.Tensor, lr: float) -> 
         param.add_(direction, alpha=-lr)
     else:
         param.copy_((param.to(direction.dtype) - lr * direction).to(param.dtype))
+
+
+def apply_low_rank_direction(param: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+                             lr: float) -> None:
+    """W -= lr * left @ right for a 2-D param, left (k, r), right (r, n) in param's dtype: one
+    in-place GEMM (addmm_) that reads and writes W once and makes no k x n temporary (MoFaSGD's
+    U diag(phi(s)) V^T). Other dtypes go through apply_direction."""
+    if param.dtype == left.dtype and param.dim() == 2 and param.is_contiguous():
+        param.addmm_(left, right, alpha=-lr)
+    else:
+        apply_direction(param, left @ right, lr)
 
 
 def lion_dense_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, *,

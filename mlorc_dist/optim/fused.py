@@ -57,11 +57,14 @@ def factored_negative_stats(us: torch.Tensor, vh: torch.Tensor,
 
 
 def scalars(*values, like: torch.Tensor) -> list[torch.Tensor]:
-    """Hyperparameters as 0-d tensors of like's dtype and device: a compiled kernel reads them
-    at run time, so a new learning rate or step count does not recompile. (Measured: one 1-D
-    tensor of them, or moments written into caller buffers, kept the compiler from fusing the
-    rebuild into the update loop.)"""
-    return [torch.as_tensor(x, dtype=like.dtype, device=like.device).reshape(()) for x in values]
+    """Hyperparameters as 0-d tensors of like's dtype: a compiled kernel reads them at run time,
+    so a new learning rate or step count does not recompile. Python numbers become CPU tensors
+    (a 0-d CPU tensor is a scalar argument to a GPU kernel: no host-to-device copy); tensors
+    keep their device. (Measured: one 1-D tensor of them, or moments written into caller
+    buffers, kept the compiler from fusing the rebuild into the update loop.)"""
+    return [torch.as_tensor(x, dtype=like.dtype,
+                            device=x.device if isinstance(x, torch.Tensor) else "cpu").reshape(())
+            for x in values]
 
 
 def adamw_block_(w: torch.Tensor, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Tensor,

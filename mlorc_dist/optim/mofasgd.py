@@ -10,7 +10,7 @@ from ..lowrank import compute_dtype_for, randomized_svd, sketch_seed
 from ..scopes import RowBlock, global_randomized_svd, run_summed
 from ..tangent import PHIS, factor_update, run_alone
 from .base import LowRankMomentumOptimizer, _flat
-from .functional import adamw_dense_step, apply_direction, decoupled_weight_decay
+from .functional import adamw_dense_step, apply_direction, apply_low_rank_direction, decoupled_weight_decay
 
 __all__ = ["MoFaSGD"]
 
@@ -82,9 +82,14 @@ class MoFaSGD(LowRankMomentumOptimizer):
                          lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                          weight_decay=group["weight_decay"], step=step, correct_bias=True)
 
+    def _direction_factors(self, group, u, s, v) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U diag(phi(s)), V^T): the update direction as a product."""
+        return u * PHIS[group["phi"]](s, group["max_value"]), v.mT
+
     def _direction(self, group, u, s, v) -> torch.Tensor:
         """U diag(phi(s)) V^T over this block's rows."""
-        return (u * PHIS[group["phi"]](s, group["max_value"])) @ v.mT
+        left, right = self._direction_factors(group, u, s, v)
+        return left @ right
 
     @staticmethod
     def _store(entry: dict, u, s, v) -> None:
@@ -103,7 +108,7 @@ class MoFaSGD(LowRankMomentumOptimizer):
         factors = [entry[name].to(compute) for name in ("u", "s", "v")]
         u, s, v = run_alone(factor_update(*factors, body_grad.to(compute), group["momentum"]))
         self._store(entry, u, s, v)
-        apply_direction(body, self._direction(group, u, s, v), group["lr"])
+        apply_low_rank_direction(body, *self._direction_factors(group, u, s, v), group["lr"])
         decoupled_weight_decay(body, group["lr"], group["weight_decay"])
 
     # ------------------------------------------------------------------ global scope
