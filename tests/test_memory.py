@@ -311,6 +311,15 @@ def test_step_workspace_is_within_the_planned_bound(dtype, lowrank, count):
     assert 0.9 * bound < measured <= bound + 0.01, f"measured {measured:.4f}x, planned {bound}x"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mofasgd_step_workspace_is_within_the_planned_bound(dtype):
+    from mlorc_dist.memory.planner import MOFASGD_STEP_WORKSPACE
+    from mlorc_dist.memory.workspace import measure_step_workspace
+    measured = measure_step_workspace(lambda ps: mlorc_dist.MoFaSGD(ps, lr=1e-2, rank=4), 512, 256, dtype)
+    bound = MOFASGD_STEP_WORKSPACE[2 if dtype == torch.bfloat16 else 4]["unbatched"]
+    assert measured <= bound, f"measured {measured:.4f}x, planned {bound}x"
+
+
 def test_step_workspace_of_consecutive_batches_matches_the_plan():
     """Two shapes, four and two blocks: the planner's batch model (one batch alive at a time:
     the optimizer frees each before building the next) against the measured step, via the
