@@ -91,10 +91,14 @@ def _train_pair(cls, kwargs, dtype=torch.float32, steps=8, layers=2):
 @pytest.mark.parametrize("cls,kwargs", [
     (MLorcAdamW, dict(lr=1e-2, rank=4, weight_decay=0.1)),
     (MLorcLion, dict(lr=1e-3, rank=4, weight_decay=0.1)),
+    (MLorcAdamW, dict(lr=1e-2, rank=3, weight_decay=0.0, factor_dtype="bf16")),
 ])
 def test_fused_step_equals_the_reference_path(cls, kwargs, batched, rel_diff):
     fast, plain, opt = _train_pair(cls, dict(kwargs, batched=batched))
-    assert rel_diff(list(fast.parameters()), list(plain.parameters())) <= 1e-5
+    # bf16 factors: an fp32 rounding difference flips a bf16 rounding of a factor entry now and
+    # then (2**-9 relative), so the paths part by ~3e-4 in 8 steps instead of ~1e-6
+    tol = 1e-3 if kwargs.get("factor_dtype") == "bf16" else 1e-5
+    assert rel_diff(list(fast.parameters()), list(plain.parameters())) <= tol
     assert rel_diff(list(fast.parameters()), list(_tiny_llama().parameters())) > 1e-3   # it trained
     assert "exp_avg_u" in opt.state[fast.model.layers[0].self_attn.q_proj.weight]["pieces"][0]
 
