@@ -33,8 +33,9 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlorc_dist import checkpoint as ckpt  # noqa: E402
-from mlorc_dist.training import (CheckpointDir, exit_without_teardown, GlobalBatches, MetricsWriter, load_pretraining_ids,  # noqa: E402
-                                 load_sft_records, lr_at, model_signature, packed_source, sft_source)
+from mlorc_dist.training import (CheckpointDir, GlobalBatches, MetricsWriter, exit_without_teardown,  # noqa: E402
+                                 load_pretraining_ids, load_sft_records, lr_at, model_signature,
+                                 packed_source, sft_source)
 
 logger = logging.getLogger("mlorc_dist.train")
 from mlorc_dist.methods import METHODS as OPTIMIZERS  # noqa: E402
