@@ -20,6 +20,7 @@ __all__ = [
     "sketch_seed",
     "gaussian_test_matrix",
     "randomized_svd",
+    "scaled_factors",
     "rebuild",
     "fix_negatives",
     "negative_fill_value",
@@ -117,11 +118,19 @@ def randomized_svd(a: torch.Tensor, rank: int, oversample: int = 0, niter: int =
     return u, s[..., :r], vh[..., :r, :]
 
 
+def scaled_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor,
+                   dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U diag(s), Vh) in `dtype` (default: s's compute dtype): the two factors whose product
+    rebuild() forms (the fused step forms it inside its kernel instead)."""
+    dtype = dtype or compute_dtype_for(s.dtype)
+    return u.to(dtype) * s.to(dtype), vh.to(dtype)
+
+
 def rebuild(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor,
             dtype: torch.dtype | None = None) -> torch.Tensor:
     """U diag(s) Vh: (m, r) (r,) (r, n) -> (m, n), computed in `dtype` (default: s's dtype)."""
-    dtype = dtype or compute_dtype_for(s.dtype)
-    return (u.to(dtype) * s.to(dtype)) @ vh.to(dtype)
+    us, vh = scaled_factors(u, s, vh, dtype)
+    return us @ vh
 
 
 def rebuild_noise_floor(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -504,7 +504,7 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
         transients["step workspace (MLorc: batched rebuild of same-shaped blocks, fp32)"] = \
             int(mlorc_workspace * 4)
     elif settings.optimizer == "mofasgd":
-        transients["step workspace (MoFaSGD: one block's update direction, fp32)"] = int(mlorc_workspace * 4)
+        transients["step workspace (MoFaSGD: one block's factor update; bf16: its fp32 casts)"] = int(mlorc_workspace * 4)
     elif settings.optimizer == "adamw":
         transients["step workspace (AdamW foreach: 1x the largest param group)"] = \
             int(ADAMW_FOREACH_WORKSPACE * largest_held)

@@ -19,7 +19,8 @@ from itertools import chain
 
 import torch
 
-from ..lowrank import compute_dtype_for, randomized_svd, rebuild, rebuild_noise_floor, sketch_seed
+from ..lowrank import (compute_dtype_for, randomized_svd, rebuild, rebuild_noise_floor, scaled_factors,
+                       sketch_seed)
 from ..pieces import Layout, Piece, plain_layout
 from ..scopes import SCOPES, RowBlock, all_reduce_sum, global_randomized_svd
 
@@ -487,15 +488,26 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         return group, plan, body, body_grad, entry, step
 
     # ------------------------------------------------------------------ low-rank updates
+    def _factor_pairs(self, entry: dict, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per moment, (U diag(s), Vh) in `dtype`: the previous moment is their product."""
+        return [scaled_factors(entry[f"{name}_u"], entry[f"{name}_s"], entry[f"{name}_vh"], dtype)
+                for name in self.moment_names]
+
     def _rebuild_moments(self, entry: dict, dtype: torch.dtype) -> list[torch.Tensor]:
         """The previous moments rebuilt from their factors, (rows, cols) each."""
         return [rebuild(entry[f"{name}_u"], entry[f"{name}_s"], entry[f"{name}_vh"], dtype)
                 for name in self.moment_names]
 
-    def _factor_pairs(self, entry: dict, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per moment, (U diag(s), Vh) in `dtype`: what the fused step rebuilds from."""
-        return [(entry[f"{name}_u"].to(dtype) * entry[f"{name}_s"].to(dtype), entry[f"{name}_vh"].to(dtype))
-                for name in self.moment_names]
+    def _body_moments(self, group, body, body_grad, entry, step: int, prevs=None) -> list[torch.Tensor]:
+        """Update this body's weights and return its new moments (to compress): the fused
+        step from the factors, or the reference path from the rebuilt previous moments
+        (`prevs`, rebuilt here when not given)."""
+        compute = compute_dtype_for(body.dtype)
+        grad, floors = body_grad.to(compute), self._noise_floors(entry, compute)
+        if self.fused:
+            return self._fused_update(group, body, grad, self._factor_pairs(entry, compute), floors, step)
+        prevs = self._rebuild_moments(entry, compute) if prevs is None else prevs
+        return self._lowrank_update(group, body, grad, prevs, floors, self._moment_stats(prevs, floors), step)
 
     def _noise_floors(self, entry: dict, dtype: torch.dtype) -> list[torch.Tensor]:
         """Per moment, the size of rounding noise in its rebuilt entries (see
@@ -530,27 +542,19 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         group, compute = items[0][0], compute_dtype_for(items[0][2].dtype)
         entries = [item[4] for item in items]
         if self.fused:    # each body's kernel returns its new moments, copied into the batch
-            body = items[0][2]
-            prevs = [torch.empty((len(items), *body.shape), dtype=compute, device=body.device)
-                     for _ in self.moment_names]                                    # (B, k, n) each
-            for i, (_, plan, body, body_grad, entry, step) in enumerate(items):
-                moments = self._fused_update(group, body, body_grad.to(compute), self._factor_pairs(entry, compute),
-                                             self._noise_floors(entry, compute), step)
-                for buffer, moment in zip(prevs, moments):
-                    buffer[i].copy_(moment)
+            shape = (len(items), *items[0][2].shape)
+            prevs = [torch.empty(shape, dtype=compute, device=items[0][2].device) for _ in self.moment_names]
         else:
-            prevs = [torch.bmm(torch.stack([(e[f"{name}_u"].to(compute) * e[f"{name}_s"].to(compute))
-                                            for e in entries]),
-                               torch.stack([e[f"{name}_vh"].to(compute) for e in entries]))
-                     for name in self.moment_names]                                 # (B, k, n) each
-            for i, (_, plan, body, body_grad, entry, step) in enumerate(items):
-                mine = [p[i] for p in prevs]
-                floors = self._noise_floors(entry, compute)
-                stats = self._moment_stats(mine, floors)
-                moments = self._lowrank_update(group, body, body_grad.to(compute), mine, floors, stats, step)
-                for buffer, moment in zip(mine, moments):
-                    if moment.data_ptr() != buffer.data_ptr():      # an update that was not in place
-                        buffer.copy_(moment)
+            pairs = [self._factor_pairs(e, compute) for e in entries]
+            prevs = [torch.bmm(torch.stack([p[j][0] for p in pairs]), torch.stack([p[j][1] for p in pairs]))
+                     for j in range(len(self.moment_names))]                        # (B, k, n) each
+            del pairs
+        for i, (_, plan, body, body_grad, entry, step) in enumerate(items):
+            mine = [p[i] for p in prevs]
+            moments = self._body_moments(group, body, body_grad, entry, step, None if self.fused else mine)
+            for buffer, moment in zip(mine, moments):
+                if moment.data_ptr() != buffer.data_ptr():          # an update that was not in place
+                    buffer.copy_(moment)
         for state_id, (name, buffer) in enumerate(zip(self.moment_names, prevs)):
             seeds = [sketch_seed(self.seed, step, plan.piece.key, plan.body_row0, state_id)
                      for _, plan, _, _, _, step in items]
@@ -563,15 +567,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
     def _local_update(self, group, plan: PiecePlan, body, body_grad, entry, step: int) -> None:
         """Compress this body on its own: rebuild, update, recompress, apply. No collectives.
         The reference path (batched=False); _local_update_batched must agree with it."""
-        compute = compute_dtype_for(body.dtype)
-        floors = self._noise_floors(entry, compute)
-        if self.fused:
-            moments = self._fused_update(group, body, body_grad.to(compute),
-                                         self._factor_pairs(entry, compute), floors, step)
-        else:
-            prevs = self._rebuild_moments(entry, compute)                    # (k, n) each
-            stats = self._moment_stats(prevs, floors)
-            moments = self._lowrank_update(group, body, body_grad.to(compute), prevs, floors, stats, step)
+        moments = self._body_moments(group, body, body_grad, entry, step)
         key = plan.piece.key
         self._store_factors(entry, [
             randomized_svd(moment, plan.rank, group["oversample"], group["niter"],
