@@ -1,0 +1,66 @@
+"""Where one optimizer.step() spends its time, per block: torch.profiler self time of the
+heaviest operators, AdamW foreach against MLorc-AdamW (reference path and fused), the same
+process and the same matrices.
+
+    python bench/step_profile.py                       # 4 blocks of 1024 x 1024, r = 4, one thread
+    python bench/step_profile.py --size 2048 --steps 5
+
+Prints a table per optimizer and writes JSON (docs/BENCHMARKS.md, "Where the time goes").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlorc_dist  # noqa: E402
+from bench.optimizer_step import make_params  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--matrices", type=int, default=4)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--top", type=int, default=9)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("runs/bench_step_profile.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    params = make_params(args.size, args.matrices, torch.device("cpu"))
+    blocks = args.steps * args.matrices
+    results = {}
+    for name, make in (("adamw-foreach", lambda: torch.optim.AdamW(params, lr=1e-3, foreach=True)),
+                       ("mlorc-adamw", lambda: mlorc_dist.MLorcAdamW(params, lr=1e-3, rank=args.rank)),
+                       ("mlorc-adamw fused", lambda: mlorc_dist.MLorcAdamW(params, lr=1e-3, rank=args.rank,
+                                                                           fused=True))):
+        opt = make()
+        for _ in range(3):            # state, and the fused kernel's compilation
+            opt.step()
+        with profile() as prof:
+            for _ in range(args.steps):
+                opt.step()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events) / blocks / 1e3
+        rows = [{"op": e.key, "ms_per_block": e.self_cpu_time_total / blocks / 1e3,
+                 "calls_per_block": e.count / blocks}
+                for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.top]]
+        results[name] = {"ms_per_block": total, "top": rows}
+        print(f"\n{name}: {total:.2f} ms per {args.size} x {args.size} block (self time, profiled)")
+        for row in rows:
+            print(f"  {row['op'][:60]:<60} {row['ms_per_block']:7.3f} ms  {row['calls_per_block']:5.1f} calls")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                    "torch": torch.__version__, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
