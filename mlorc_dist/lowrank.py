@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import NamedTuple
 
 import torch
 
@@ -20,6 +21,10 @@ __all__ = [
     "sketch_seed",
     "gaussian_test_matrix",
     "randomized_svd",
+    "randomized_svd_of_update",
+    "MomentUpdate",
+    "compress",
+    "range_finder_svd",
     "scaled_factors",
     "rebuild",
     "fix_negatives",
@@ -97,21 +102,66 @@ def randomized_svd(a: torch.Tensor, rank: int, oversample: int = 0, niter: int =
     """
     if a.dim() not in (2, 3):
         raise ValueError(f"randomized_svd expects a 2-D (or batched 3-D) tensor, got shape {tuple(a.shape)}")
-    m, n = a.shape[-2:]
-    dtype = compute_dtype_for(a.dtype)
-    a = a.to(dtype)
+    a = a.to(compute_dtype_for(a.dtype))
+    return range_finder_svd(lambda x: times_skinny(a, x), lambda x: skinny_t_times(x, a),
+                            a.shape, a.dtype, a.device, rank, oversample, niter, seed)
+
+
+def randomized_svd_of_update(us: torch.Tensor, vh: torch.Tensor, dense: torch.Tensor, keep: float,
+                             mix: float, rank: int, oversample: int = 0, niter: int = 0,
+                             seed: int | list[int] = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """randomized_svd(keep * us @ vh + mix * dense) without forming that matrix: a moment update
+    b M~ + (1 - b) G whose previous value M~ = us @ vh is low-rank. Each product of the range
+    finder with it is one product with `dense` (a pass over G) plus two skinny ones with the
+    factors, so the moment is never written to memory (the fused step's first moments).
+    us (.., m, r), vh (.., r, n), dense (.., m, n), all in one compute dtype; batched like
+    randomized_svd."""
+    if dense.dim() not in (2, 3) or us.shape[:-1] != dense.shape[:-1] or vh.shape[-1] != dense.shape[-1]:
+        raise ValueError(f"randomized_svd_of_update: shapes us {tuple(us.shape)}, vh {tuple(vh.shape)}, "
+                         f"dense {tuple(dense.shape)} do not make keep * us @ vh + mix * dense")
+    return range_finder_svd(
+        lambda x: (us @ (vh @ x)).mul_(keep).add_(times_skinny(dense, x), alpha=mix),
+        lambda x: ((x.mT @ us) @ vh).mul_(keep).add_(skinny_t_times(x, dense), alpha=mix),
+        dense.shape, dense.dtype, dense.device, rank, oversample, niter, seed)
+
+
+class MomentUpdate(NamedTuple):
+    """The moment keep * us @ vh + mix * dense, kept unformed (see randomized_svd_of_update)."""
+    us: torch.Tensor
+    vh: torch.Tensor
+    dense: torch.Tensor
+    keep: float
+    mix: float
+
+
+def compress(moment, rank: int, oversample: int = 0, niter: int = 0, seed: int | list[int] = 0):
+    """(U, s, Vh) of a new moment: a tensor (randomized_svd) or a MomentUpdate
+    (randomized_svd_of_update). Anything else is a TypeError."""
+    if isinstance(moment, torch.Tensor):
+        return randomized_svd(moment, rank, oversample, niter, seed)
+    if isinstance(moment, MomentUpdate):
+        return randomized_svd_of_update(*moment, rank, oversample, niter, seed)
+    raise TypeError(f"compress: expected a tensor or a MomentUpdate, got {type(moment).__name__}")
+
+
+def range_finder_svd(times, t_times, shape, dtype: torch.dtype, device, rank: int, oversample: int,
+                     niter: int, seed: int | list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Halko range finder and small SVD of a matrix A (.., m, n) = shape, known only through
+    its products: times(x) = A @ x for x (.., n, q) and t_times(x) = x^T @ A for x (.., m, q).
+    The steps of randomized_svd (its docstring), whatever form A takes."""
+    m, n = shape[-2:]
     q = sketch_width(rank, oversample, m, n)
-    if a.dim() == 2:
-        omega = gaussian_test_matrix(n, q, seed, dtype, a.device)           # (n, q)
+    if len(shape) == 2:
+        omega = gaussian_test_matrix(n, q, seed, dtype, device)                # (n, q)
     else:
-        if len(seed) != a.shape[0]:
-            raise ValueError(f"a batch of {a.shape[0]} matrices needs as many seeds, got {len(seed)}")
-        omega = torch.stack([gaussian_test_matrix(n, q, s, dtype, a.device) for s in seed])  # (B, n, q)
-    basis = _orthonormal_basis(times_skinny(a, omega))           # (.., m, q)
+        if len(seed) != shape[0]:
+            raise ValueError(f"a batch of {shape[0]} matrices needs as many seeds, got {len(seed)}")
+        omega = torch.stack([gaussian_test_matrix(n, q, s, dtype, device) for s in seed])  # (B, n, q)
+    basis = _orthonormal_basis(times(omega))                      # (.., m, q)
     for _ in range(niter):
-        z = _orthonormal_basis(skinny_t_times(basis, a).mT)      # (.., n, q)
-        basis = _orthonormal_basis(times_skinny(a, z))           # (.., m, q)
-    small = skinny_t_times(basis, a)                              # (.., q, n)
+        z = _orthonormal_basis(t_times(basis).mT)                 # (.., n, q)
+        basis = _orthonormal_basis(times(z))                      # (.., m, q)
+    small = t_times(basis)                                        # (.., q, n)
     u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
     r = min(rank, q)
     u = basis @ u_small[..., :r]                                  # (.., m, r)

@@ -83,3 +83,35 @@ def test_fix_negatives_uses_mean_abs_of_negative_entries():
 def test_rejects_non_matrix():
     with pytest.raises(ValueError, match="2-D"):
         randomized_svd(torch.randn(5), 2)
+
+
+@pytest.mark.parametrize("niter", [0, 1])
+@pytest.mark.parametrize("batch", [None, 3])
+def test_svd_of_an_unformed_update_equals_the_svd_of_the_formed_matrix(niter, batch):
+    """The fused step never writes b M~ + (1 - b) G: its range finder multiplies G and the old
+    factors instead. Same sketch, same matrix: the same factors (float64, to rounding)."""
+    from mlorc_dist.lowrank import MomentUpdate, compress, randomized_svd_of_update
+    g = torch.Generator().manual_seed(3)
+    lead = () if batch is None else (batch,)
+    us = torch.randn(*lead, 40, 4, generator=g, dtype=torch.float64)
+    vh = torch.randn(*lead, 4, 30, generator=g, dtype=torch.float64)
+    dense = torch.randn(*lead, 40, 30, generator=g, dtype=torch.float64)
+    seed = 7 if batch is None else [7, 8, 9]
+    formed = 0.9 * (us @ vh) + 0.1 * dense
+    want = randomized_svd(formed, 4, 2, niter, seed)
+    got = randomized_svd_of_update(us, vh, dense, 0.9, 0.1, 4, 2, niter, seed)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for a, b in zip(compress(MomentUpdate(us, vh, dense, 0.9, 0.1), 4, 2, niter, seed), want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for a, b in zip(compress(formed, 4, 2, niter, seed), want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_unformed_update_refuses_mismatched_shapes_and_compress_unknown_input():
+    from mlorc_dist.lowrank import compress, randomized_svd_of_update
+    us, vh = torch.randn(5, 2), torch.randn(2, 6)
+    with pytest.raises(ValueError, match="do not make"):
+        randomized_svd_of_update(us, vh, torch.randn(5, 7), 0.9, 0.1, 2)
+    with pytest.raises(TypeError, match="tensor or a MomentUpdate"):
+        compress([us, vh], 2)

@@ -6,9 +6,12 @@ then makes a dozen elementwise passes over them (the fix's statistics and fill, 
 updates, sqrt, the division, the weight update, the weight decay). Here the rebuilt entry
 (U diag(s) Vh)[i, j] = sum_k us[i, k] vh[k, j] is written as r broadcast products, so the
 compiler can compute it inside the elementwise kernel, one element at a time: the step reads
-G and W once, writes W and the new moments once, and the negative-fix statistics are one
-read-free reduction over the factors. What remains outside is the range finder's skinny
-products over the new moments (lowrank.randomized_svd), unchanged.
+G and W once and writes W and the new second moment V once (into a workspace the optimizer
+keeps between steps, so no page of it is fresh from the OS), and the negative-fix statistics
+are one read-free reduction over the factors. The new first moment b M~ + (1 - b) G is never
+written at all: its range finder multiplies G and the old factors instead
+(lowrank.randomized_svd_of_update). What remains outside the kernel is the range finder's
+skinny products (over G for M, over the workspace for V).
 
 The functions below are plain torch: run eagerly, they compute the reference's math (tests
 compare them, and the compiled step, against the reference path). Hyperparameters travel as
@@ -68,35 +71,48 @@ def scalars(*values, like: torch.Tensor) -> list[torch.Tensor]:
 
 
 def adamw_block_(w: torch.Tensor, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Tensor,
-                 v_us: torch.Tensor, v_vh: torch.Tensor, fill: torch.Tensor, floor: torch.Tensor,
-                 beta1: torch.Tensor, beta2: torch.Tensor, step_size: torch.Tensor,
-                 eps: torch.Tensor, decay: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One MLorc-AdamW block update: returns this step's M and V, and sets w to
+                 v_us: torch.Tensor, v_vh: torch.Tensor, floor: torch.Tensor, beta1: torch.Tensor,
+                 beta2: torch.Tensor, step_size: torch.Tensor, eps: torch.Tensor, decay: torch.Tensor,
+                 v_out: torch.Tensor) -> None:
+    """One MLorc-AdamW block update: writes this step's V into v_out and sets w to
     (w - step_size M / (sqrt(V) + eps)) * decay. The rebuilt previous second moment's entries
-    below -floor become fill, those in [-floor, floor) become floor (lowrank.fill_negatives_)."""
+    below -floor become the mean |v| over them, those in [-floor, floor) become floor
+    (lowrank.fill_negatives_); the statistics are a first loop over the factors.
+    M is not stored: it is b1 M~ + (1 - b1) G, compressed from the factors and G
+    (lowrank.MomentUpdate). (Measured: writing M too, into a caller's buffer, made the compiler
+    write the rebuilt moments out first; V alone keeps one loop.)"""
+    abs_sum, count = factored_negative_stats(v_us, v_vh, floor)
+    fill = abs_sum / count.clamp_min(1)                       # lowrank.negative_fill_value
     m_prev = rank_sum(m_us, m_vh)
     v_prev = rank_sum(v_us, v_vh)
     v_prev = torch.where(v_prev < -floor, fill, torch.clamp_min(v_prev, floor))
     m = m_prev + (1 - beta1) * (g - m_prev)
     v = beta2 * v_prev + (1 - beta2) * (g * g)
     w.copy_((w.to(m.dtype) - step_size * m / (torch.sqrt(v) + eps)) * decay)
-    return m, v
+    v_out.copy_(v)
 
 
 def lion_block_(w: torch.Tensor, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Tensor,
-                beta1: torch.Tensor, beta2: torch.Tensor, lr: torch.Tensor,
-                decay: torch.Tensor) -> torch.Tensor:
-    """One MLorc-Lion block update: sets w to (w - lr sign(b1 M~ + (1 - b1) G)) * decay and
-    returns b2 M~ + (1 - b2) G."""
+                beta1: torch.Tensor, lr: torch.Tensor, decay: torch.Tensor) -> None:
+    """One MLorc-Lion block update: sets w to (w - lr sign(b1 M~ + (1 - b1) G)) * decay. The new
+    moment b2 M~ + (1 - b2) G is not formed here (lowrank.MomentUpdate)."""
     m_prev = rank_sum(m_us, m_vh)
     direction = torch.sign(m_prev + (1 - beta1) * (g - m_prev))
     w.copy_((w.to(m_prev.dtype) - lr * direction) * decay)
-    return m_prev + (1 - beta2) * (g - m_prev)
 
 
 # Graphs allowed per fused function: ranks 1..UNROLLED_RANK, x parameter dtypes, x bodies of
 # one row (a size-1 dimension is specialised), with room to spare.
 RECOMPILE_LIMIT = 64
+
+# Inductor writes an inlined value out to memory once it is read more than
+# realize_reads_threshold (default 4) times. The rebuilt second moment is read 4+ times (the
+# negative fix, then V written out and V under the square root), so by default the compiler
+# stored both rebuilt moments in m x n temporaries, in loops of their own (measured: 3 loops and
+# two fresh 4 MiB buffers per 1024 x 1024 block, whose page faults were half the kernel's time;
+# with this: one loop, no temporary). Recomputing an entry costs 2 r multiply-adds; a read
+# from memory costs more.
+INDUCTOR_OPTIONS = {"realize_reads_threshold": 64}
 
 _COMPILED: dict = {}
 
@@ -113,7 +129,7 @@ def compiled(fn):
 class _CompiledBlock:
     def __init__(self, fn):
         self.fn = fn
-        self.compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        self.compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=INDUCTOR_OPTIONS)
 
     def __call__(self, *args):
         # detached aliases (same storage, so in-place writes land): an engine's flat partition

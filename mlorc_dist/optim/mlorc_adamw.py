@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ..lowrank import fill_negatives_, negative_fill_value, negative_stats
+from ..lowrank import MomentUpdate, fill_negatives_, negative_fill_value, negative_stats
 from .base import LowRankMomentumOptimizer
-from .fused import adamw_block_, compiled, factored_negative_stats, scalars
+from .fused import adamw_block_, compiled, scalars
 from .functional import adam_apply, adam_moments_, adam_step_size, adamw_dense_step, decoupled_weight_decay
 
 __all__ = ["MLorcAdamW"]
@@ -82,11 +82,13 @@ class MLorcAdamW(LowRankMomentumOptimizer):
         decoupled_weight_decay(value, group["lr"], group["weight_decay"])
         return [m, v]
 
-    def _fused_update(self, group, value, grad, factors, floors, step: int) -> list[torch.Tensor]:
+    fused_buffers = 1      # V; M stays unformed
+
+    def _fused_update(self, group, value, grad, factors, floors, step: int, buffer) -> list:
         beta1, beta2 = group["betas"]
         (m_us, m_vh), (v_us, v_vh) = factors
-        abs_sum, count = compiled(factored_negative_stats)(v_us, v_vh, floors[1])
         step_size = adam_step_size(group["lr"], beta1, beta2, step, group["correct_bias"])
-        hyper = scalars(negative_fill_value(abs_sum, count), floors[1], beta1, beta2, step_size,
-                        group["eps"], 1.0 - group["lr"] * group["weight_decay"], like=grad)
-        return list(compiled(adamw_block_)(value, grad, m_us, m_vh, v_us, v_vh, *hyper))
+        hyper = scalars(floors[1], beta1, beta2, step_size, group["eps"],
+                        1.0 - group["lr"] * group["weight_decay"], like=grad)
+        compiled(adamw_block_)(value, grad, m_us, m_vh, v_us, v_vh, *hyper, buffer)
+        return [MomentUpdate(m_us, m_vh, grad, beta1, 1.0 - beta1), buffer]

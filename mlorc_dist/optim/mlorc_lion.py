@@ -1,6 +1,7 @@
 """MLorc-Lion: Lion whose momentum lives as rank-r factors (arXiv 2506.01897)."""
 from __future__ import annotations
 
+from ..lowrank import MomentUpdate
 from .base import LowRankMomentumOptimizer
 from .fused import compiled, lion_block_, scalars
 from .functional import apply_direction, decoupled_weight_decay, lion_dense_step, lion_direction, lion_moment_
@@ -43,8 +44,9 @@ class MLorcLion(LowRankMomentumOptimizer):
         decoupled_weight_decay(value, group["lr"], group["weight_decay"])
         return [lion_moment_(grad, m_prev, beta2)]     # after the direction: it needs m_prev
 
-    def _fused_update(self, group, value, grad, factors, floors, step: int) -> list:
+    def _fused_update(self, group, value, grad, factors, floors, step: int, buffer) -> list:
         beta1, beta2 = group["betas"]
         ((m_us, m_vh),) = factors
-        hyper = scalars(beta1, beta2, group["lr"], 1.0 - group["lr"] * group["weight_decay"], like=grad)
-        return [compiled(lion_block_)(value, grad, m_us, m_vh, *hyper)]
+        hyper = scalars(beta1, group["lr"], 1.0 - group["lr"] * group["weight_decay"], like=grad)
+        compiled(lion_block_)(value, grad, m_us, m_vh, *hyper)
+        return [MomentUpdate(m_us, m_vh, grad, beta2, 1.0 - beta2)]
