@@ -23,6 +23,7 @@ from ..lowrank import (MomentUpdate, compress, compute_dtype_for, rebuild, rebui
                        scaled_factors, sketch_seed)
 from ..pieces import Layout, Piece, plain_layout
 from ..scopes import SCOPES, RowBlock, all_reduce_sum, global_randomized_svd
+from . import skinny
 
 logger = logging.getLogger("mlorc_dist")
 
@@ -95,6 +96,9 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         self._plans: dict[int, list[PiecePlan]] = {}
         self._warned_clamp: set[str] = set()
         self._workspaces: dict[tuple, torch.Tensor] = {}
+        # the fused step's range finder runs its skinny products in optim/skinny.py's kernel
+        # (2-D CPU blocks, sketches of <= 8 columns); the reference path uses torch.matmul
+        self._skinny_kernels = skinny.KERNELS if fused else None
         super().__init__(params, defaults)
         self._index_parameters()
         self.log_treatments("at construction (an engine that shards the parameters logs again once "
@@ -566,7 +570,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         for state_id, (name, moment) in enumerate(zip(self.moment_names, moments)):
             seeds = [sketch_seed(self.seed, step, plan.piece.key, plan.body_row0, state_id)
                      for _, plan, _, _, _, step in items]
-            u, s, vh = compress(moment, items[0][1].rank, group["oversample"], group["niter"], seeds)
+            u, s, vh = compress(moment, items[0][1].rank, group["oversample"], group["niter"], seeds,
+                                self._skinny_kernels)
             for i, entry in enumerate(entries):
                 entry[f"{name}_u"].copy_(u[i])
                 entry[f"{name}_s"].copy_(s[i])
@@ -582,7 +587,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         key = plan.piece.key
         self._store_factors(entry, [
             compress(moment, plan.rank, group["oversample"], group["niter"],
-                     sketch_seed(self.seed, step, key, plan.body_row0, state_id))
+                     sketch_seed(self.seed, step, key, plan.body_row0, state_id), self._skinny_kernels)
             for state_id, moment in enumerate(moments)])
 
     def _workspace(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
