@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 
 namespace {
 
@@ -107,18 +108,28 @@ void cols_all(const at::Tensor& x, const at::Tensor& a, at::Tensor& z) {
   at::parallel_for(0, n, 512, [&](int64_t b, int64_t e) { cols_range<T, Q>(px, pa, pz, m, n, b, e); });
 }
 
-#define MLORC_FOR_Q(q, CALL) \
-  switch (q) {               \
-    case 1: CALL(1); break;  \
-    case 2: CALL(2); break;  \
-    case 3: CALL(3); break;  \
-    case 4: CALL(4); break;  \
-    case 5: CALL(5); break;  \
-    case 6: CALL(6); break;  \
-    case 7: CALL(7); break;  \
-    case 8: CALL(8); break;  \
-    default: TORCH_CHECK(false, "mlorc skinny product: q must be 1..8, got ", q); \
-  }
+template <typename T>
+struct TypeTag { using type = T; };
+
+// f(TypeTag<T>{}, std::integral_constant<int, Q>{}) for the tensor's dtype and Q = q in 1..8
+template <typename F>
+void for_dtype_and_width(const at::Tensor& t, int64_t q, F&& f) {
+  auto with_width = [&](auto tag) {
+    switch (q) {
+      case 1: return f(tag, std::integral_constant<int, 1>{});
+      case 2: return f(tag, std::integral_constant<int, 2>{});
+      case 3: return f(tag, std::integral_constant<int, 3>{});
+      case 4: return f(tag, std::integral_constant<int, 4>{});
+      case 5: return f(tag, std::integral_constant<int, 5>{});
+      case 6: return f(tag, std::integral_constant<int, 6>{});
+      case 7: return f(tag, std::integral_constant<int, 7>{});
+      case 8: return f(tag, std::integral_constant<int, 8>{});
+      default: TORCH_CHECK(false, "mlorc skinny product: q must be 1..8, got ", q);
+    }
+  };
+  if (t.scalar_type() == at::kFloat) with_width(TypeTag<float>{});
+  else with_width(TypeTag<double>{});
+}
 
 void check(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.device().is_cpu() &&
@@ -134,15 +145,9 @@ at::Tensor rows(const at::Tensor& a, const at::Tensor& xt) {
   TORCH_CHECK(a.size(1) == xt.size(1) && a.scalar_type() == xt.scalar_type(),
               "rows: a (m, n) and xt (q, n) of one dtype");
   auto y = at::empty({a.size(0), xt.size(0)}, a.options());
-  if (a.scalar_type() == at::kFloat) {
-#define CALL(q) rows_all<float, q>(a, xt, y)
-    MLORC_FOR_Q(xt.size(0), CALL)
-#undef CALL
-  } else {
-#define CALL(q) rows_all<double, q>(a, xt, y)
-    MLORC_FOR_Q(xt.size(0), CALL)
-#undef CALL
-  }
+  for_dtype_and_width(a, xt.size(0), [&](auto tag, auto q) {
+    rows_all<typename decltype(tag)::type, decltype(q)::value>(a, xt, y);
+  });
   return y;
 }
 
@@ -152,15 +157,9 @@ at::Tensor cols(const at::Tensor& x, const at::Tensor& a) {
   TORCH_CHECK(a.size(0) == x.size(0) && a.scalar_type() == x.scalar_type(),
               "cols: x (m, q) and a (m, n) of one dtype");
   auto z = at::empty({x.size(1), a.size(1)}, a.options());
-  if (a.scalar_type() == at::kFloat) {
-#define CALL(q) cols_all<float, q>(x, a, z)
-    MLORC_FOR_Q(x.size(1), CALL)
-#undef CALL
-  } else {
-#define CALL(q) cols_all<double, q>(x, a, z)
-    MLORC_FOR_Q(x.size(1), CALL)
-#undef CALL
-  }
+  for_dtype_and_width(a, x.size(1), [&](auto tag, auto q) {
+    cols_all<typename decltype(tag)::type, decltype(q)::value>(x, a, z);
+  });
   return z;
 }
 
