@@ -106,9 +106,11 @@ def test_fused_step_equals_the_reference_path(cls, kwargs, batched, rel_diff):
     assert "exp_avg_u" in opt.state[fast.model.layers[0].self_attn.q_proj.weight]["pieces"][0]
 
 
-def test_fused_step_in_bf16_parameters(rel_diff):
+@pytest.mark.parametrize("batched", [True, False])      # False: the C++ skinny products
+def test_fused_step_in_bf16_parameters(rel_diff, batched):
     """bf16 parameters: the fused kernel computes in fp32 and writes bf16, like the reference."""
-    fast, plain, _ = _train_pair(MLorcAdamW, dict(lr=1e-2, rank=4, weight_decay=0.0), dtype=torch.bfloat16)
+    fast, plain, _ = _train_pair(MLorcAdamW, dict(lr=1e-2, rank=4, weight_decay=0.0, batched=batched),
+                                 dtype=torch.bfloat16)
     assert next(fast.parameters()).dtype == torch.bfloat16
     assert rel_diff(list(fast.parameters()), list(plain.parameters())) <= 1e-2
 
