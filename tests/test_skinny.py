@@ -72,3 +72,7 @@ def test_the_fused_step_uses_the_kernel_and_a_build_failure_is_an_error(monkeypa
     monkeypatch.setattr("torch.utils.cpp_extension.load", no_compiler)
     with pytest.raises(RuntimeError, match="could not build the C\\+\\+ skinny-product kernel.*g\\+\\+: not found"):
         skinny.times_skinny(torch.randn(8, 8), torch.randn(8, 2))
+    # the optimizer builds it at construction (CPU parameters): the error comes before any step
+    with pytest.raises(RuntimeError, match="could not build the C\\+\\+ skinny-product kernel"):
+        mlorc_dist.MLorcAdamW([w], rank=4, fused=True)
+    mlorc_dist.MLorcAdamW([w], rank=4)                                  # the reference path needs none

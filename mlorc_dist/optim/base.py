@@ -100,6 +100,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         # (2-D CPU blocks, sketches of <= 8 columns); the reference path uses torch.matmul
         self._skinny_kernels = skinny.KERNELS if fused else None
         super().__init__(params, defaults)
+        if fused and any(p.device.type == "cpu" for g in self.param_groups for p in g["params"]):
+            skinny.build()     # a failed build is an error here, before any step has run
         self._index_parameters()
         self.log_treatments("at construction (an engine that shards the parameters logs again once "
                             "its layout is attached)")

@@ -1,6 +1,7 @@
 """The range finder's skinny products for the fused step on the CPU: a @ x and x^T @ a for a
 large block a (m, n) and a sketch x of q <= 8 columns, in a small C++ kernel (skinny.cpp)
-built on first use by torch.utils.cpp_extension.
+built by torch.utils.cpp_extension when a fused optimizer is constructed with CPU parameters
+(build(); later calls load it from torch's extension cache).
 
 Why: MKL's GEMM at q = 4 streams a block at ~13 GB/s on the reference VM, where a plain sum
 streams at 25-85 GB/s; the eight such products of an MLorc-AdamW step were half its time. The
@@ -21,7 +22,7 @@ import torch
 
 from .. import lowrank
 
-__all__ = ["MAX_WIDTH", "uses_kernel", "times_skinny", "skinny_t_times", "KERNELS"]
+__all__ = ["MAX_WIDTH", "build", "uses_kernel", "times_skinny", "skinny_t_times", "KERNELS"]
 
 MAX_WIDTH = 8
 SOURCE = Path(__file__).with_name("skinny.cpp")
@@ -40,6 +41,13 @@ def _cpu_fingerprint() -> str:
     except OSError:
         pass
     return hashlib.sha1(f"{platform.machine()}|{flags}".encode()).hexdigest()[:10]
+
+
+def build() -> None:
+    """Build (or load from torch's extension cache) the kernel now: the optimizers call this at
+    construction when fused=True and a parameter is on the CPU, so that a missing compiler is
+    an error before any step. Raises RuntimeError."""
+    _extension()
 
 
 def _extension():
