@@ -16,8 +16,11 @@ def test_kernel_products_equal_matmul(m, n, q, dtype, tol):
     a = torch.randn(m, n, generator=g, dtype=dtype)
     x_right = torch.randn(n, q, generator=g, dtype=dtype)       # a @ x
     x_left = torch.randn(m, q, generator=g, dtype=dtype)        # x^T @ a
-    assert skinny.uses_kernel(a, q)
-    for got, want in ((skinny.times_skinny(a, x_right), a @ x_right),
+    ext = skinny._extension()                  # every width it takes (q <= 8), used or not
+    assert skinny.uses_kernel(a, q) == (q <= skinny.MAX_WIDTH)
+    for got, want in ((ext.rows(a, x_right.mT.contiguous()), a @ x_right),
+                      (ext.cols(x_left, a), x_left.mT @ a),
+                      (skinny.times_skinny(a, x_right), a @ x_right),
                       (skinny.skinny_t_times(x_left, a), x_left.mT @ a)):
         assert got.shape == want.shape and got.dtype == dtype
         assert (got - want).abs().max() <= tol * max(1.0, want.abs().max().item())
@@ -41,6 +44,10 @@ def test_the_rule_for_what_runs_in_the_kernel():
     assert not skinny.uses_kernel(torch.empty(6, 10, device="meta"), 4)
     x = torch.randn(10, 9)
     torch.testing.assert_close(skinny.times_skinny(a, x), lowrank.times_skinny(a, x))
+    with pytest.raises(RuntimeError, match="q must be 1..8"):        # the kernel itself refuses
+        skinny._extension().rows(a, x.mT.contiguous())
+    with pytest.raises(RuntimeError, match="contiguous 2-D float32/float64 CPU tensor"):
+        skinny._extension().cols(torch.randn(6, 2).to(torch.bfloat16), a.to(torch.bfloat16))
 
 
 def test_the_fused_step_uses_the_kernel_and_a_build_failure_is_an_error(monkeypatch):

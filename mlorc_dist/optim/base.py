@@ -97,7 +97,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         self._warned_clamp: set[str] = set()
         self._workspaces: dict[tuple, torch.Tensor] = {}
         # the fused step's range finder runs its skinny products in optim/skinny.py's kernel
-        # (2-D CPU blocks, sketches of <= 8 columns); the reference path uses torch.matmul
+        # (2-D CPU blocks, sketches of <= 6 columns); the reference path uses torch.matmul
         self._skinny_kernels = skinny.KERNELS if fused else None
         super().__init__(params, defaults)
         if fused and any(p.device.type == "cpu" for g in self.param_groups for p in g["params"]):

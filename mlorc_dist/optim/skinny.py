@@ -1,5 +1,5 @@
 """The range finder's skinny products for the fused step on the CPU: a @ x and x^T @ a for a
-large block a (m, n) and a sketch x of q <= 8 columns, in a small C++ kernel (skinny.cpp)
+large block a (m, n) and a sketch x of q <= 6 columns, in a small C++ kernel (skinny.cpp)
 built by torch.utils.cpp_extension when a fused optimizer is constructed with CPU parameters
 (build(); later calls load it from torch's extension cache).
 
@@ -24,7 +24,10 @@ from .. import lowrank
 
 __all__ = ["MAX_WIDTH", "build", "uses_kernel", "times_skinny", "skinny_t_times", "KERNELS"]
 
-MAX_WIDTH = 8
+# The kernel takes q <= 8, but above 6 columns MKL catches up with it (one 2048 x 2048 block, one
+# thread: q = 4 0.73 vs 1.45 ms, q = 6 1.51 vs 1.69, q = 8 2.07 vs 1.75; the accumulators no
+# longer fit the registers), so wider sketches go to torch.matmul.
+MAX_WIDTH = 6
 SOURCE = Path(__file__).with_name("skinny.cpp")
 _EXTENSION = None
 
