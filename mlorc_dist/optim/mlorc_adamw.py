@@ -42,7 +42,10 @@ class MLorcAdamW(LowRankMomentumOptimizer):
         batched*                       compress same-shaped small bodies in one batched call
         fused*                         one compiled pass per block (optim/fused.py, torch.compile)
                                        instead of the reference path's GEMM rebuild and
-                                       elementwise passes; local scope only
+                                       elementwise passes, the first moment left unformed, V in
+                                       a workspace kept between steps, and on the CPU the range
+                                       finder's products in a C++ kernel (optim/skinny.py);
+                                       local scope only
     """
 
     moment_names = ("exp_avg", "exp_avg_sq")
