@@ -38,6 +38,7 @@ PEER_GLOBAL_RUNS = ["zero1:mofasgd:global:4", "zero3:mofasgd:global:4", "fsdp2:m
 FUSED_RUNS = {"zero2:mlorc-adamw-fused:local:4": "zero2:mlorc-adamw:local:4",
               "fsdp2:mlorc-adamw-fused:local:4": "fsdp2:mlorc-adamw:local:4",
               "zero3:mlorc-lion-fused:local:4": "zero3:mlorc-lion:local:4",
+              "zero3:mlorc-adamw-fused:local:4": "zero3:mlorc-adamw:local:4",
               "zero2:mlorc-adamw-fused:local:full": "zero2:adamw"}
 
 
