@@ -26,6 +26,19 @@ def test_kernel_products_equal_matmul(m, n, q, dtype, tol):
         assert (got - want).abs().max() <= tol * max(1.0, want.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_kernel_products_of_a_batch_equal_bmm(dtype, tol):
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(3, 37, 50, generator=g, dtype=dtype)
+    x_right, x_left = torch.randn(3, 50, 4, generator=g, dtype=dtype), torch.randn(3, 37, 4, generator=g, dtype=dtype)
+    for got, want in ((skinny.times_skinny(a, x_right), a @ x_right),
+                      (skinny.skinny_t_times(x_left, a), x_left.mT @ a)):
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= tol * max(1.0, want.abs().max().item())
+    with pytest.raises(RuntimeError, match="like the other operand"):
+        skinny._extension().rows(a, x_right[0].mT.contiguous())
+
+
 def test_kernel_takes_views_and_transposed_sketches():
     """The range finder hands it Q factors (column-major) and views of a flat gradient."""
     flat = torch.randn(3 + 40 * 24)
@@ -40,13 +53,14 @@ def test_the_rule_for_what_runs_in_the_kernel():
     a = torch.randn(6, 10)
     assert not skinny.uses_kernel(a, skinny.MAX_WIDTH + 1)          # wider sketches: matmul
     assert not skinny.uses_kernel(a.to(torch.bfloat16), 4)          # not a compute dtype
-    assert not skinny.uses_kernel(torch.randn(2, 6, 10), 4)         # batched bodies: bmm
+    assert skinny.uses_kernel(torch.randn(2, 6, 10), 4)             # a batch of bodies too
+    assert not skinny.uses_kernel(torch.randn(2, 2, 6, 10), 4)
     assert not skinny.uses_kernel(torch.empty(6, 10, device="meta"), 4)
     x = torch.randn(10, 9)
     torch.testing.assert_close(skinny.times_skinny(a, x), lowrank.times_skinny(a, x))
     with pytest.raises(RuntimeError, match="q must be 1..8"):        # the kernel itself refuses
         skinny._extension().rows(a, x.mT.contiguous())
-    with pytest.raises(RuntimeError, match="contiguous 2-D float32/float64 CPU tensor"):
+    with pytest.raises(RuntimeError, match="float32/float64 CPU tensor"):
         skinny._extension().cols(torch.randn(6, 2).to(torch.bfloat16), a.to(torch.bfloat16))
 
 

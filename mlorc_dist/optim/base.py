@@ -540,7 +540,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             group, plan, value = body[0], body[1], body[2]
             key = (id(group), plan.body_rows, plan.piece.matrix.cols, plan.rank, value.dtype, value.device)
             batches.setdefault(key, []).append(body)
-        for items in (chunk for same_shape in batches.values() for chunk in batch_chunks(same_shape)):
+        cap = FUSED_BATCH_ELEMENTS if self.fused else BATCH_ELEMENTS
+        for items in (chunk for same_shape in batches.values() for chunk in batch_chunks(same_shape, max_elements=cap)):
             if len(items) == 1:
                 self._local_update(*items[0])
             else:
@@ -552,11 +553,12 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         entries = [item[4] for item in items]
         shape, device = (len(items), *items[0][2].shape), items[0][2].device
         if self.fused:    # each body's kernel writes into its row of the batch buffer
-            buffer = torch.empty(shape, dtype=compute, device=device) if self.fused_buffers else None
+            buffer = self._workspace("moment", shape, compute, device) if self.fused_buffers else None
             per_body = [self._body_moments(group, body, body_grad, entry, step, None,
                                            None if buffer is None else buffer[i])
                         for i, (_, plan, body, body_grad, entry, step) in enumerate(items)]
-            moments = [_batch_moments([moments[j] for moments in per_body], buffer)
+            stacked = self._workspace("gradient", shape, compute, device)     # the unformed moments' G
+            moments = [_batch_moments([moments[j] for moments in per_body], buffer, stacked)
                        for j in range(len(self.moment_names))]
             del per_body
         else:
@@ -584,7 +586,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         The reference path (batched=False); _local_update_batched must agree with it."""
         buffer = None
         if self.fused and self.fused_buffers:
-            buffer = self._workspace(body.shape, compute_dtype_for(body.dtype), body.device)
+            buffer = self._workspace("moment", body.shape, compute_dtype_for(body.dtype), body.device)
         moments = self._body_moments(group, body, body_grad, entry, step, None, buffer)
         key = plan.piece.key
         self._store_factors(entry, [
@@ -592,13 +594,14 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
                      sketch_seed(self.seed, step, key, plan.body_row0, state_id), self._skinny_kernels)
             for state_id, moment in enumerate(moments)])
 
-    def _workspace(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
-        """A (shape) view of a buffer this optimizer keeps between steps (fused=True, bodies
-        compressed one by one: the second moment is written there). One buffer per dtype and
-        device, as large as the largest body seen: a fresh buffer every step costs a page fault
-        per 4 KiB on the CPU (measured ~2 us each, half the time of a 1024 x 1024 block's
-        kernel). Not part of the state_dict."""
-        numel, key = math.prod(shape), (dtype, torch.device(device))
+    def _workspace(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        """A (shape) view of a buffer this optimizer keeps between steps (fused=True): "moment"
+        takes the second moment of a body, or of a batch of bodies; "gradient" a batch's
+        gradients stacked. One buffer per name, dtype and device, as large as the largest use
+        seen (a batch holds at most FUSED_BATCH_ELEMENTS): a fresh buffer every step costs a
+        page fault per 4 KiB on the CPU (measured ~2 us each, half the time of a 1024 x 1024
+        block's kernel). Not part of the state_dict."""
+        numel, key = math.prod(shape), (name, dtype, torch.device(device))
         buffer = self._workspaces.get(key)
         if buffer is None or buffer.numel() < numel:
             self._workspaces.pop(key, None)         # free the old one before allocating
@@ -719,6 +722,9 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
 # buffer (B x k x n): 2**26 is 256 MiB in fp32. The batch's buffers are a step's workspace, so
 # this bounds it (mlorc_dist.memory.planner models the same rule).
 BATCH_ELEMENTS = 1 << 26
+# The fused step keeps its batch buffers between steps (no fresh pages), so its batches are
+# smaller: 2**22 elements, 16 MiB in fp32 per buffer, already many calls' worth of bodies.
+FUSED_BATCH_ELEMENTS = 1 << 22
 # Bodies larger than this (elements) are not batched: measured, batching wins only where calls
 # dominate (bench/optimizer_step.py: CPU 256x256 faster, 1024x1024 slower; H100 1024x1024
 # faster, 4096x4096 slower; docs/BENCHMARKS.md).
@@ -726,7 +732,8 @@ BATCH_MAX_BODY = {"cpu": 1 << 18}
 BATCH_MAX_BODY_OTHER = 1 << 21
 
 
-def batch_chunks(items: list, body_numel: int | None = None, device_type: str | None = None) -> list[list]:
+def batch_chunks(items: list, body_numel: int | None = None, device_type: str | None = None,
+                 max_elements: int | None = None) -> list[list]:
     """Split same-shaped bodies into batches of at most BATCH_ELEMENTS elements (at least one
     body each); bodies above the device's BATCH_MAX_BODY go one by one. `items` are
     _local_piece_update tuples (their plan and body give the size and device)."""
@@ -737,7 +744,7 @@ def batch_chunks(items: list, body_numel: int | None = None, device_type: str | 
         device_type = items[0][2].device.type
     if body_numel > BATCH_MAX_BODY.get(device_type, BATCH_MAX_BODY_OTHER):
         return [[item] for item in items]
-    per_batch = max(1, BATCH_ELEMENTS // max(1, body_numel))
+    per_batch = max(1, (max_elements or BATCH_ELEMENTS) // max(1, body_numel))
     return [items[i:i + per_batch] for i in range(0, len(items), per_batch)]
 
 
@@ -769,9 +776,10 @@ def _move_state(value, device):
     return value
 
 
-def _batch_moments(moments: list, buffer: torch.Tensor | None):
+def _batch_moments(moments: list, buffer: torch.Tensor | None, stacked: torch.Tensor):
     """One moment of every body of a fused batch, as one batched moment: the batch buffer when
-    the bodies wrote it there (row i each), else their MomentUpdates stacked."""
+    the bodies wrote it there (row i each), else their MomentUpdates with the gradients
+    stacked into `stacked` (a (B, k, n) workspace)."""
     if all(isinstance(m, torch.Tensor) for m in moments):
         if buffer is None or any(m.data_ptr() != buffer[i].data_ptr() for i, m in enumerate(moments)):
             raise RuntimeError("fused step: a moment was not written into its row of the batch buffer")
@@ -779,5 +787,6 @@ def _batch_moments(moments: list, buffer: torch.Tensor | None):
     if not all(isinstance(m, MomentUpdate) and (m.keep, m.mix) == (moments[0].keep, moments[0].mix)
                for m in moments):
         raise RuntimeError("fused step: the bodies of one batch returned different kinds of moments")
+    torch.stack([m.dense for m in moments], out=stacked)
     return MomentUpdate(torch.stack([m.us for m in moments]), torch.stack([m.vh for m in moments]),
-                        torch.stack([m.dense for m in moments]), moments[0].keep, moments[0].mix)
+                        stacked, moments[0].keep, moments[0].mix)

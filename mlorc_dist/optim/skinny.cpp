@@ -90,22 +90,27 @@ void cols_range(const T* x, const T* a, T* z, int64_t m, int64_t n, int64_t begi
   }
 }
 
+// every matrix of a batch (B, m, n): a 2-D tensor is a batch of one
 template <typename T, int Q>
 void rows_all(const at::Tensor& a, const at::Tensor& xt, at::Tensor& y) {
-  const int64_t m = a.size(0), n = a.size(1);
-  const T* pa = a.data_ptr<T>();
-  const T* px = xt.data_ptr<T>();
-  T* py = y.data_ptr<T>();
-  at::parallel_for(0, m, 64, [&](int64_t b, int64_t e) { rows_range<T, Q>(pa, px, py, n, b, e); });
+  const int64_t batch = a.dim() == 3 ? a.size(0) : 1, m = a.size(-2), n = a.size(-1);
+  for (int64_t b = 0; b < batch; ++b) {
+    const T* pa = a.data_ptr<T>() + b * m * n;
+    const T* px = xt.data_ptr<T>() + b * Q * n;
+    T* py = y.data_ptr<T>() + b * m * Q;
+    at::parallel_for(0, m, 64, [&](int64_t i, int64_t e) { rows_range<T, Q>(pa, px, py, n, i, e); });
+  }
 }
 
 template <typename T, int Q>
 void cols_all(const at::Tensor& x, const at::Tensor& a, at::Tensor& z) {
-  const int64_t m = a.size(0), n = a.size(1);
-  const T* px = x.data_ptr<T>();
-  const T* pa = a.data_ptr<T>();
-  T* pz = z.data_ptr<T>();
-  at::parallel_for(0, n, 512, [&](int64_t b, int64_t e) { cols_range<T, Q>(px, pa, pz, m, n, b, e); });
+  const int64_t batch = a.dim() == 3 ? a.size(0) : 1, m = a.size(-2), n = a.size(-1);
+  for (int64_t b = 0; b < batch; ++b) {
+    const T* px = x.data_ptr<T>() + b * m * Q;
+    const T* pa = a.data_ptr<T>() + b * m * n;
+    T* pz = z.data_ptr<T>() + b * Q * n;
+    at::parallel_for(0, n, 512, [&](int64_t j, int64_t e) { cols_range<T, Q>(px, pa, pz, m, n, j, e); });
+  }
 }
 
 template <typename T>
@@ -131,39 +136,44 @@ void for_dtype_and_width(const at::Tensor& t, int64_t q, F&& f) {
   else with_width(TypeTag<double>{});
 }
 
-void check(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.device().is_cpu() &&
+void check(const at::Tensor& t, int64_t dim, const char* name) {
+  TORCH_CHECK((t.dim() == 2 || t.dim() == 3) && t.dim() == dim && t.is_contiguous() && t.device().is_cpu() &&
                   (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
-              "mlorc skinny product: ", name, " must be a contiguous 2-D float32/float64 CPU tensor");
+              "mlorc skinny product: ", name, " must be a contiguous 2-D (or batched 3-D, like the other "
+              "operand) float32/float64 CPU tensor");
 }
 
 }  // namespace
 
 at::Tensor rows(const at::Tensor& a, const at::Tensor& xt) {
-  check(a, "a");
-  check(xt, "xt");
-  TORCH_CHECK(a.size(1) == xt.size(1) && a.scalar_type() == xt.scalar_type(),
-              "rows: a (m, n) and xt (q, n) of one dtype");
-  auto y = at::empty({a.size(0), xt.size(0)}, a.options());
-  for_dtype_and_width(a, xt.size(0), [&](auto tag, auto q) {
+  check(a, a.dim(), "a");
+  check(xt, a.dim(), "xt");
+  TORCH_CHECK(a.size(-1) == xt.size(-1) && (a.dim() == 2 || a.size(0) == xt.size(0)) &&
+                  a.scalar_type() == xt.scalar_type(),
+              "rows: a ([B,] m, n) and xt ([B,] q, n) of one dtype");
+  auto y = a.dim() == 2 ? at::empty({a.size(0), xt.size(0)}, a.options())
+                        : at::empty({a.size(0), a.size(1), xt.size(1)}, a.options());
+  for_dtype_and_width(a, xt.size(-2), [&](auto tag, auto q) {
     rows_all<typename decltype(tag)::type, decltype(q)::value>(a, xt, y);
   });
   return y;
 }
 
 at::Tensor cols(const at::Tensor& x, const at::Tensor& a) {
-  check(x, "x");
-  check(a, "a");
-  TORCH_CHECK(a.size(0) == x.size(0) && a.scalar_type() == x.scalar_type(),
-              "cols: x (m, q) and a (m, n) of one dtype");
-  auto z = at::empty({x.size(1), a.size(1)}, a.options());
-  for_dtype_and_width(a, x.size(1), [&](auto tag, auto q) {
+  check(a, a.dim(), "a");
+  check(x, a.dim(), "x");
+  TORCH_CHECK(a.size(-2) == x.size(-2) && (a.dim() == 2 || a.size(0) == x.size(0)) &&
+                  a.scalar_type() == x.scalar_type(),
+              "cols: x ([B,] m, q) and a ([B,] m, n) of one dtype");
+  auto z = a.dim() == 2 ? at::empty({x.size(1), a.size(1)}, a.options())
+                        : at::empty({a.size(0), x.size(2), a.size(2)}, a.options());
+  for_dtype_and_width(a, x.size(-1), [&](auto tag, auto q) {
     cols_all<typename decltype(tag)::type, decltype(q)::value>(x, a, z);
   });
   return z;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rows", &rows, "a @ x for a (m, n) and xt = x^T (q, n), q <= 8");
-  m.def("cols", &cols, "x^T @ a for x (m, q) and a (m, n), q <= 8");
+  m.def("rows", &rows, "a @ x for a ([B,] m, n) and xt = x^T ([B,] q, n), q <= 8");
+  m.def("cols", &cols, "x^T @ a for x ([B,] m, q) and a ([B,] m, n), q <= 8");
 }

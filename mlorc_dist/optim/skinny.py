@@ -8,8 +8,9 @@ streams at 25-85 GB/s; the eight such products of an MLorc-AdamW step were half 
 kernel keeps independent vector accumulators and makes one pass (bench/optimizer_step.py,
 docs/BENCHMARKS.md). Same products, another summation order: results agree to rounding.
 
-Which products run where is a fixed rule, not a fallback: 2-D float32/float64 CPU blocks with
-q <= MAX_WIDTH use the kernel; batched (3-D) blocks, GPUs and wider sketches use torch.matmul
+Which products run where is a fixed rule, not a fallback: float32/float64 CPU blocks (2-D, or
+a batch of same-shaped bodies, 3-D) with q <= MAX_WIDTH use the kernel; GPUs and wider sketches
+use torch.matmul
 (lowrank.times_skinny / skinny_t_times). A kernel that does not build is a RuntimeError.
 """
 from __future__ import annotations
@@ -72,19 +73,19 @@ def _extension():
 
 def uses_kernel(a: torch.Tensor, width: int) -> bool:
     """Whether a product of block a with a sketch of `width` columns runs in the C++ kernel."""
-    return (a.dim() == 2 and a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
+    return (a.dim() in (2, 3) and a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
             and width <= MAX_WIDTH)
 
 
 def times_skinny(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """a @ x for a (m, n) and x (n, q): the kernel where uses_kernel, else lowrank's."""
+    """a @ x for a ([B,] m, n) and x ([B,] n, q): the kernel where uses_kernel, else lowrank's."""
     if uses_kernel(a, x.shape[-1]):
         return _extension().rows(a.contiguous(), x.mT.contiguous())
     return lowrank.times_skinny(a, x)
 
 
 def skinny_t_times(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """x^T @ a for x (m, q) and a (m, n): the kernel where uses_kernel, else lowrank's."""
+    """x^T @ a for x ([B,] m, q) and a ([B,] m, n): the kernel where uses_kernel, else lowrank's."""
     if uses_kernel(a, x.shape[-1]):
         return _extension().cols(x.contiguous(), a.contiguous())
     return lowrank.skinny_t_times(x, a)
