@@ -96,8 +96,9 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         self._plans: dict[int, list[PiecePlan]] = {}
         self._warned_clamp: set[str] = set()
         self._workspaces: dict[tuple, torch.Tensor] = {}
-        # the fused step's range finder runs its skinny products in optim/skinny.py's kernel
-        # (2-D CPU blocks, sketches of <= 6 columns); the reference path uses torch.matmul
+        # the fused step's range finder runs its skinny products through optim/skinny.py (its C++
+        # kernel for CPU blocks and batches with sketches of <= 6 columns); the reference path
+        # uses torch.matmul
         self._skinny_kernels = skinny.KERNELS if fused else None
         super().__init__(params, defaults)
         if fused and any(p.device.type == "cpu" for g in self.param_groups for p in g["params"]):

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from ..lowrank import negative_fill_value
+
 __all__ = [
     "rank_sum",
     "factored_negative_stats",
@@ -82,7 +84,7 @@ def adamw_block_(w: torch.Tensor, g: torch.Tensor, m_us: torch.Tensor, m_vh: tor
     (lowrank.MomentUpdate). (Measured: writing M too, into a caller's buffer, made the compiler
     write the rebuilt moments out first; V alone keeps one loop.)"""
     abs_sum, count = factored_negative_stats(v_us, v_vh, floor)
-    fill = abs_sum / count.clamp_min(1)                       # lowrank.negative_fill_value
+    fill = negative_fill_value(abs_sum, count)
     m_prev = rank_sum(m_us, m_vh)
     v_prev = rank_sum(v_us, v_vh)
     v_prev = torch.where(v_prev < -floor, fill, torch.clamp_min(v_prev, floor))

@@ -10,8 +10,8 @@ docs/BENCHMARKS.md). Same products, another summation order: results agree to ro
 
 Which products run where is a fixed rule, not a fallback: float32/float64 CPU blocks (2-D, or
 a batch of same-shaped bodies, 3-D) with q <= MAX_WIDTH use the kernel; GPUs and wider sketches
-use torch.matmul
-(lowrank.times_skinny / skinny_t_times). A kernel that does not build is a RuntimeError.
+use torch.matmul (lowrank.times_skinny / skinny_t_times). A kernel that does not build is a
+RuntimeError.
 """
 from __future__ import annotations
 
