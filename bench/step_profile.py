@@ -4,6 +4,7 @@ process and the same matrices.
 
     python bench/step_profile.py                       # 4 blocks of 1024 x 1024, r = 4, one thread
     python bench/step_profile.py --size 2048 --steps 5
+    python bench/step_profile.py --device cuda --size 4096     # GPU: kernel time per operator too
 
 Prints a table per optimizer and writes JSON (docs/BENCHMARKS.md, "Where the time goes").
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -31,33 +33,53 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--top", type=int, default=9)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=Path("runs/bench_step_profile.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    params = make_params(args.size, args.matrices, torch.device("cpu"))
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    params = make_params(args.size, args.matrices, device)
     blocks = args.steps * args.matrices
     results = {}
     for name, make in (("adamw-foreach", lambda: torch.optim.AdamW(params, lr=1e-3, foreach=True)),
+                       *([("adamw-fused", lambda: torch.optim.AdamW(params, lr=1e-3, fused=True))] if cuda else []),
                        ("mlorc-adamw", lambda: mlorc_dist.MLorcAdamW(params, lr=1e-3, rank=args.rank)),
                        ("mlorc-adamw fused", lambda: mlorc_dist.MLorcAdamW(params, lr=1e-3, rank=args.rank,
                                                                            fused=True))):
         opt = make()
         for _ in range(3):            # state, and the fused kernel's compilation
             opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / blocks * 1e3
         with profile() as prof:
             for _ in range(args.steps):
                 opt.step()
+            if cuda:
+                torch.cuda.synchronize()
         events = prof.key_averages()
-        total = sum(e.self_cpu_time_total for e in events) / blocks / 1e3
-        rows = [{"op": e.key, "ms_per_block": e.self_cpu_time_total / blocks / 1e3,
-                 "calls_per_block": e.count / blocks}
-                for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.top]]
-        results[name] = {"ms_per_block": total, "top": rows}
-        print(f"\n{name}: {total:.2f} ms per {args.size} x {args.size} block (self time, profiled)")
+        # on a GPU the kernels' time (self device time) says where the device is busy; the gap
+        # between it and the wall time is launch latency and host synchronisation
+        key = "self_device_time_total" if cuda else "self_cpu_time_total"
+        total = sum(getattr(e, key) for e in events) / blocks / 1e3
+        rows = [{"op": e.key, "ms_per_block": getattr(e, key) / blocks / 1e3,
+                 "cpu_ms_per_block": e.self_cpu_time_total / blocks / 1e3, "calls_per_block": e.count / blocks}
+                for e in sorted(events, key=lambda e: -getattr(e, key))[:args.top]]
+        results[name] = {"ms_per_block": total, "wall_ms_per_block": wall, "top": rows}
+        print(f"\n{name}: {wall:.3f} ms per {args.size} x {args.size} block (wall, unprofiled); "
+              f"{total:.3f} ms of {'kernel' if cuda else 'self CPU'} time (profiled)")
         for row in rows:
-            print(f"  {row['op'][:60]:<60} {row['ms_per_block']:7.3f} ms  {row['calls_per_block']:5.1f} calls")
+            print(f"  {row['op'][:60]:<60} {row['ms_per_block']:7.3f} ms  (host {row['cpu_ms_per_block']:6.3f})"
+                  f" {row['calls_per_block']:5.1f} calls")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                    "device": torch.cuda.get_device_name(device) if cuda else "cpu",
                                     "torch": torch.__version__, "results": results}, indent=1))
     return 0
 

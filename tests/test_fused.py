@@ -68,21 +68,21 @@ def test_eager_lion_block_is_the_reference_math():
     torch.testing.assert_close(0.98 * (m_us @ m_vh) + 0.02 * grad, m, rtol=1e-12, atol=1e-12)
 
 
-def _tiny_llama(dtype=torch.float32, layers=2):
+def _tiny_llama(dtype=torch.float32, layers=2, device="cpu"):
     config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=56, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(dtype)
+    return LlamaForCausalLM(config).to(device, dtype)
 
 
-def _train_pair(cls, kwargs, dtype=torch.float32, steps=8, layers=2):
-    fast, plain = _tiny_llama(dtype, layers), _tiny_llama(dtype, layers)
+def _train_pair(cls, kwargs, dtype=torch.float32, steps=8, layers=2, device="cpu"):
+    fast, plain = _tiny_llama(dtype, layers, device), _tiny_llama(dtype, layers, device)
     plain.load_state_dict(fast.state_dict())
     fast_opt = cls(mlorc_dist.param_groups(fast), fused=True, **kwargs)
     plain_opt = cls(mlorc_dist.param_groups(plain), fused=False, **kwargs)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
-        ids = torch.randint(0, 97, (4, 16), generator=g)
+        ids = torch.randint(0, 97, (4, 16), generator=g).to(device)
         for model, opt in ((fast, fast_opt), (plain, plain_opt)):
             opt.zero_grad()
             model(input_ids=ids, labels=ids).loss.backward()
@@ -104,6 +104,43 @@ def test_fused_step_equals_the_reference_path(cls, kwargs, batched, rel_diff):
     assert rel_diff(list(fast.parameters()), list(plain.parameters())) <= tol
     assert rel_diff(list(fast.parameters()), list(_tiny_llama().parameters())) > 1e-3   # it trained
     assert "exp_avg_u" in opt.state[fast.model.layers[0].self_attn.q_proj.weight]["pieces"][0]
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the "
+                                "lent GPU machine runs these; CI has none)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cls,kwargs", [
+    (MLorcAdamW, dict(lr=1e-2, rank=4, weight_decay=0.1)),
+    (MLorcLion, dict(lr=1e-3, rank=4, weight_decay=0.1)),
+])
+def test_fused_step_on_cuda_equals_the_reference_path(cls, kwargs, dtype, batched, rel_diff):
+    """The compiled kernels as Triton, and the range finder through cuBLAS / cuSOLVER."""
+    fast, plain, opt = _train_pair(cls, dict(kwargs, batched=batched), dtype=dtype, device="cuda")
+    assert next(fast.parameters()).device.type == "cuda"
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert rel_diff(list(fast.parameters()), list(plain.parameters())) <= tol
+    start = _tiny_llama(dtype, device="cuda")
+    assert rel_diff(list(fast.parameters()), list(start.parameters())) > 1e-3         # it trained
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_the_gpu_rule_algebra_trains_like_lapack_on_the_cpu(monkeypatch, batched, rel_diff):
+    """lowrank.uses_gram_algebra forced on the CPU (Cholesky QR, Gram eigh: what float32 blocks
+    on a GPU use): the fused step still equals the reference path, and both stay with the
+    LAPACK-algebra run to rounding, so CI checks the GPU's algebra without a GPU."""
+    from mlorc_dist import lowrank
+    kwargs = dict(lr=1e-2, rank=4, weight_decay=0.1, batched=batched)
+    lapack, _, _ = _train_pair(MLorcAdamW, kwargs)
+    calls = []
+    monkeypatch.setattr(lowrank, "uses_gram_algebra", lambda t: calls.append(1) or t.dtype == torch.float32)
+    fast, plain, _ = _train_pair(MLorcAdamW, kwargs)
+    assert calls                                                     # the rule was consulted
+    assert rel_diff(list(fast.parameters()), list(plain.parameters())) <= 1e-5
+    assert rel_diff(list(fast.parameters()), list(lapack.parameters())) <= 1e-5
 
 
 @pytest.mark.parametrize("batched", [True, False])      # False: the C++ skinny products

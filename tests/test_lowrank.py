@@ -115,3 +115,78 @@ def test_unformed_update_refuses_mismatched_shapes_and_compress_unknown_input():
         randomized_svd_of_update(us, vh, torch.randn(5, 7), 0.9, 0.1, 2)
     with pytest.raises(TypeError, match="tensor or a MomentUpdate"):
         compress([us, vh], 2)
+
+
+# ---- the GPU rule's small linear algebra (lowrank.uses_gram_algebra), checked here on the CPU
+
+@pytest.mark.parametrize("shape", [(4096, 4), (3, 512, 6), (37, 5)])
+def test_cholesky_qr_is_an_orthonormal_basis_of_the_same_span(shape):
+    from mlorc_dist.lowrank import cholesky_qr
+    y = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    q = cholesky_qr(y)
+    householder, _ = torch.linalg.qr(y)
+    assert q.dtype == y.dtype and q.shape == y.shape
+    torch.testing.assert_close(q.mT @ q, torch.eye(shape[-1]).expand_as(q.mT @ q), atol=1e-6, rtol=0)
+    torch.testing.assert_close(q @ (q.mT @ householder), householder, atol=1e-6, rtol=0)   # same span
+
+
+def test_cholesky_qr_of_zero_and_rank_deficient_input_is_finite():
+    from mlorc_dist.lowrank import cholesky_qr
+    assert torch.equal(cholesky_qr(torch.zeros(2, 100, 4)), torch.zeros(2, 100, 4))
+    basis, _ = torch.linalg.qr(torch.randn(300, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    y = (basis * torch.tensor([1.0, 1e-3, 1e-9, 0.0, 0.0], dtype=torch.float64)).float()
+    q = cholesky_qr(y)
+    assert torch.isfinite(q).all()
+    # the directions above the shift come out orthonormal; those below it are damped, not NaN
+    strong = q @ (q.mT @ y[:, :2])
+    torch.testing.assert_close(strong, y[:, :2], atol=1e-6, rtol=0)
+    assert q.norm(dim=0).max() <= 1 + 1e-5
+
+
+@pytest.mark.parametrize("shape", [(4, 4096), (2, 6, 300), (5, 5)])
+def test_gram_eigh_svd_equals_the_svd(shape):
+    from mlorc_dist.lowrank import gram_eigh_svd
+    b = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+    u, s, vh = gram_eigh_svd(b)
+    _, s_ref, _ = torch.linalg.svd(b, full_matrices=False)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close((u * s[..., None, :]) @ vh, b, rtol=0, atol=1e-5)
+    eye = torch.eye(shape[-2]).expand(*shape[:-2], shape[-2], shape[-2])
+    torch.testing.assert_close(vh @ vh.mT, eye, rtol=0, atol=1e-5)
+    assert (s[..., :-1] >= s[..., 1:]).all()                       # descending, like torch's
+
+
+def test_gram_eigh_svd_of_zero_and_low_rank_input():
+    from mlorc_dist.lowrank import gram_eigh_svd
+    u, s, vh = gram_eigh_svd(torch.zeros(3, 4, 50))
+    assert torch.equal(s, torch.zeros(3, 4)) and torch.equal(vh, torch.zeros(3, 4, 50)) and torch.isfinite(u).all()
+    g = torch.Generator().manual_seed(3)
+    b = torch.randn(4, 1, generator=g) @ torch.randn(1, 50, generator=g)
+    u, s, vh = gram_eigh_svd(b)
+    assert (s[1:] == 0).all() and (vh[1:] == 0).all()
+    torch.testing.assert_close((u * s) @ vh, b, rtol=0, atol=1e-5)
+
+
+def test_the_gram_rule_is_float32_on_a_gpu_only():
+    from mlorc_dist.lowrank import uses_gram_algebra
+    assert not uses_gram_algebra(torch.zeros(4, 4))                 # CPU: LAPACK
+    assert not uses_gram_algebra(torch.zeros(4, 4, device="meta"))
+    if torch.cuda.is_available():
+        assert uses_gram_algebra(torch.zeros(4, 4, device="cuda"))
+        assert not uses_gram_algebra(torch.zeros(4, 4, device="cuda", dtype=torch.float64))
+
+
+@pytest.mark.parametrize("niter,batch", [(1, None), (0, 3), (1, 3)])
+def test_randomized_svd_with_the_gram_algebra_equals_the_lapack_one(monkeypatch, niter, batch):
+    """The product U diag(s) Vh does not depend on which orthonormal basis or small SVD made it."""
+    from mlorc_dist import lowrank
+    g = torch.Generator().manual_seed(4)
+    shape = (300, 200) if batch is None else (batch, 300, 200)
+    a = torch.randn(*shape[:-1], 6, generator=g) @ torch.randn(*shape[:-2], 6, 200, generator=g)
+    a += 1e-3 * torch.randn(*shape, generator=g)
+    seed = 7 if batch is None else list(range(batch))
+    product = lambda f: (f[0] * f[1][..., None, :]) @ f[2]             # noqa: E731
+    lapack = product(lowrank.randomized_svd(a, 4, 2, niter, seed))
+    monkeypatch.setattr(lowrank, "uses_gram_algebra", lambda t: t.dtype == torch.float32)
+    gram = product(lowrank.randomized_svd(a, 4, 2, niter, seed))
+    torch.testing.assert_close(gram, lapack, rtol=0, atol=1e-5 * float(a.abs().max()))

@@ -98,26 +98,36 @@ def test_full_rank_mlorc_lion_is_lion(dtype, tol, rel_diff):
     assert rel_diff(list(model.parameters()), list(reference.parameters())) <= tol
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (the lent GPU machine runs it; CI has none)"))])
 @pytest.mark.parametrize("fused", [False, True])     # True: the compiled step (optim/fused.py)
-def test_full_rank_oracle_on_tiny_llama(rel_diff, fused):
+def test_full_rank_oracle_on_tiny_llama(rel_diff, fused, device):
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    reference = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(device)
+    reference = LlamaForCausalLM(config).to(device)
     reference.load_state_dict(model.state_dict())
     opt = MLorcAdamW(mlorc_dist.param_groups(model), lr=1e-3, eps=1e-30, weight_decay=0.0,
                      rank=97, dense_when_no_saving=False, fused=fused)
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3, eps=1e-30, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
     for _ in range(30):
-        ids = torch.randint(0, 97, (4, 16), generator=g)
+        ids = torch.randint(0, 97, (4, 16), generator=g).to(device)
         for mod, o in ((model, opt), (reference, ref_opt)):
             o.zero_grad()
             mod(input_ids=ids, labels=ids).loss.backward()
             o.step()
     assert rel_diff(list(model.parameters()), list(reference.parameters())) <= 1e-3
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_full_rank_oracle_with_the_gpu_rule_algebra(monkeypatch, rel_diff, fused):
+    """Cholesky QR and the Gram-eigh SVD (float32 on a GPU; forced here on the CPU): still AdamW."""
+    from mlorc_dist import lowrank
+    monkeypatch.setattr(lowrank, "uses_gram_algebra", lambda t: t.dtype == torch.float32)
+    test_full_rank_oracle_on_tiny_llama(rel_diff, fused, "cpu")
 
 
 @pytest.mark.parametrize("cls,moments", [(MLorcAdamW, 2), (MLorcLion, 1)])
