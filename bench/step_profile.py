@@ -71,12 +71,18 @@ def main(argv=None) -> int:
         rows = [{"op": e.key, "ms_per_block": getattr(e, key) / blocks / 1e3,
                  "cpu_ms_per_block": e.self_cpu_time_total / blocks / 1e3, "calls_per_block": e.count / blocks}
                 for e in sorted(events, key=lambda e: -getattr(e, key))[:args.top]]
-        results[name] = {"ms_per_block": total, "wall_ms_per_block": wall, "top": rows}
+        host = [{"op": e.key, "cpu_ms_per_block": e.self_cpu_time_total / blocks / 1e3, "calls_per_block": e.count / blocks}
+                for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.top]] if cuda else []
+        results[name] = {"ms_per_block": total, "wall_ms_per_block": wall, "top": rows, "top_host": host}
         print(f"\n{name}: {wall:.3f} ms per {args.size} x {args.size} block (wall, unprofiled); "
               f"{total:.3f} ms of {'kernel' if cuda else 'self CPU'} time (profiled)")
         for row in rows:
             print(f"  {row['op'][:60]:<60} {row['ms_per_block']:7.3f} ms  (host {row['cpu_ms_per_block']:6.3f})"
                   f" {row['calls_per_block']:5.1f} calls")
+        if host:
+            print("  heaviest on the host (self CPU time):")
+        for row in host:
+            print(f"    {row['op'][:58]:<58} {row['cpu_ms_per_block']:7.3f} ms  {row['calls_per_block']:5.1f} calls")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                     "device": torch.cuda.get_device_name(device) if cuda else "cpu",

@@ -76,22 +76,34 @@ def gaussian_test_matrix(cols: int, width: int, seed: int, dtype: torch.dtype,
 
 def gaussian_test_matrices(cols: int, width: int, seeds: list[int], dtype: torch.dtype,
                            device: torch.device | str = "cpu") -> torch.Tensor:
-    """(B, cols, width): gaussian_test_matrix for each seed, stacked on the CPU and moved to
-    `device` in one copy. To a GPU the copy is from pinned memory and asynchronous: a copy
-    from ordinary (pageable) memory waits for the device to finish its queued work first."""
-    omegas = torch.stack([gaussian_test_matrix(cols, width, s, dtype) for s in seeds])
-    if torch.device(device).type == "cuda":
-        return omegas.pin_memory().to(device, non_blocking=True)
-    return omegas.to(device)
+    """(B, cols, width): one standard normal test matrix per seed, for the blocks of one device.
+
+    On the CPU: gaussian_test_matrix for each seed, stacked. On a GPU: drawn there, by that
+    device's generator seeded with each seed (a CPU draw took 0.3-0.5 ms per 4096 x 4 matrix on
+    the lent H100 machine's host, plus a copy that waits for the device). Both are reproducible
+    from the seeds; they are different numbers (another generator), and a GPU's draw can differ
+    between GPU models (torch's CUDA generator). Global scope, where ranks must agree, draws
+    with gaussian_test_matrix on the CPU (scopes.py)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.stack([gaussian_test_matrix(cols, width, s, dtype) for s in seeds])
+    generator = torch.Generator(device=device)
+    omegas = torch.empty(len(seeds), cols, width, dtype=dtype, device=device)
+    for omega, seed in zip(omegas, seeds):
+        generator.manual_seed(seed)
+        torch.randn(cols, width, generator=generator, dtype=dtype, device=device, out=omega)
+    return omegas
 
 
 def uses_gram_algebra(a: torch.Tensor) -> bool:
-    """The fixed rule for the range finder's small linear algebra: float32 blocks on a GPU use
-    cholesky_qr and gram_eigh_svd (batched GEMMs and a Cholesky, no host synchronisation; one
-    synchronisation per small SVD); everything else (CPU, float64) uses LAPACK-style
-    Householder QR and SVD. On a GPU those make per-matrix cuSOLVER calls that wait for the
-    device (an H100 ran 4 x 4096^2 MLorc-AdamW steps at 6.6 ms per block, 1.1 ms of it kernels)."""
-    return a.device.type == "cuda" and a.dtype == torch.float32
+    """The fixed rule for the range finder's small linear algebra: batches (3-D) of float32
+    blocks on a GPU use cholesky_qr and gram_eigh_svd (batched GEMMs, one batched Cholesky and
+    one batched eigh for the whole batch); everything else (CPU, float64, a single GPU block)
+    uses Householder QR and SVD. Measured on an H100 (bench/gpu_algebra.py, 4096 x 4 sketches):
+    a batch of 8, QR 0.79 -> 0.53 ms and SVD 2.77 -> 0.43 ms (cuSOLVER's batched SVD makes a
+    call per matrix); a single block, QR 0.18 vs 0.76 ms and SVD 0.46 vs 0.58 ms, so a single
+    block keeps cuSOLVER. All of these are host-bound (~30-50 us per operator there)."""
+    return a.device.type == "cuda" and a.dtype == torch.float32 and a.dim() == 3
 
 
 def orthonormal_basis(y: torch.Tensor) -> torch.Tensor:

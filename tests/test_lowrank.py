@@ -167,12 +167,13 @@ def test_gram_eigh_svd_of_zero_and_low_rank_input():
     torch.testing.assert_close((u * s) @ vh, b, rtol=0, atol=1e-5)
 
 
-def test_the_gram_rule_is_float32_on_a_gpu_only():
+def test_the_gram_rule_is_float32_batches_on_a_gpu_only():
     from mlorc_dist.lowrank import uses_gram_algebra
-    assert not uses_gram_algebra(torch.zeros(4, 4))                 # CPU: LAPACK
-    assert not uses_gram_algebra(torch.zeros(4, 4, device="meta"))
+    assert not uses_gram_algebra(torch.zeros(4, 4)) and not uses_gram_algebra(torch.zeros(2, 4, 4))   # CPU: LAPACK
+    assert not uses_gram_algebra(torch.zeros(2, 4, 4, device="meta"))
     if torch.cuda.is_available():
-        assert uses_gram_algebra(torch.zeros(4, 4, device="cuda"))
+        assert uses_gram_algebra(torch.zeros(2, 4, 4, device="cuda"))
+        assert not uses_gram_algebra(torch.zeros(4, 4, device="cuda"))            # one block: cuSOLVER
         assert not uses_gram_algebra(torch.zeros(4, 4, device="cuda", dtype=torch.float64))
 
 
@@ -190,3 +191,12 @@ def test_randomized_svd_with_the_gram_algebra_equals_the_lapack_one(monkeypatch,
     monkeypatch.setattr(lowrank, "uses_gram_algebra", lambda t: t.dtype == torch.float32)
     gram = product(lowrank.randomized_svd(a, 4, 2, niter, seed))
     torch.testing.assert_close(gram, lapack, rtol=0, atol=1e-5 * float(a.abs().max()))
+
+
+def test_test_matrices_of_a_batch_are_the_per_seed_draws():
+    from mlorc_dist.lowrank import gaussian_test_matrices, gaussian_test_matrix
+    batch = gaussian_test_matrices(50, 3, [5, 6], torch.float32)
+    assert torch.equal(batch[1], gaussian_test_matrix(50, 3, 6, torch.float32))
+    if torch.cuda.is_available():       # drawn on the GPU: reproducible, seed-dependent
+        one, again = (gaussian_test_matrices(50, 3, [5, 6], torch.float32, "cuda") for _ in range(2))
+        assert one.device.type == "cuda" and torch.equal(one, again) and not torch.equal(one[0], one[1])
