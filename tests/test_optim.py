@@ -331,3 +331,15 @@ def test_batches_are_capped_in_elements(monkeypatch):
     monkeypatch.setattr(base, "BATCH_ELEMENTS", 1 << 30)
     assert [len(c) for c in base.batch_chunks(list(range(3)), body_numel=big, device_type="cpu")] == [1, 1, 1]
     assert [len(c) for c in base.batch_chunks(list(range(3)), body_numel=big, device_type="cuda")] == [3]
+
+
+def test_fused_batches_on_a_gpu_take_large_bodies_up_to_their_cap():
+    import mlorc_dist.optim.base as base
+    big = 4096 * 4096                               # above BATCH_MAX_BODY_OTHER
+    cap = base.FUSED_BATCH_ELEMENTS_GPU
+    assert [len(c) for c in base.batch_chunks(list(range(6)), body_numel=big, device_type="cuda",
+                                              max_elements=cap, max_body=cap)] == [4, 2]
+    assert [len(c) for c in base.batch_chunks(list(range(2)), body_numel=cap + 1, device_type="cuda",
+                                              max_elements=cap, max_body=cap)] == [1, 1]
+    # the reference path keeps the device rule for large bodies (the planner models it)
+    assert [len(c) for c in base.batch_chunks(list(range(3)), body_numel=big, device_type="cuda")] == [1, 1, 1]

@@ -541,8 +541,15 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             group, plan, value = body[0], body[1], body[2]
             key = (id(group), plan.body_rows, plan.piece.matrix.cols, plan.rank, value.dtype, value.device)
             batches.setdefault(key, []).append(body)
-        cap = FUSED_BATCH_ELEMENTS if self.fused else BATCH_ELEMENTS
-        for items in (chunk for same_shape in batches.values() for chunk in batch_chunks(same_shape, max_elements=cap)):
+        def chunks(same_shape: list) -> list[list]:
+            if not self.fused:
+                return batch_chunks(same_shape, max_elements=BATCH_ELEMENTS)
+            device_type = same_shape[0][2].device.type
+            cap = FUSED_BATCH_ELEMENTS if device_type == "cpu" else FUSED_BATCH_ELEMENTS_GPU
+            # on a GPU any body that fits the cap is batched (see FUSED_BATCH_ELEMENTS_GPU)
+            return batch_chunks(same_shape, max_elements=cap, max_body=None if device_type == "cpu" else cap)
+
+        for items in (chunk for same_shape in batches.values() for chunk in chunks(same_shape)):
             if len(items) == 1:
                 self._local_update(*items[0])
             else:
@@ -726,6 +733,11 @@ BATCH_ELEMENTS = 1 << 26
 # The fused step keeps its batch buffers between steps (no fresh pages), so its batches are
 # smaller: 2**22 elements, 16 MiB in fp32 per buffer, already many calls' worth of bodies.
 FUSED_BATCH_ELEMENTS = 1 << 22
+# On a GPU the step is bound by host costs per call (~30-50 us per operator on the lent H100
+# machine), so the fused step batches every same-shaped body up to 2**26 elements (two kept
+# buffers of 256 MiB in fp32: V and the stacked gradients), large bodies too: measured on an
+# H100, 4 x 4096^2, r = 4, 17.1 -> 10.2 ms (bench/gpu_algebra.py, docs/BENCHMARKS.md).
+FUSED_BATCH_ELEMENTS_GPU = 1 << 26
 # Bodies larger than this (elements) are not batched: measured, batching wins only where calls
 # dominate (bench/optimizer_step.py: CPU 256x256 faster, 1024x1024 slower; H100 1024x1024
 # faster, 4096x4096 slower; docs/BENCHMARKS.md).
@@ -734,16 +746,19 @@ BATCH_MAX_BODY_OTHER = 1 << 21
 
 
 def batch_chunks(items: list, body_numel: int | None = None, device_type: str | None = None,
-                 max_elements: int | None = None) -> list[list]:
-    """Split same-shaped bodies into batches of at most BATCH_ELEMENTS elements (at least one
-    body each); bodies above the device's BATCH_MAX_BODY go one by one. `items` are
-    _local_piece_update tuples (their plan and body give the size and device)."""
+                 max_elements: int | None = None, max_body: int | None = None) -> list[list]:
+    """Split same-shaped bodies into batches of at most BATCH_ELEMENTS (or max_elements)
+    elements (at least one body each); bodies above max_body (default: the device's
+    BATCH_MAX_BODY) go one by one. `items` are _local_piece_update tuples (their plan and body
+    give the size and device)."""
     if body_numel is None:
         plan = items[0][1]
         body_numel = plan.body_rows * plan.piece.matrix.cols
     if device_type is None:
         device_type = items[0][2].device.type
-    if body_numel > BATCH_MAX_BODY.get(device_type, BATCH_MAX_BODY_OTHER):
+    if max_body is None:
+        max_body = BATCH_MAX_BODY.get(device_type, BATCH_MAX_BODY_OTHER)
+    if body_numel > max_body:
         return [[item] for item in items]
     per_batch = max(1, (max_elements or BATCH_ELEMENTS) // max(1, body_numel))
     return [items[i:i + per_batch] for i in range(0, len(items), per_batch)]
