@@ -341,3 +341,69 @@ def test_step_workspace_of_consecutive_batches_matches_the_plan():
     block = MLORC_STEP_WORKSPACE[4]["block"]
     assert ws == 4 * max(2 * 4 * 96 * 64 + block * 96 * 64, 2 * 2 * 160 * 64 + block * 160 * 64)
     assert 0.97 * ws <= measured <= 1.03 * ws, (measured, ws)
+
+
+FUSED_SHAPES = [(256, 256)] * 66 + [(96, 64)] * 6 + [(600, 512)] * 2 + [(200, 300)]
+
+
+def _fused_groups():
+    counts: dict = {}
+    for shape in FUSED_SHAPES:
+        counts[shape] = counts.get(shape, 0) + 1
+    return [(count, rows * cols) for (rows, cols), count in counts.items()]
+
+
+@pytest.mark.parametrize("cls", [mlorc_dist.MLorcAdamW, mlorc_dist.MLorcLion])
+def test_fused_kept_buffers_follow_the_rule_the_planner_uses(cls):
+    """The buffers a fused optimizer keeps between steps (V and the stacked gradients) are what
+    optim.base.fused_kept_elements says, here with the CPU rule: 66 bodies of 256^2 make batches
+    of 64 and 2 (2^22 elements a batch), the 600 x 512 bodies go alone (above 2^18 elements)."""
+    from mlorc_dist.optim.base import fused_kept_elements
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*s, generator=g) * 0.02) for s in FUSED_SHAPES]
+    opt = cls(params, rank=4, fused=True)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g) * 1e-3
+        opt.step()
+    kept = {name: buffer.numel() for (name, _, _), buffer in opt._workspaces.items()}
+    want = fused_kept_elements(_fused_groups(), "cpu", cls.fused_buffers)
+    assert want["gradient"] == 64 * 256 * 256
+    assert want["moment"] == (64 * 256 * 256 if cls.fused_buffers else 0)
+    assert kept == {name: n for name, n in want.items() if n}
+
+
+def test_the_planner_counts_the_fused_buffers_as_persistent():
+    """With the GPU rule all 66 bodies of 256^2 make one batch, and the 600 x 512 pair another."""
+    from mlorc_dist.optim.base import fused_kept_elements
+
+    class Blocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ParameterList([torch.nn.Parameter(torch.empty(s, device="meta"))
+                                                  for s in FUSED_SHAPES])
+    config = llama_config("tiny", VOCAB)
+    plans = {fused: plan_model(Blocks(), config, PlanSettings(engine="single", optimizer="mlorc-adamw",
+                                                              rank=4, fused=fused), "blocks")
+             for fused in (False, True)}
+    kept = fused_kept_elements(_fused_groups(), "cuda", 1)
+    assert kept == {"moment": 66 * 256 * 256, "gradient": 66 * 256 * 256}
+    assert plans[True].ranks[0]["fused_buffers"] == 4 * sum(kept.values())
+    assert "fused_buffers" not in plans[False].ranks[0]
+    assert plans[True].peak["persistent"] - plans[False].peak["persistent"] == 4 * sum(kept.values())
+    with pytest.raises(ValueError, match="fused applies to mlorc-adamw and mlorc-lion in local scope"):
+        PlanSettings(optimizer="mofasgd", fused=True).validate()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cls", [mlorc_dist.MLorcAdamW, mlorc_dist.MLorcLion])
+@pytest.mark.parametrize("count,shape", [(1, (512, 256)), (4, (512, 256)), (4, (256, 128))])
+def test_fused_step_workspace_is_within_the_planned_bound(dtype, cls, count, shape):
+    """What a fused step() allocates on top of what it holds and keeps (its kept buffers exist
+    after the warm-up steps), against planner.FUSED_STEP_WORKSPACE."""
+    from mlorc_dist.memory.planner import FUSED_STEP_WORKSPACE
+    from mlorc_dist.memory.workspace import measure_step_workspace
+    measured = measure_step_workspace(lambda ps: cls(ps, rank=4, fused=True), *shape, dtype=dtype, count=count)
+    ws = FUSED_STEP_WORKSPACE[2 if dtype == torch.bfloat16 else 4]
+    bound = ws["unbatched"] if count == 1 else ws["batch"] * count + ws["block"]
+    assert measured <= bound, f"measured {measured:.4f}x, planned {bound}x"

@@ -59,7 +59,8 @@ import torch
 
 from ..engines.deepspeed_layouts import zero3_layouts, zero12_layouts
 from ..engines.fsdp2 import _shard0_row_range
-from ..optim.base import BATCH_ELEMENTS, BATCH_MAX_BODY_OTHER
+from ..optim.base import (BATCH_ELEMENTS, BATCH_MAX_BODY_OTHER, batch_chunks, fused_batch_limits,
+                          fused_kept_elements)
 from ..pieces import Layout, MatrixSpec, Piece
 from .activations import llama_activation_items
 from .profiler import add_state_bytes
@@ -89,6 +90,16 @@ GB = 1e9
 MLORC_STEP_WORKSPACE = {
     4: {"batch": 2.0, "block": 1.75, "unbatched": 3.0, "global": 4.125, "global_block": 0.25, "dense": 1.0},
     2: {"batch": 2.0, "block": 3.5, "unbatched": 5.5, "global": 4.125, "global_block": 1.5, "dense": 3.5},
+}
+# The fused step (fused=True, local scope), measured the same way (512 x 256 and 256 x 128,
+# r = 4, AdamW and Lion): fp32 0.10 per body alone, 0.11-0.22 per body of a batch (the factors
+# and sketches); bf16 params add each body's fp32 copy of its gradient, 1.07-1.10 per body. Upper
+# bounds below. Its V and stacked-gradient buffers are not in these: the optimizer keeps them
+# between steps, and the plan counts them as persistent ("fused step buffers", from
+# optim.base.fused_kept_elements with the GPU rule).
+FUSED_STEP_WORKSPACE = {
+    4: {"batch": 0.25, "block": 0.0, "unbatched": 0.25, "dense": 1.0},
+    2: {"batch": 1.25, "block": 0.0, "unbatched": 1.25, "dense": 3.5},
 }
 # MoFaSGD (per block, never batched), measured (512 x 256, r = 4): fp32 0.12 (the direction is
 # an in-place addmm_ into W; what remains are the factors' QR/SVD temporaries); bf16 4.04 (the
@@ -122,6 +133,7 @@ class PlanSettings:
     param_persistence_threshold: int = 100_000     # DeepSpeed stage3_param_persistence_threshold
     sub_group_size: int = 1_000_000_000            # DeepSpeed sub_group_size
     batched: bool = True                           # MLorc's batched=True default
+    fused: bool = False                            # MLorc's fused step (local scope only)
 
     def validate(self) -> None:
         if self.engine not in ENGINES:
@@ -132,6 +144,9 @@ class PlanSettings:
             raise ValueError(f"world size {self.world_size} with engine {self.engine}")
         if self.rank < 1 or self.micro_batch < 1 or self.seq < 1:
             raise ValueError("rank, micro batch and seq must be >= 1")
+        if self.fused and (self.optimizer not in ("mlorc-adamw", "mlorc-lion") or self.scope != "local"):
+            raise ValueError("fused applies to mlorc-adamw and mlorc-lion in local scope, got "
+                             f"{self.optimizer} with scope {self.scope!r}")
 
 
 @dataclass
@@ -228,7 +243,7 @@ class _MLorcStatePlanner:
                "mofasgd": mlorc_dist.MoFaSGD}[settings.optimizer]
         groups = [{"params": [torch.empty(2, 2, device="meta")], "lowrank": lowrank}
                   for lowrank in lowrank_of_group]
-        extra = {} if cls is mlorc_dist.MoFaSGD else {"batched": settings.batched}
+        extra = {} if cls is mlorc_dist.MoFaSGD else {"batched": settings.batched, "fused": settings.fused}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.optimizer = cls(groups, rank=settings.rank, factor_dtype=settings.factor_dtype,
@@ -417,7 +432,7 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
     if settings.optimizer.startswith("mlorc") or settings.optimizer == "mofasgd":
         planner = _MLorcStatePlanner(settings, lowrank_of_group)
         table = MOFASGD_STEP_WORKSPACE if settings.optimizer == "mofasgd" else MLORC_STEP_WORKSPACE
-        ws = table[2 if held_bytes == 2 else 4]
+        ws = (FUSED_STEP_WORKSPACE if settings.fused else table)[2 if held_bytes == 2 else 4]
         batched = settings.batched and settings.optimizer != "mofasgd"
         for row in rows:
             state = _empty_state()
@@ -439,11 +454,21 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
                         call["global_max"] = max(call["global_max"], numel)
                     else:
                         call["dense"] = max(call["dense"], plan.piece.numel)
+            kept_groups = []      # fused: (bodies, elements per body) of each batch key, all calls
             for call in calls.values():
                 local = 0                 # one batch alive at a time (the optimizer frees each)
                 for total, one in call["batches"].values():
-                    # optim.base.batch_chunks, for a GPU (the planner plans GPU runs)
-                    batch = one if one > BATCH_MAX_BODY_OTHER else min(total, max(1, BATCH_ELEMENTS // one) * one)
+                    if settings.fused:
+                        groups = [(total // one, one)] if batched else [(1, one)]
+                        kept_groups += groups
+                        # optim.base's fused rule for a GPU (the planner plans GPU runs)
+                        cap, max_body = fused_batch_limits("cuda")
+                        batch = max(len(c) for c in batch_chunks(list(range(groups[0][0])), body_numel=one,
+                                                                 device_type="cuda", max_elements=cap,
+                                                                 max_body=max_body)) * one
+                    else:
+                        # optim.base.batch_chunks, for a GPU (the planner plans GPU runs)
+                        batch = one if one > BATCH_MAX_BODY_OTHER else min(total, max(1, BATCH_ELEMENTS // one) * one)
                     if not batched or batch == one:
                         local = max(local, ws["unbatched"] * one)
                     else:
@@ -451,6 +476,9 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
                 glob = ws["global"] * call["global"] + ws["global_block"] * call["global_max"] \
                     if call["global"] else 0
                 mlorc_workspace = max(mlorc_workspace, local, glob, ws["dense"] * call["dense"])
+            if settings.fused:    # V and the stacked gradients, fp32, kept between steps
+                kept = fused_kept_elements(kept_groups, "cuda", planner.optimizer.fused_buffers)
+                row["fused_buffers"] = 4 * sum(kept.values())
             row.update(state)
     elif settings.optimizer == "adamw":
         for row in rows:
@@ -500,7 +528,10 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
         transients["unsharded layer params (current + prefetch)"] = 2 * layer_numel * model_bytes
         transients["unsharded layer grads + fp32 reduce-scatter in/out"] = int(
             layer_numel * (model_bytes + 4 + 4 / world))
-    if settings.optimizer.startswith("mlorc"):
+    if settings.optimizer.startswith("mlorc") and settings.fused:
+        transients["step workspace (MLorc fused: factors and sketches; bf16: fp32 gradient copies)"] = \
+            int(mlorc_workspace * 4)
+    elif settings.optimizer.startswith("mlorc"):
         transients["step workspace (MLorc: batched rebuild of same-shaped blocks, fp32)"] = \
             int(mlorc_workspace * 4)
     elif settings.optimizer == "mofasgd":
@@ -514,7 +545,7 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
     phases = []
     for row in rows:
         persistent = (row["weights"] + row["master"] + row["state_factors"] + row["state_dense"]
-                      + row["state_scalars"] + row["engine_buffers"])
+                      + row["state_scalars"] + row["engine_buffers"] + row.get("fused_buffers", 0))
         grads_bwd = row["grads"] if engine in ("single", "fsdp2") else 0
         grads_step = row.get("largest_sub_group", row["grads"])
         fwd_bwd = persistent + activations["peak"] + row["staging"] + grads_bwd + fwd_extra
@@ -553,6 +584,13 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
         "fits: peak <= nominal size x 1e9 bytes (real totals are 5-7% higher, left for the CUDA "
         "context, communicator buffers and allocator fragmentation)",
     ]
+    if settings.fused:
+        assumptions.append(
+            "fused step (fused=True): per step %.2f (bf16 params %.2f) fp32 copies of each body of "
+            "a batch; kept between steps: V (MLorc-AdamW) as large as the largest batch or lone "
+            "body and the stacked gradients of the largest batch of two or more, fp32, with the "
+            "GPU batching rule (same-shaped bodies up to 2^26 elements per batch)"
+            % (FUSED_STEP_WORKSPACE[4]["batch"], FUSED_STEP_WORKSPACE[2]["batch"]))
     if engine == "fsdp2" and settings.bf16:
         assumptions.append("fsdp2 --bf16: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32); "
                            "sharded params, grads and optimizer state stay fp32")
@@ -597,6 +635,8 @@ def format_plan(p: Plan, verbose: bool = False) -> str:
              (f"optimizer state (factors {_gb(row['state_factors'])}, "
               f"dense {_gb(row['state_dense'] + row['state_scalars'])})", state),
              ("engine buffers (persistent)", row["engine_buffers"]),
+             *([("fused step buffers (V, stacked grads; kept between steps)", row["fused_buffers"])]
+               if "fused_buffers" in row else []),
              ("grad staging (backward -> step)", row["staging"]),
              ("activations (saved, one micro-batch)", p.activations["saved"]),
              ("activations (backward peak)", p.activations["peak"])]
@@ -632,6 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compress-embeddings", action="store_true")
     ap.add_argument("--reduce-bucket-size", type=int, default=500_000_000)
     ap.add_argument("--no-batched", action="store_true", help="MLorc with batched=False")
+    ap.add_argument("--fused", action="store_true", help="MLorc with fused=True (its kept buffers "
+                    "and step workspace)")
     ap.add_argument("--json", type=Path, default=None, help="also write the plan as JSON")
     ap.add_argument("-v", "--verbose", action="store_true", help="activation items and assumptions")
     return ap
@@ -643,7 +685,8 @@ def main(argv=None) -> Plan:
                             rank=args.rank, micro_batch=args.micro_batch, seq=args.seq, bf16=args.bf16,
                             activation_checkpointing=args.activation_checkpointing, scope=args.scope,
                             factor_dtype=args.factor_dtype, compress_embeddings=args.compress_embeddings,
-                            reduce_bucket_size=args.reduce_bucket_size, batched=not args.no_batched)
+                            reduce_bucket_size=args.reduce_bucket_size, batched=not args.no_batched,
+                            fused=args.fused)
     result = plan(args.model, settings, args.vocab_size)
     print(format_plan(result, args.verbose))
     if args.json:

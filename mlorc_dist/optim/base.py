@@ -544,10 +544,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         def chunks(same_shape: list) -> list[list]:
             if not self.fused:
                 return batch_chunks(same_shape, max_elements=BATCH_ELEMENTS)
-            device_type = same_shape[0][2].device.type
-            cap = FUSED_BATCH_ELEMENTS if device_type == "cpu" else FUSED_BATCH_ELEMENTS_GPU
-            # on a GPU any body that fits the cap is batched (see FUSED_BATCH_ELEMENTS_GPU)
-            return batch_chunks(same_shape, max_elements=cap, max_body=None if device_type == "cpu" else cap)
+            cap, max_body = fused_batch_limits(same_shape[0][2].device.type)
+            return batch_chunks(same_shape, max_elements=cap, max_body=max_body)
 
         for items in (chunk for same_shape in batches.values() for chunk in chunks(same_shape)):
             if len(items) == 1:
@@ -762,6 +760,33 @@ def batch_chunks(items: list, body_numel: int | None = None, device_type: str | 
         return [[item] for item in items]
     per_batch = max(1, (max_elements or BATCH_ELEMENTS) // max(1, body_numel))
     return [items[i:i + per_batch] for i in range(0, len(items), per_batch)]
+
+
+def fused_batch_limits(device_type: str) -> tuple[int, int | None]:
+    """(max_elements, max_body) of the fused step's batches (batch_chunks' arguments): on the
+    CPU FUSED_BATCH_ELEMENTS and the device's BATCH_MAX_BODY; on a GPU any body up to
+    FUSED_BATCH_ELEMENTS_GPU is batched."""
+    if device_type == "cpu":
+        return FUSED_BATCH_ELEMENTS, None
+    return FUSED_BATCH_ELEMENTS_GPU, FUSED_BATCH_ELEMENTS_GPU
+
+
+def fused_kept_elements(groups, device_type: str, moment_buffers: int) -> dict[str, int]:
+    """Elements of the workspaces a fused optimizer keeps between steps (_workspace), from its
+    batches: `groups` lists (bodies, elements per body) for each set of same-shaped bodies that
+    one step() batches together. "moment" (V, when moment_buffers) is as large as the largest
+    batch or lone body, "gradient" (the stacked gradients) as the largest batch of two or more.
+    The memory planner uses this; tests/test_memory.py checks it against a real optimizer."""
+    cap, max_body = fused_batch_limits(device_type)
+    kept = {"moment": 0, "gradient": 0}
+    for count, one in groups:
+        for chunk in batch_chunks(list(range(count)), body_numel=one, device_type=device_type,
+                                  max_elements=cap, max_body=max_body):
+            if moment_buffers:
+                kept["moment"] = max(kept["moment"], len(chunk) * one)
+            if len(chunk) > 1:
+                kept["gradient"] = max(kept["gradient"], len(chunk) * one)
+    return kept
 
 
 def _worth_compressing(group: dict, rows: int, cols: int, rank: int) -> bool:
