@@ -284,10 +284,11 @@ def rebuild_noise_floor(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """How far from 0 rounding alone puts a rebuilt entry whose true value is 0:
     2 sqrt(r) eps(dtype) s_max. An entry that is exactly 0 in the compressed moment (a row of an
     embedding whose token never appeared) comes back as +-noise of about this size; the sign of
-    that noise is an accident of rounding (of summation order, so of the world size)."""
+    that noise is an accident of rounding (of summation order, so of the world size).
+    Batched: s (B, r) gives the B floors."""
     if s.numel() == 0:
-        return torch.zeros((), dtype=dtype, device=s.device)
-    return 1 * torch.finfo(dtype).eps * s.to(dtype).abs().max()
+        return torch.zeros(s.shape[:-1], dtype=dtype, device=s.device)
+    return torch.finfo(dtype).eps * s.to(dtype).abs().amax(dim=-1)
 
 
 def negative_stats(v: torch.Tensor, floor: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:

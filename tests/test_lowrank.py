@@ -200,3 +200,12 @@ def test_test_matrices_of_a_batch_are_the_per_seed_draws():
     if torch.cuda.is_available():       # drawn on the GPU: reproducible, seed-dependent
         one, again = (gaussian_test_matrices(50, 3, [5, 6], torch.float32, "cuda") for _ in range(2))
         assert one.device.type == "cuda" and torch.equal(one, again) and not torch.equal(one[0], one[1])
+
+
+def test_noise_floor_of_a_batch_is_each_rows_floor():
+    from mlorc_dist.lowrank import rebuild_noise_floor
+    s = torch.randn(3, 4, generator=torch.Generator().manual_seed(5))
+    batch = rebuild_noise_floor(s, torch.float32)
+    assert batch.shape == (3,)
+    assert all(torch.equal(batch[i], rebuild_noise_floor(s[i], torch.float32)) for i in range(3))
+    assert rebuild_noise_floor(torch.zeros(0), torch.float32).shape == ()

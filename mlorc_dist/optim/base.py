@@ -506,16 +506,19 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         return [rebuild(entry[f"{name}_u"], entry[f"{name}_s"], entry[f"{name}_vh"], dtype)
                 for name in self.moment_names]
 
-    def _body_moments(self, group, body, body_grad, entry, step: int, prevs=None, buffer=None) -> list:
+    def _body_moments(self, group, body, body_grad, entry, step: int, prevs=None, buffer=None,
+                      factors=None, floors=None) -> list:
         """Update this body's weights and return its new moments (to compress, lowrank.compress):
         the fused step from the factors (moments written into `buffer`, a (k, n) compute-dtype
         tensor, or left unformed as lowrank.MomentUpdate), or the reference path from the
-        rebuilt previous moments (`prevs`, rebuilt here when not given)."""
+        rebuilt previous moments (`prevs`, rebuilt here when not given). A fused batch passes
+        its bodies' `factors` (_factor_pairs) and `floors` (_noise_floors), made for all at once."""
         compute = compute_dtype_for(body.dtype)
-        grad, floors = body_grad.to(compute), self._noise_floors(entry, compute)
+        grad = body_grad.to(compute)
+        floors = self._noise_floors(entry, compute) if floors is None else floors
         if self.fused:
-            return self._fused_update(group, body, grad, self._factor_pairs(entry, compute), floors, step,
-                                      buffer)
+            factors = self._factor_pairs(entry, compute) if factors is None else factors
+            return self._fused_update(group, body, grad, factors, floors, step, buffer)
         prevs = self._rebuild_moments(entry, compute) if prevs is None else prevs
         return self._lowrank_update(group, body, grad, prevs, floors, self._moment_stats(prevs, floors), step)
 
@@ -524,6 +527,23 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         lowrank.rebuild_noise_floor). Depends only on s, so it is the same on every rank in
         global scope."""
         return [rebuild_noise_floor(entry[f"{name}_s"], dtype) for name in self.moment_names]
+
+    def _batch_factors(self, entries: list[dict], dtype: torch.dtype) -> list[tuple]:
+        """_factor_pairs and _noise_floors of a batch's bodies, per moment, computed on the
+        stacked factors: (U diag(s) (B, k, r), Vh (B, r, n), floors (B,)). Row i of each is body
+        i's, the same numbers as its own _factor_pairs / _noise_floors, in a few calls for the
+        batch instead of several per body (on a GPU each call is a launch and host time)."""
+        out = []
+        for name in self.moment_names:
+            u, s, vh = (torch.stack([e[f"{name}_{part}"] for e in entries]) for part in ("u", "s", "vh"))
+            out.append((*scaled_factors(u, s[:, None, :], vh, dtype), rebuild_noise_floor(s, dtype)))
+        return out
+
+    def _store_batch_factors(self, entries: list[dict], name: str, u, s, vh) -> None:
+        """_store_factors for one moment of a batch: row i of u, s, vh into body i's state, in
+        one multi-tensor copy."""
+        targets = [e[f"{name}_{part}"] for part in ("u", "s", "vh") for e in entries]
+        torch._foreach_copy_(targets, [*u.unbind(0), *s.unbind(0), *vh.unbind(0)])
 
     def _store_factors(self, entry: dict, factors) -> None:
         for name, (u, s, vh) in zip(self.moment_names, factors):
@@ -560,13 +580,17 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         shape, device = (len(items), *items[0][2].shape), items[0][2].device
         if self.fused:    # each body's kernel writes into its row of the batch buffer
             buffer = self._workspace("moment", shape, compute, device) if self.fused_buffers else None
+            batch_factors = self._batch_factors(entries, compute)
             per_body = [self._body_moments(group, body, body_grad, entry, step, None,
-                                           None if buffer is None else buffer[i])
+                                           None if buffer is None else buffer[i],
+                                           [(us[i], vh[i]) for us, vh, _ in batch_factors],
+                                           [floors[i] for _, _, floors in batch_factors])
                         for i, (_, plan, body, body_grad, entry, step) in enumerate(items)]
             stacked = self._workspace("gradient", shape, compute, device)     # the unformed moments' G
-            moments = [_batch_moments([moments[j] for moments in per_body], buffer, stacked)
+            pairs = [(us, vh) for us, vh, _ in batch_factors]
+            moments = [_batch_moments([moments[j] for moments in per_body], buffer, stacked, pairs)
                        for j in range(len(self.moment_names))]
-            del per_body
+            del per_body, batch_factors, pairs
         else:
             pairs = [self._factor_pairs(e, compute) for e in entries]
             moments = [torch.bmm(torch.stack([p[j][0] for p in pairs]), torch.stack([p[j][1] for p in pairs]))
@@ -582,10 +606,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
                      for _, plan, _, _, _, step in items]
             u, s, vh = compress(moment, items[0][1].rank, group["oversample"], group["niter"], seeds,
                                 self._skinny_kernels)
-            for i, entry in enumerate(entries):
-                entry[f"{name}_u"].copy_(u[i])
-                entry[f"{name}_s"].copy_(s[i])
-                entry[f"{name}_vh"].copy_(vh[i])
+            self._store_batch_factors(entries, name, u, s, vh)
 
     def _local_update(self, group, plan: PiecePlan, body, body_grad, entry, step: int) -> None:
         """Compress this body on its own: rebuild, update, recompress, apply. No collectives.
@@ -817,10 +838,11 @@ def _move_state(value, device):
     return value
 
 
-def _batch_moments(moments: list, buffer: torch.Tensor | None, stacked: torch.Tensor):
+def _batch_moments(moments: list, buffer: torch.Tensor | None, stacked: torch.Tensor, pairs=()):
     """One moment of every body of a fused batch, as one batched moment: the batch buffer when
     the bodies wrote it there (row i each), else their MomentUpdates with the gradients
-    stacked into `stacked` (a (B, k, n) workspace)."""
+    stacked into `stacked` (a (B, k, n) workspace) and their factors stacked, or taken from
+    `pairs` ((B, k, r), (B, r, n) batch factors) when row i of a pair is body i's."""
     if all(isinstance(m, torch.Tensor) for m in moments):
         if buffer is None or any(m.data_ptr() != buffer[i].data_ptr() for i, m in enumerate(moments)):
             raise RuntimeError("fused step: a moment was not written into its row of the batch buffer")
@@ -829,5 +851,9 @@ def _batch_moments(moments: list, buffer: torch.Tensor | None, stacked: torch.Te
                for m in moments):
         raise RuntimeError("fused step: the bodies of one batch returned different kinds of moments")
     torch.stack([m.dense for m in moments], out=stacked)
+    for us, vh in pairs:
+        if all(m.us.data_ptr() == us[i].data_ptr() and m.vh.data_ptr() == vh[i].data_ptr()
+               for i, m in enumerate(moments)):
+            return MomentUpdate(us, vh, stacked, moments[0].keep, moments[0].mix)
     return MomentUpdate(torch.stack([m.us for m in moments]), torch.stack([m.vh for m in moments]),
                         stacked, moments[0].keep, moments[0].mix)
