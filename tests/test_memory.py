@@ -320,6 +320,13 @@ def test_mofasgd_step_workspace_is_within_the_planned_bound(dtype):
     assert measured <= bound, f"measured {measured:.4f}x, planned {bound}x"
 
 
+def _meta_blocks(shapes) -> torch.nn.Module:
+    """A module holding exactly these matrices, on the meta device (for plan_model)."""
+    module = torch.nn.Module()
+    module.blocks = torch.nn.ParameterList([torch.nn.Parameter(torch.empty(s, device="meta")) for s in shapes])
+    return module
+
+
 def test_step_workspace_of_consecutive_batches_matches_the_plan():
     """Two shapes, four and two blocks: the planner's batch model (one batch alive at a time:
     the optimizer frees each before building the next) against the measured step, via the
@@ -328,14 +335,9 @@ def test_step_workspace_of_consecutive_batches_matches_the_plan():
     shapes = [(96, 64)] * 4 + [(160, 64)] * 2
     measured = measure_step_workspace_bytes(
         lambda ps: mlorc_dist.MLorcAdamW([{"params": ps, "lowrank": True}], rank=4), shapes)
-
-    class Blocks(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = torch.nn.ParameterList([torch.nn.Parameter(torch.empty(s, device="meta"))
-                                                  for s in shapes])
     config = llama_config("tiny", VOCAB)
-    planned = plan_model(Blocks(), config, PlanSettings(engine="single", optimizer="mlorc-adamw", rank=4), "blocks")
+    planned = plan_model(_meta_blocks(shapes), config, PlanSettings(engine="single", optimizer="mlorc-adamw",
+                                                                    rank=4), "blocks")
     ws = [v for k, v in planned.transients.items() if k.startswith("step workspace")][0]
     from mlorc_dist.memory.planner import MLORC_STEP_WORKSPACE
     block = MLORC_STEP_WORKSPACE[4]["block"]
@@ -376,15 +378,10 @@ def test_fused_kept_buffers_follow_the_rule_the_planner_uses(cls):
 def test_the_planner_counts_the_fused_buffers_as_persistent():
     """With the GPU rule all 66 bodies of 256^2 make one batch, and the 600 x 512 pair another."""
     from mlorc_dist.optim.base import fused_kept_elements
-
-    class Blocks(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = torch.nn.ParameterList([torch.nn.Parameter(torch.empty(s, device="meta"))
-                                                  for s in FUSED_SHAPES])
     config = llama_config("tiny", VOCAB)
-    plans = {fused: plan_model(Blocks(), config, PlanSettings(engine="single", optimizer="mlorc-adamw",
-                                                              rank=4, fused=fused), "blocks")
+    settings = {fused: PlanSettings(engine="single", optimizer="mlorc-adamw", rank=4, fused=fused)
+                for fused in (False, True)}
+    plans = {fused: plan_model(_meta_blocks(FUSED_SHAPES), config, settings[fused], "blocks")
              for fused in (False, True)}
     kept = fused_kept_elements(_fused_groups(), "cuda", 1)
     assert kept == {"moment": 66 * 256 * 256, "gradient": 66 * 256 * 256}
