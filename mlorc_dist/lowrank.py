@@ -99,10 +99,10 @@ def uses_gram_algebra(a: torch.Tensor) -> bool:
     """The fixed rule for the range finder's small linear algebra: batches (3-D) of float32
     blocks on a GPU use cholesky_qr and gram_eigh_svd (batched GEMMs, one batched Cholesky and
     one batched eigh for the whole batch); everything else (CPU, float64, a single GPU block)
-    uses Householder QR and SVD. Measured on an H100 (bench/gpu_algebra.py, 4096 x 4 sketches):
-    a batch of 8, QR 0.79 -> 0.53 ms and SVD 2.77 -> 0.43 ms (cuSOLVER's batched SVD makes a
-    call per matrix); a single block, QR 0.18 vs 0.76 ms and SVD 0.46 vs 0.58 ms, so a single
-    block keeps cuSOLVER. All of these are host-bound (~30-50 us per operator there)."""
+    uses Householder QR and SVD. Measured on an H100 (bench/gpu_algebra.py, 4096 x 4 sketches,
+    docs/BENCHMARKS.md): a batch of 8, QR 0.79 -> 0.49 ms and SVD 3.18 -> 0.75 ms (cuSOLVER's
+    batched SVD makes a call per matrix); a single block, QR 0.11 vs 0.46 ms and SVD 0.48 vs
+    0.57 ms, so a single block keeps cuSOLVER. All of these are host-bound there."""
     return a.device.type == "cuda" and a.dtype == torch.float32 and a.dim() == 3
 
 
@@ -281,8 +281,8 @@ def rebuild(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor,
 
 
 def rebuild_noise_floor(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """How far from 0 rounding alone puts a rebuilt entry whose true value is 0:
-    2 sqrt(r) eps(dtype) s_max. An entry that is exactly 0 in the compressed moment (a row of an
+    """How far from 0 rounding alone puts a rebuilt entry whose true value is 0, to its order of
+    magnitude: eps(dtype) s_max. An entry that is exactly 0 in the compressed moment (a row of an
     embedding whose token never appeared) comes back as +-noise of about this size; the sign of
     that noise is an accident of rounding (of summation order, so of the world size).
     Batched: s (B, r) gives the B floors."""
