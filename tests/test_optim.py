@@ -333,13 +333,18 @@ def test_batches_are_capped_in_elements(monkeypatch):
     assert [len(c) for c in base.batch_chunks(list(range(3)), body_numel=big, device_type="cuda")] == [3]
 
 
-def test_fused_batches_on_a_gpu_take_large_bodies_up_to_their_cap():
+def test_batches_on_a_gpu_take_large_bodies_up_to_the_cap():
+    """On a GPU every body that fits BATCH_ELEMENTS is batched (reference and fused paths); on
+    the CPU large bodies go alone and fused batches are smaller."""
     import mlorc_dist.optim.base as base
-    big = 4096 * 4096                               # above BATCH_MAX_BODY_OTHER
-    cap = base.FUSED_BATCH_ELEMENTS_GPU
+    big = 4096 * 4096
+    assert [len(c) for c in base.batch_chunks(list(range(6)), body_numel=big, device_type="cuda")] == [4, 2]
+    cap, max_body = base.fused_batch_limits("cuda")
     assert [len(c) for c in base.batch_chunks(list(range(6)), body_numel=big, device_type="cuda",
-                                              max_elements=cap, max_body=cap)] == [4, 2]
-    assert [len(c) for c in base.batch_chunks(list(range(2)), body_numel=cap + 1, device_type="cuda",
-                                              max_elements=cap, max_body=cap)] == [1, 1]
-    # the reference path keeps the device rule for large bodies (the planner models it)
-    assert [len(c) for c in base.batch_chunks(list(range(3)), body_numel=big, device_type="cuda")] == [1, 1, 1]
+                                              max_elements=cap, max_body=max_body)] == [4, 2]
+    too_big = base.BATCH_ELEMENTS + 1
+    assert [len(c) for c in base.batch_chunks(list(range(2)), body_numel=too_big, device_type="cuda")] == [1, 1]
+    cap, max_body = base.fused_batch_limits("cpu")
+    assert cap == base.FUSED_BATCH_ELEMENTS
+    assert [len(c) for c in base.batch_chunks(list(range(3)), body_numel=big, device_type="cpu",
+                                              max_elements=cap, max_body=max_body)] == [1, 1, 1]

@@ -750,18 +750,19 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
 # this bounds it (mlorc_dist.memory.planner models the same rule).
 BATCH_ELEMENTS = 1 << 26
 # The fused step keeps its batch buffers between steps (no fresh pages), so its batches are
-# smaller: 2**22 elements, 16 MiB in fp32 per buffer, already many calls' worth of bodies.
+# smaller on the CPU: 2**22 elements, 16 MiB in fp32 per buffer, already many calls' worth of
+# bodies. On a GPU they are BATCH_ELEMENTS, like the reference path's (two kept buffers of
+# 256 MiB in fp32: V and the stacked gradients).
 FUSED_BATCH_ELEMENTS = 1 << 22
-# On a GPU the step is bound by host costs per call (~30-50 us per operator on the lent H100
-# machine), so the fused step batches every same-shaped body up to 2**26 elements (two kept
-# buffers of 256 MiB in fp32: V and the stacked gradients), large bodies too: measured on an
-# H100, 4 x 4096^2, r = 4, 17.1 -> 10.2 ms (bench/gpu_algebra.py, docs/BENCHMARKS.md).
-FUSED_BATCH_ELEMENTS_GPU = 1 << 26
-# Bodies larger than this (elements) are not batched: measured, batching wins only where calls
-# dominate (bench/optimizer_step.py: CPU 256x256 faster, 1024x1024 slower; H100 1024x1024
-# faster, 4096x4096 slower; docs/BENCHMARKS.md).
+# Bodies larger than this (elements) are not batched. On the CPU, measured, batching wins only
+# where calls dominate (bench/optimizer_step.py: 256x256 faster, 1024x1024 slower). On a GPU
+# every body that fits a batch is batched: there the step is bound by host costs per call
+# (~30-50 us per operator on the lent H100 machine), and with the Gram algebra for batches
+# (lowrank.uses_gram_algebra) 4 x 4096^2, r = 4, went 15.8 -> 10.9 ms (reference path) and
+# 17.1 -> 10.2 ms (fused) on an H100 (bench/gpu_algebra.py, docs/BENCHMARKS.md). (Before that
+# algebra, cuSOLVER's batched SVD made 4096x4096 batches slower, and the limit was 2**21.)
 BATCH_MAX_BODY = {"cpu": 1 << 18}
-BATCH_MAX_BODY_OTHER = 1 << 21
+BATCH_MAX_BODY_OTHER = BATCH_ELEMENTS
 
 
 def batch_chunks(items: list, body_numel: int | None = None, device_type: str | None = None,
@@ -785,11 +786,9 @@ def batch_chunks(items: list, body_numel: int | None = None, device_type: str | 
 
 def fused_batch_limits(device_type: str) -> tuple[int, int | None]:
     """(max_elements, max_body) of the fused step's batches (batch_chunks' arguments): on the
-    CPU FUSED_BATCH_ELEMENTS and the device's BATCH_MAX_BODY; on a GPU any body up to
-    FUSED_BATCH_ELEMENTS_GPU is batched."""
-    if device_type == "cpu":
-        return FUSED_BATCH_ELEMENTS, None
-    return FUSED_BATCH_ELEMENTS_GPU, FUSED_BATCH_ELEMENTS_GPU
+    CPU FUSED_BATCH_ELEMENTS, on a GPU BATCH_ELEMENTS; bodies above the device's BATCH_MAX_BODY
+    go alone."""
+    return (FUSED_BATCH_ELEMENTS if device_type == "cpu" else BATCH_ELEMENTS), None
 
 
 def fused_kept_elements(groups, device_type: str, moment_buffers: int) -> dict[str, int]:
