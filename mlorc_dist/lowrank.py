@@ -8,7 +8,6 @@ built from the same steps; `gaussian_test_matrix` is shared so that both draw th
 """
 from __future__ import annotations
 
-import math
 import zlib
 from typing import NamedTuple
 
