@@ -339,12 +339,12 @@ def test_batches_on_a_gpu_take_large_bodies_up_to_the_cap():
     import mlorc_dist.optim.base as base
     big = 4096 * 4096
     assert [len(c) for c in base.batch_chunks(list(range(6)), body_numel=big, device_type="cuda")] == [4, 2]
-    cap, max_body = base.fused_batch_limits("cuda")
+    assert base.batch_cap(True, "cuda") == base.batch_cap(False, "cuda") == base.BATCH_ELEMENTS
     assert [len(c) for c in base.batch_chunks(list(range(6)), body_numel=big, device_type="cuda",
-                                              max_elements=cap, max_body=max_body)] == [4, 2]
+                                              max_elements=base.batch_cap(True, "cuda"))] == [4, 2]
     too_big = base.BATCH_ELEMENTS + 1
     assert [len(c) for c in base.batch_chunks(list(range(2)), body_numel=too_big, device_type="cuda")] == [1, 1]
-    cap, max_body = base.fused_batch_limits("cpu")
-    assert cap == base.FUSED_BATCH_ELEMENTS
+    assert base.batch_cap(True, "cpu") == base.FUSED_BATCH_ELEMENTS
+    assert base.batch_cap(False, "cpu") == base.BATCH_ELEMENTS
     assert [len(c) for c in base.batch_chunks(list(range(3)), body_numel=big, device_type="cpu",
-                                              max_elements=cap, max_body=max_body)] == [1, 1, 1]
+                                              max_elements=base.batch_cap(True, "cpu"))] == [1, 1, 1]

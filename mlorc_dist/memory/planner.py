@@ -59,8 +59,7 @@ import torch
 
 from ..engines.deepspeed_layouts import zero3_layouts, zero12_layouts
 from ..engines.fsdp2 import _shard0_row_range
-from ..optim.base import (BATCH_ELEMENTS, BATCH_MAX_BODY_OTHER, batch_chunks, fused_batch_limits,
-                          fused_kept_elements)
+from ..optim.base import batch_cap, batch_chunks, fused_kept_elements
 from ..pieces import Layout, MatrixSpec, Piece
 from .activations import llama_activation_items
 from .profiler import add_state_bytes
@@ -458,18 +457,13 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
             for call in calls.values():
                 local = 0                 # one batch alive at a time (the optimizer frees each)
                 for total, one in call["batches"].values():
-                    if settings.fused:
-                        groups = [(total // one, one)] if batched else [(1, one)]
-                        kept_groups += groups
-                        # optim.base's fused rule for a GPU (the planner plans GPU runs)
-                        cap, max_body = fused_batch_limits("cuda")
-                        batch = max(len(c) for c in batch_chunks(list(range(groups[0][0])), body_numel=one,
-                                                                 device_type="cuda", max_elements=cap,
-                                                                 max_body=max_body)) * one
-                    else:
-                        # optim.base.batch_chunks, for a GPU (the planner plans GPU runs)
-                        batch = one if one > BATCH_MAX_BODY_OTHER else min(total, max(1, BATCH_ELEMENTS // one) * one)
-                    if not batched or batch == one:
+                    count = total // one if batched else 1
+                    kept_groups.append((count, one))
+                    # the largest batch, by optim.base's rule for a GPU (the planner plans GPU runs)
+                    batch = one * max(len(c) for c in batch_chunks(
+                        list(range(count)), body_numel=one, device_type="cuda",
+                        max_elements=batch_cap(settings.fused, "cuda")))
+                    if batch == one:
                         local = max(local, ws["unbatched"] * one)
                     else:
                         local = max(local, ws["batch"] * batch + ws["block"] * one)

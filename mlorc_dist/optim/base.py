@@ -511,8 +511,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         """Update this body's weights and return its new moments (to compress, lowrank.compress):
         the fused step from the factors (moments written into `buffer`, a (k, n) compute-dtype
         tensor, or left unformed as lowrank.MomentUpdate), or the reference path from the
-        rebuilt previous moments (`prevs`, rebuilt here when not given). A fused batch passes
-        its bodies' `factors` (_factor_pairs) and `floors` (_noise_floors), made for all at once."""
+        rebuilt previous moments (`prevs`, rebuilt here when not given). A batch passes its
+        bodies' `floors` (_noise_floors) and, fused, `factors` (_factor_pairs), made for all at once."""
         compute = compute_dtype_for(body.dtype)
         grad = body_grad.to(compute)
         floors = self._noise_floors(entry, compute) if floors is None else floors
@@ -561,13 +561,9 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             group, plan, value = body[0], body[1], body[2]
             key = (id(group), plan.body_rows, plan.piece.matrix.cols, plan.rank, value.dtype, value.device)
             batches.setdefault(key, []).append(body)
-        def chunks(same_shape: list) -> list[list]:
-            if not self.fused:
-                return batch_chunks(same_shape, max_elements=BATCH_ELEMENTS)
-            cap, max_body = fused_batch_limits(same_shape[0][2].device.type)
-            return batch_chunks(same_shape, max_elements=cap, max_body=max_body)
-
-        for items in (chunk for same_shape in batches.values() for chunk in chunks(same_shape)):
+        for items in (chunk for same_shape in batches.values()
+                      for chunk in batch_chunks(same_shape, max_elements=batch_cap(
+                          self.fused, same_shape[0][2].device.type))):
             if len(items) == 1:
                 self._local_update(*items[0])
             else:
@@ -578,29 +574,29 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         group, compute = items[0][0], compute_dtype_for(items[0][2].dtype)
         entries = [item[4] for item in items]
         shape, device = (len(items), *items[0][2].shape), items[0][2].device
+        batch_factors = self._batch_factors(entries, compute)
+        pairs = [(us, vh) for us, vh, _ in batch_factors]
+        floors = [[f[i] for _, _, f in batch_factors] for i in range(len(items))]
         if self.fused:    # each body's kernel writes into its row of the batch buffer
             buffer = self._workspace("moment", shape, compute, device) if self.fused_buffers else None
-            batch_factors = self._batch_factors(entries, compute)
             per_body = [self._body_moments(group, body, body_grad, entry, step, None,
                                            None if buffer is None else buffer[i],
-                                           [(us[i], vh[i]) for us, vh, _ in batch_factors],
-                                           [floors[i] for _, _, floors in batch_factors])
+                                           [(us[i], vh[i]) for us, vh in pairs], floors[i])
                         for i, (_, plan, body, body_grad, entry, step) in enumerate(items)]
             stacked = self._workspace("gradient", shape, compute, device)     # the unformed moments' G
-            pairs = [(us, vh) for us, vh, _ in batch_factors]
             moments = [_batch_moments([moments[j] for moments in per_body], buffer, stacked, pairs)
                        for j in range(len(self.moment_names))]
             del per_body, batch_factors, pairs
         else:
-            pairs = [self._factor_pairs(e, compute) for e in entries]
-            moments = [torch.bmm(torch.stack([p[j][0] for p in pairs]), torch.stack([p[j][1] for p in pairs]))
-                       for j in range(len(self.moment_names))]                       # (B, k, n) each
-            del pairs
+            moments = [torch.bmm(us, vh) for us, vh in pairs]                  # (B, k, n) each
+            del batch_factors, pairs          # not alive through the updates (the step's peak)
             for i, (_, plan, body, body_grad, entry, step) in enumerate(items):
                 mine = [p[i] for p in moments]
-                for buffer, moment in zip(mine, self._body_moments(group, body, body_grad, entry, step, mine)):
+                for buffer, moment in zip(mine, self._body_moments(group, body, body_grad, entry, step, mine,
+                                                                   floors=floors[i])):
                     if moment.data_ptr() != buffer.data_ptr():          # an update that was not in place
                         buffer.copy_(moment)
+        del floors
         for state_id, (name, moment) in enumerate(zip(self.moment_names, moments)):
             seeds = [sketch_seed(self.seed, step, plan.piece.key, plan.body_row0, state_id)
                      for _, plan, _, _, _, step in items]
@@ -766,29 +762,25 @@ BATCH_MAX_BODY_OTHER = BATCH_ELEMENTS
 
 
 def batch_chunks(items: list, body_numel: int | None = None, device_type: str | None = None,
-                 max_elements: int | None = None, max_body: int | None = None) -> list[list]:
+                 max_elements: int | None = None) -> list[list]:
     """Split same-shaped bodies into batches of at most BATCH_ELEMENTS (or max_elements)
-    elements (at least one body each); bodies above max_body (default: the device's
-    BATCH_MAX_BODY) go one by one. `items` are _local_piece_update tuples (their plan and body
-    give the size and device)."""
+    elements (at least one body each); bodies above the device's BATCH_MAX_BODY go one by one.
+    `items` are _local_piece_update tuples (their plan and body give the size and device)."""
     if body_numel is None:
         plan = items[0][1]
         body_numel = plan.body_rows * plan.piece.matrix.cols
     if device_type is None:
         device_type = items[0][2].device.type
-    if max_body is None:
-        max_body = BATCH_MAX_BODY.get(device_type, BATCH_MAX_BODY_OTHER)
-    if body_numel > max_body:
+    if body_numel > BATCH_MAX_BODY.get(device_type, BATCH_MAX_BODY_OTHER):
         return [[item] for item in items]
     per_batch = max(1, (max_elements or BATCH_ELEMENTS) // max(1, body_numel))
     return [items[i:i + per_batch] for i in range(0, len(items), per_batch)]
 
 
-def fused_batch_limits(device_type: str) -> tuple[int, int | None]:
-    """(max_elements, max_body) of the fused step's batches (batch_chunks' arguments): on the
-    CPU FUSED_BATCH_ELEMENTS, on a GPU BATCH_ELEMENTS; bodies above the device's BATCH_MAX_BODY
-    go alone."""
-    return (FUSED_BATCH_ELEMENTS if device_type == "cpu" else BATCH_ELEMENTS), None
+def batch_cap(fused: bool, device_type: str) -> int:
+    """Elements of a batch's moment buffer (batch_chunks' max_elements): FUSED_BATCH_ELEMENTS
+    for the fused step on the CPU, BATCH_ELEMENTS otherwise."""
+    return FUSED_BATCH_ELEMENTS if fused and device_type == "cpu" else BATCH_ELEMENTS
 
 
 def fused_kept_elements(groups, device_type: str, moment_buffers: int) -> dict[str, int]:
@@ -797,11 +789,10 @@ def fused_kept_elements(groups, device_type: str, moment_buffers: int) -> dict[s
     one step() batches together. "moment" (V, when moment_buffers) is as large as the largest
     batch or lone body, "gradient" (the stacked gradients) as the largest batch of two or more.
     The memory planner uses this; tests/test_memory.py checks it against a real optimizer."""
-    cap, max_body = fused_batch_limits(device_type)
     kept = {"moment": 0, "gradient": 0}
     for count, one in groups:
         for chunk in batch_chunks(list(range(count)), body_numel=one, device_type=device_type,
-                                  max_elements=cap, max_body=max_body):
+                                  max_elements=batch_cap(True, device_type)):
             if moment_buffers:
                 kept["moment"] = max(kept["moment"], len(chunk) * one)
             if len(chunk) > 1:
