@@ -1,9 +1,10 @@
 """The fused step (fused=True, optim/fused.py) against the reference path.
 
-The fused functions are plain torch, so they are checked twice: run eagerly against the
-reference functions (exact math, float64), and compiled inside the optimizers against
-fused=False (the same training to rounding). The compiled path is torch.compile on the CPU
-(inductor, a C++ compiler): the first test in a process pays its compile time (seconds).
+The fused block functions are plain torch, so they are checked three times: run eagerly against
+the reference functions (exact math, float64); the CPU's C++ block kernels (blocks.cpp, what a
+fused step runs on the CPU) against them; and inside the optimizers against fused=False (the
+same training to rounding). On a GPU the block functions are compiled by torch.compile (Triton):
+the CUDA cases skip without one, and the compiled wrapper is checked on the CPU (inductor).
 The full-rank oracle through the fused step (it IS AdamW) is tests/test_optim.py's
 test_full_rank_oracle_on_tiny_llama[fused]; under real engines, tests/test_distributed.py.
 """
@@ -14,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import mlorc_dist
 from mlorc_dist import MLorcAdamW, MLorcLion
 from mlorc_dist.lowrank import fill_negatives_, negative_fill_value, negative_stats, rebuild
-from mlorc_dist.optim import fused
+from mlorc_dist.optim import cpu_kernels, fused
 from mlorc_dist.optim.functional import (adam_apply, adam_moments_, decoupled_weight_decay,
                                          lion_direction, lion_moment_, apply_direction)
 
@@ -161,17 +162,99 @@ def test_fused_needs_local_scope_and_a_bool():
 
 
 def test_a_compile_failure_is_a_clear_error(monkeypatch):
-    """No quiet fallback: when torch.compile cannot build the kernel, step() says so."""
+    """No quiet fallback: when torch.compile cannot build a block function (what a GPU step
+    runs), the call says so."""
     def broken(*args):
-        raise OSError("no C++ compiler")
+        raise OSError("no Triton")
     block = fused._CompiledBlock(fused.lion_block_)
     monkeypatch.setattr(block, "compiled", broken)
     monkeypatch.setitem(fused._COMPILED, fused.lion_block_, block)
+    w, grad, us, vh = torch.randn(6, 5), torch.randn(6, 5), torch.randn(6, 2), torch.randn(2, 5)
+    with pytest.raises(RuntimeError, match="torch.compile could not build lion_block_.*no Triton"):
+        fused.compiled(fused.lion_block_)(w, grad, us, vh, *fused.scalars(0.9, 1e-2, 1.0, like=grad))
+
+
+BLOCK_CASES = [   # weight dtype, rank, (B, k, n): n past one 256-column chunk and not a multiple of it
+    (torch.float64, 5, (3, 7, 300)), (torch.float32, 1, (1, 1, 1)), (torch.float32, 4, (2, 33, 257)),
+    (torch.float32, 9, (3, 17, 40)), (torch.float32, 16, (1, 64, 512)),
+    (torch.bfloat16, 4, (2, 19, 270)), (torch.float16, 3, (2, 8, 100)),
+]
+
+
+@pytest.mark.parametrize("dtype,r,shape", BLOCK_CASES)
+def test_cpu_block_kernels_equal_the_eager_blocks(dtype, r, shape):
+    """blocks.cpp (one call per batch) against adamw_block_ / lion_block_ run eagerly per body:
+    the same numbers to rounding, with the negative fix acting, for any rank, ragged column
+    chunks and low-precision weights (computed in float32, written back rounded)."""
+    B, k, n = shape
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(r * 100 + n)
+    ws = [torch.randn(k, n, generator=g, dtype=compute).to(dtype) for _ in range(B)]
+    grad = torch.randn(B, k, n, generator=g, dtype=compute)
+    m_us, m_vh = torch.randn(B, k, r, generator=g, dtype=compute), torch.randn(B, r, n, generator=g, dtype=compute)
+    v_us, v_vh = torch.rand(B, k, r, generator=g, dtype=compute), torch.rand(B, r, n, generator=g, dtype=compute) - 0.3
+    floors = torch.rand(B, generator=g, dtype=compute) * 1e-3
+    steps = [0.01 * (i + 1) for i in range(B)]
+    eager_w, eager_v = [w.clone() for w in ws], torch.empty(B, k, n, dtype=compute)
+    for i in range(B):
+        fused.adamw_block_(eager_w[i], grad[i], m_us[i], m_vh[i], v_us[i], v_vh[i],
+                           *fused.scalars(floors[i], 0.9, 0.99, steps[i], 1e-8, 0.998, like=grad), eager_v[i])
+    kernel_w, kernel_v = [w.clone() for w in ws], torch.empty(B, k, n, dtype=compute)
+    fused.adamw_blocks_(kernel_w, grad, m_us, m_vh, v_us, v_vh, floors, 0.9, 0.99, steps, 1e-8, 0.998, kernel_v)
+    rtol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+    if r > 1:       # v_vh has negative entries: the fix acts on some rebuilt entries of every body
+        assert all(((v_us[i] @ v_vh[i]) < -floors[i]).any() for i in range(B))
+    torch.testing.assert_close(kernel_v, eager_v, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=1e-6)
+    for got, want in zip(kernel_w, eager_w):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.to(compute), want.to(compute), rtol=rtol, atol=rtol)
+    eager_w, kernel_w = [w.clone() for w in ws], [w.clone() for w in ws]
+    for i in range(B):
+        fused.lion_block_(eager_w[i], grad[i], m_us[i], m_vh[i], *fused.scalars(0.95, 0.01, 0.999, like=grad))
+    fused.lion_blocks_(kernel_w, grad, m_us, m_vh, 0.95, 0.01, 0.999)
+    for got, want in zip(kernel_w, eager_w):
+        torch.testing.assert_close(got.to(compute), want.to(compute), rtol=rtol, atol=rtol)
+
+
+def test_cpu_block_kernels_refuse_what_they_cannot_take():
+    ext = cpu_kernels.extension()
+    w, grad = torch.randn(4, 6), torch.randn(1, 4, 6)
+    us, vh = torch.randn(1, 4, 2), torch.randn(1, 2, 6)
+    with pytest.raises(RuntimeError, match="2 weights for a batch of 1"):
+        ext.lion_blocks([w, w], grad, us, vh, 0.9, 0.1, 1.0)
+    with pytest.raises(RuntimeError, match="contiguous \\(k, n\\) CPU tensor"):
+        ext.lion_blocks([torch.randn(6, 4).mT], grad, us, vh, 0.9, 0.1, 1.0)
+    with pytest.raises(RuntimeError, match="factors must be contiguous"):
+        ext.lion_blocks([w], grad, us.double(), vh, 0.9, 0.1, 1.0)
+    with pytest.raises(RuntimeError, match="float64 factors need float64 weights"):
+        ext.lion_blocks([w], grad.double(), us.double(), vh.double(), 0.9, 0.1, 1.0)
+    with pytest.raises(RuntimeError, match="v_out must be"):
+        ext.adamw_blocks([w], grad, us, vh, us, vh, torch.zeros(1), 0.9, 0.99, [0.1], 1e-8, 1.0,
+                         torch.empty(4, 6))
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_cpu_fused_step_makes_one_kernel_call_per_batch(monkeypatch, batched):
+    """The tiny LLaMA's 2 layers x 7 matrices: same-shaped bodies share one block-kernel call
+    when batched; one call per body otherwise. No torch.compile on the CPU."""
+    calls = []
+    real = cpu_kernels.extension()
+
+    class Counting:
+        def __getattr__(self, name):
+            def counted(*args):
+                calls.append(name)
+                return getattr(real, name)(*args)
+            return counted
+
+    monkeypatch.setattr(cpu_kernels, "extension", lambda: Counting())
+    monkeypatch.setattr(fused, "compiled", lambda fn: pytest.fail("torch.compile on the CPU"))
     model = _tiny_llama()
-    opt = MLorcLion(mlorc_dist.param_groups(model), fused=True)
+    opt = MLorcAdamW(mlorc_dist.param_groups(model), fused=True, batched=batched)
     model(input_ids=torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long)).loss.backward()
-    with pytest.raises(RuntimeError, match="torch.compile could not build lion_block_.*no C\\+\\+ compiler"):
-        opt.step()
+    opt.step()
+    shapes = {tuple(p.shape) for p in model.model.layers.parameters() if p.dim() == 2}
+    assert calls.count("adamw_blocks") == (len(shapes) if batched else 14)
 
 
 def test_fused_is_selected_by_name_in_launch_and_deepspeed_configs():

@@ -4,7 +4,7 @@ import torch
 
 import mlorc_dist
 from mlorc_dist import lowrank
-from mlorc_dist.optim import skinny
+from mlorc_dist.optim import cpu_kernels, skinny
 
 SHAPES = [(1, 1, 1), (3, 17, 2), (5, 33, 4), (37, 100, 8), (64, 1024, 4), (130, 7, 5), (9, 64, 3)]
 
@@ -16,7 +16,7 @@ def test_kernel_products_equal_matmul(m, n, q, dtype, tol):
     a = torch.randn(m, n, generator=g, dtype=dtype)
     x_right = torch.randn(n, q, generator=g, dtype=dtype)       # a @ x
     x_left = torch.randn(m, q, generator=g, dtype=dtype)        # x^T @ a
-    ext = skinny._extension()                  # every width it takes (q <= 8), used or not
+    ext = cpu_kernels.extension()                  # every width it takes (q <= 8), used or not
     assert skinny.uses_kernel(a, q) == (q <= skinny.MAX_WIDTH)
     for got, want in ((ext.rows(a, x_right.mT.contiguous()), a @ x_right),
                       (ext.cols(x_left, a), x_left.mT @ a),
@@ -36,7 +36,7 @@ def test_kernel_products_of_a_batch_equal_bmm(dtype, tol):
         assert got.shape == want.shape
         assert (got - want).abs().max() <= tol * max(1.0, want.abs().max().item())
     with pytest.raises(RuntimeError, match="like the other operand"):
-        skinny._extension().rows(a, x_right[0].mT.contiguous())
+        cpu_kernels.extension().rows(a, x_right[0].mT.contiguous())
 
 
 def test_kernel_takes_views_and_transposed_sketches():
@@ -59,41 +59,40 @@ def test_the_rule_for_what_runs_in_the_kernel():
     x = torch.randn(10, 9)
     torch.testing.assert_close(skinny.times_skinny(a, x), lowrank.times_skinny(a, x))
     with pytest.raises(RuntimeError, match="q must be 1..8"):        # the kernel itself refuses
-        skinny._extension().rows(a, x.mT.contiguous())
+        cpu_kernels.extension().rows(a, x.mT.contiguous())
     with pytest.raises(RuntimeError, match="float32/float64 CPU tensor"):
-        skinny._extension().cols(torch.randn(6, 2).to(torch.bfloat16), a.to(torch.bfloat16))
+        cpu_kernels.extension().cols(torch.randn(6, 2).to(torch.bfloat16), a.to(torch.bfloat16))
 
 
 def test_the_fused_step_uses_the_kernel_and_a_build_failure_is_an_error(monkeypatch):
     calls = []
-    real = skinny._extension()
+    real = cpu_kernels.extension()
 
     class Counting:
-        def rows(self, *args):
-            calls.append("rows")
-            return real.rows(*args)
+        def __getattr__(self, name):
+            def counted(*args):
+                calls.append(name)
+                return getattr(real, name)(*args)
+            return counted
 
-        def cols(self, *args):
-            calls.append("cols")
-            return real.cols(*args)
-
-    monkeypatch.setattr(skinny, "_extension", lambda: Counting())
+    monkeypatch.setattr(cpu_kernels, "extension", lambda: Counting())
     w = torch.nn.Parameter(torch.randn(48, 40))
     w.grad = torch.randn(48, 40)
     opt = mlorc_dist.MLorcAdamW([w], rank=4, fused=True, batched=False)
     opt.step()
     assert calls.count("rows") == 4 and calls.count("cols") == 4      # niter=1: 2 + 2 per moment
+    assert calls.count("adamw_blocks") == 1                            # and the block update
     assert mlorc_dist.MLorcAdamW([w], rank=4)._skinny_kernels is None  # the reference path: matmul
 
     monkeypatch.undo()
-    monkeypatch.setattr(skinny, "_EXTENSION", None)
+    monkeypatch.setattr(cpu_kernels, "_EXTENSION", None)
 
     def no_compiler(*args, **kwargs):
         raise OSError("g++: not found")
     monkeypatch.setattr("torch.utils.cpp_extension.load", no_compiler)
-    with pytest.raises(RuntimeError, match="could not build the C\\+\\+ skinny-product kernel.*g\\+\\+: not found"):
+    with pytest.raises(RuntimeError, match="could not build the fused step's C\\+\\+ kernels.*g\\+\\+: not found"):
         skinny.times_skinny(torch.randn(8, 8), torch.randn(8, 2))
     # the optimizer builds it at construction (CPU parameters): the error comes before any step
-    with pytest.raises(RuntimeError, match="could not build the C\\+\\+ skinny-product kernel"):
+    with pytest.raises(RuntimeError, match="could not build the fused step's C\\+\\+ kernels"):
         mlorc_dist.MLorcAdamW([w], rank=4, fused=True)
     mlorc_dist.MLorcAdamW([w], rank=4)                                  # the reference path needs none

@@ -23,7 +23,7 @@ from ..lowrank import (MomentUpdate, compress, compute_dtype_for, rebuild, rebui
                        scaled_factors, sketch_seed)
 from ..pieces import Layout, Piece, plain_layout
 from ..scopes import SCOPES, RowBlock, all_reduce_sum, global_randomized_svd
-from . import skinny
+from . import cpu_kernels, skinny
 
 logger = logging.getLogger("mlorc_dist")
 
@@ -102,7 +102,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         self._skinny_kernels = skinny.KERNELS if fused else None
         super().__init__(params, defaults)
         if fused and any(p.device.type == "cpu" for g in self.param_groups for p in g["params"]):
-            skinny.build()     # a failed build is an error here, before any step has run
+            cpu_kernels.build()     # a failed build is an error here, before any step has run
         self._index_parameters()
         self.log_treatments("at construction (an engine that shards the parameters logs again once "
                             "its layout is attached)")
@@ -496,29 +496,18 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         return group, plan, body, body_grad, entry, step
 
     # ------------------------------------------------------------------ low-rank updates
-    def _factor_pairs(self, entry: dict, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per moment, (U diag(s), Vh) in `dtype`: the previous moment is their product."""
-        return [scaled_factors(entry[f"{name}_u"], entry[f"{name}_s"], entry[f"{name}_vh"], dtype)
-                for name in self.moment_names]
-
     def _rebuild_moments(self, entry: dict, dtype: torch.dtype) -> list[torch.Tensor]:
         """The previous moments rebuilt from their factors, (rows, cols) each."""
         return [rebuild(entry[f"{name}_u"], entry[f"{name}_s"], entry[f"{name}_vh"], dtype)
                 for name in self.moment_names]
 
-    def _body_moments(self, group, body, body_grad, entry, step: int, prevs=None, buffer=None,
-                      factors=None, floors=None) -> list:
-        """Update this body's weights and return its new moments (to compress, lowrank.compress):
-        the fused step from the factors (moments written into `buffer`, a (k, n) compute-dtype
-        tensor, or left unformed as lowrank.MomentUpdate), or the reference path from the
-        rebuilt previous moments (`prevs`, rebuilt here when not given). A batch passes its
-        bodies' `floors` (_noise_floors) and, fused, `factors` (_factor_pairs), made for all at once."""
+    def _body_moments(self, group, body, body_grad, entry, step: int, prevs=None, floors=None) -> list:
+        """The reference path: update this body's weights from the rebuilt previous moments
+        (`prevs`, rebuilt here when not given) and return its new moments (to compress,
+        lowrank.compress). A batch passes its bodies' `floors` (_noise_floors), made for all at once."""
         compute = compute_dtype_for(body.dtype)
         grad = body_grad.to(compute)
         floors = self._noise_floors(entry, compute) if floors is None else floors
-        if self.fused:
-            factors = self._factor_pairs(entry, compute) if factors is None else factors
-            return self._fused_update(group, body, grad, factors, floors, step, buffer)
         prevs = self._rebuild_moments(entry, compute) if prevs is None else prevs
         return self._lowrank_update(group, body, grad, prevs, floors, self._moment_stats(prevs, floors), step)
 
@@ -529,10 +518,9 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         return [rebuild_noise_floor(entry[f"{name}_s"], dtype) for name in self.moment_names]
 
     def _batch_factors(self, entries: list[dict], dtype: torch.dtype) -> list[tuple]:
-        """_factor_pairs and _noise_floors of a batch's bodies, per moment, computed on the
-        stacked factors: (U diag(s) (B, k, r), Vh (B, r, n), floors (B,)). Row i of each is body
-        i's, the same numbers as its own _factor_pairs / _noise_floors, in a few calls for the
-        batch instead of several per body (on a GPU each call is a launch and host time)."""
+        """Per moment, a batch's factors and _noise_floors computed on the stacked factors:
+        (U diag(s) (B, k, r), Vh (B, r, n), floors (B,)), row i of each body i's. A few calls for
+        the batch instead of several per body (on a GPU each call is a launch and host time)."""
         out = []
         for name in self.moment_names:
             u, s, vh = (torch.stack([e[f"{name}_{part}"] for e in entries]) for part in ("u", "s", "vh"))
@@ -571,31 +559,21 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
 
     def _local_update_batch(self, items: list[tuple]) -> None:
         """Rebuild, update and recompress a batch of same-shaped bodies of one group."""
+        if self.fused:
+            self._fused_local_update(items)
+            return
         group, compute = items[0][0], compute_dtype_for(items[0][2].dtype)
         entries = [item[4] for item in items]
-        shape, device = (len(items), *items[0][2].shape), items[0][2].device
         batch_factors = self._batch_factors(entries, compute)
-        pairs = [(us, vh) for us, vh, _ in batch_factors]
         floors = [[f[i] for _, _, f in batch_factors] for i in range(len(items))]
-        if self.fused:    # each body's kernel writes into its row of the batch buffer
-            buffer = self._workspace("moment", shape, compute, device) if self.fused_buffers else None
-            per_body = [self._body_moments(group, body, body_grad, entry, step, None,
-                                           None if buffer is None else buffer[i],
-                                           [(us[i], vh[i]) for us, vh in pairs], floors[i])
-                        for i, (_, plan, body, body_grad, entry, step) in enumerate(items)]
-            stacked = self._workspace("gradient", shape, compute, device)     # the unformed moments' G
-            moments = [_batch_moments([moments[j] for moments in per_body], buffer, stacked, pairs)
-                       for j in range(len(self.moment_names))]
-            del per_body, batch_factors, pairs
-        else:
-            moments = [torch.bmm(us, vh) for us, vh in pairs]                  # (B, k, n) each
-            del batch_factors, pairs          # not alive through the updates (the step's peak)
-            for i, (_, plan, body, body_grad, entry, step) in enumerate(items):
-                mine = [p[i] for p in moments]
-                for buffer, moment in zip(mine, self._body_moments(group, body, body_grad, entry, step, mine,
-                                                                   floors=floors[i])):
-                    if moment.data_ptr() != buffer.data_ptr():          # an update that was not in place
-                        buffer.copy_(moment)
+        moments = [torch.bmm(us, vh) for us, vh, _ in batch_factors]           # (B, k, n) each
+        del batch_factors                 # not alive through the updates (the step's peak)
+        for i, (_, plan, body, body_grad, entry, step) in enumerate(items):
+            mine = [p[i] for p in moments]
+            for buffer, moment in zip(mine, self._body_moments(group, body, body_grad, entry, step, mine,
+                                                               floors=floors[i])):
+                if moment.data_ptr() != buffer.data_ptr():          # an update that was not in place
+                    buffer.copy_(moment)
         del floors
         for state_id, (name, moment) in enumerate(zip(self.moment_names, moments)):
             seeds = [sketch_seed(self.seed, step, plan.piece.key, plan.body_row0, state_id)
@@ -606,16 +584,51 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
 
     def _local_update(self, group, plan: PiecePlan, body, body_grad, entry, step: int) -> None:
         """Compress this body on its own: rebuild, update, recompress, apply. No collectives.
-        The reference path (batched=False); _local_update_batched must agree with it."""
-        buffer = None
-        if self.fused and self.fused_buffers:
-            buffer = self._workspace("moment", body.shape, compute_dtype_for(body.dtype), body.device)
-        moments = self._body_moments(group, body, body_grad, entry, step, None, buffer)
+        The reference path (batched=False); _local_update_batch must agree with it. Fused, a
+        batch of one (_fused_local_update)."""
+        if self.fused:
+            self._fused_local_update([(group, plan, body, body_grad, entry, step)])
+            return
+        moments = self._body_moments(group, body, body_grad, entry, step)
         key = plan.piece.key
         self._store_factors(entry, [
             compress(moment, plan.rank, group["oversample"], group["niter"],
                      sketch_seed(self.seed, step, key, plan.body_row0, state_id), self._skinny_kernels)
             for state_id, moment in enumerate(moments)])
+
+    def _fused_local_update(self, items: list[tuple]) -> None:
+        """fused=True: same-shaped bodies of one group (a batch, or one body) updated by one call
+        of the block kernels (_fused_update, from the stacked factors), then each moment of the
+        batch recompressed in one call."""
+        group, compute = items[0][0], compute_dtype_for(items[0][2].dtype)
+        entries = [item[4] for item in items]
+        shape, device = (len(items), *items[0][2].shape), items[0][2].device
+        factors = self._batch_factors(entries, compute)
+        grad = self._stacked_gradients([item[3] for item in items], shape, compute)
+        buffer = self._workspace("moment", shape, compute, device) if self.fused_buffers else None
+        moments = self._fused_update(group, [item[2] for item in items], grad, factors,
+                                     [item[5] for item in items], buffer)
+        del factors
+        for state_id, (name, moment) in enumerate(zip(self.moment_names, moments)):
+            seeds = [sketch_seed(self.seed, step, plan.piece.key, plan.body_row0, state_id)
+                     for _, plan, _, _, _, step in items]
+            if len(items) == 1:     # a lone body compresses as a 2-D block, as on the reference path
+                u, s, vh = (x[None] for x in compress(_first_of_batch(moment), items[0][1].rank,
+                                                      group["oversample"], group["niter"], seeds[0],
+                                                      self._skinny_kernels))
+            else:
+                u, s, vh = compress(moment, items[0][1].rank, group["oversample"], group["niter"], seeds,
+                                    self._skinny_kernels)
+            self._store_batch_factors(entries, name, u, s, vh)
+
+    def _stacked_gradients(self, grads: list, shape, dtype: torch.dtype) -> torch.Tensor:
+        """The bodies' gradients as one (B, k, n) tensor of `dtype`: a lone body's own gradient
+        when it has that dtype (a view), else the kept "gradient" workspace (one multi-tensor copy)."""
+        if len(grads) == 1:
+            return grads[0].to(dtype)[None]
+        stacked = self._workspace("gradient", shape, dtype, grads[0].device)
+        torch._foreach_copy_(list(stacked.unbind(0)), grads)
+        return stacked
 
     def _workspace(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
         """A (shape) view of a buffer this optimizer keeps between steps (fused=True): "moment"
@@ -729,15 +742,17 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         _moment_stats over the whole block or matrix); return the new moments to compress."""
         raise NotImplementedError
 
-    # how many of the new moments the fused step writes out (into a (k, n) buffer); the others
-    # it returns unformed (lowrank.MomentUpdate)
+    # how many of the new moments the fused step writes out (into the (B, k, n) `buffer`); the
+    # others it returns unformed (lowrank.MomentUpdate)
     fused_buffers: int = 0
 
-    def _fused_update(self, group, value, grad, factors, floors, step: int, buffer) -> list:
-        """fused=True, local scope: the same update as _lowrank_update, from the factors
-        (`factors`: per moment (U diag(s), Vh)) instead of rebuilt moments; returns the new
-        moments to compress: `buffer` (a (k, n) tensor, when fused_buffers) written with one,
-        or lowrank.MomentUpdate."""
+    def _fused_update(self, group, values: list, grad, factors, steps: list, buffer) -> list:
+        """fused=True, local scope: the same update as _lowrank_update, for a batch of B
+        same-shaped bodies at once and from the factors instead of rebuilt moments. `values`:
+        the B weights (k, n); `grad` (B, k, n) in the compute dtype; `factors`: per moment
+        (U diag(s) (B, k, r), Vh (B, r, n), noise floors (B,)) (_batch_factors); `steps`: each
+        body's step count. Returns per moment the new moments of the batch, to compress:
+        `buffer` written (when fused_buffers), or a lowrank.MomentUpdate."""
         raise NotImplementedError(f"{self.algorithm} has no fused step")
 
 
@@ -828,22 +843,8 @@ def _move_state(value, device):
     return value
 
 
-def _batch_moments(moments: list, buffer: torch.Tensor | None, stacked: torch.Tensor, pairs=()):
-    """One moment of every body of a fused batch, as one batched moment: the batch buffer when
-    the bodies wrote it there (row i each), else their MomentUpdates with the gradients
-    stacked into `stacked` (a (B, k, n) workspace) and their factors stacked, or taken from
-    `pairs` ((B, k, r), (B, r, n) batch factors) when row i of a pair is body i's."""
-    if all(isinstance(m, torch.Tensor) for m in moments):
-        if buffer is None or any(m.data_ptr() != buffer[i].data_ptr() for i, m in enumerate(moments)):
-            raise RuntimeError("fused step: a moment was not written into its row of the batch buffer")
-        return buffer
-    if not all(isinstance(m, MomentUpdate) and (m.keep, m.mix) == (moments[0].keep, moments[0].mix)
-               for m in moments):
-        raise RuntimeError("fused step: the bodies of one batch returned different kinds of moments")
-    torch.stack([m.dense for m in moments], out=stacked)
-    for us, vh in pairs:
-        if all(m.us.data_ptr() == us[i].data_ptr() and m.vh.data_ptr() == vh[i].data_ptr()
-               for i, m in enumerate(moments)):
-            return MomentUpdate(us, vh, stacked, moments[0].keep, moments[0].mix)
-    return MomentUpdate(torch.stack([m.us for m in moments]), torch.stack([m.vh for m in moments]),
-                        stacked, moments[0].keep, moments[0].mix)
+def _first_of_batch(moment):
+    """Body 0 of a batch's moment (a (1, k, n) tensor or MomentUpdate) as a 2-D block."""
+    if isinstance(moment, MomentUpdate):
+        return MomentUpdate(moment.us[0], moment.vh[0], moment.dense[0], moment.keep, moment.mix)
+    return moment[0]

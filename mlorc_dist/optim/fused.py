@@ -1,5 +1,7 @@
 """The fused MLorc step of one block: rebuild, negative fix, moments and weight update in one
-pass over memory, compiled by torch.compile (`fused=True` on the optimizers).
+pass over memory (`fused=True` on the optimizers). On a GPU the functions below are compiled by
+torch.compile (Triton kernels), one call per body; on the CPU the same math runs in a C++ kernel
+(blocks.cpp, built by cpu_kernels.py), one call per batch of bodies (adamw_blocks_, lion_blocks_).
 
 The reference path (functional.py, lowrank.py) materialises the rebuilt moments with a GEMM,
 then makes a dozen elementwise passes over them (the fix's statistics and fill, the moment
@@ -13,8 +15,8 @@ written at all: its range finder multiplies G and the old factors instead
 (lowrank.randomized_svd_of_update). What remains outside the kernel is the range finder's
 skinny products (over G for M, over the workspace for V).
 
-The functions below are plain torch: run eagerly, they compute the reference's math (tests
-compare them, and the compiled step, against the reference path). Hyperparameters travel as
+The block functions below are plain torch: run eagerly, they compute the reference's math
+(tests compare them, the compiled step and the C++ kernel against the reference path). Hyperparameters travel as
 0-d tensors so that a new learning rate or step count does not recompile.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..lowrank import negative_fill_value
+from . import cpu_kernels
 
 __all__ = [
     "rank_sum",
@@ -29,6 +32,8 @@ __all__ = [
     "scalars",
     "adamw_block_",
     "lion_block_",
+    "adamw_blocks_",
+    "lion_blocks_",
     "compiled",
 ]
 
@@ -101,6 +106,37 @@ def lion_block_(w: torch.Tensor, g: torch.Tensor, m_us: torch.Tensor, m_vh: torc
     m_prev = rank_sum(m_us, m_vh)
     direction = torch.sign(m_prev + (1 - beta1) * (g - m_prev))
     w.copy_((w.to(m_prev.dtype) - lr * direction) * decay)
+
+
+def adamw_blocks_(ws: list, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Tensor, v_us: torch.Tensor,
+                  v_vh: torch.Tensor, floors: torch.Tensor, beta1: float, beta2: float, step_sizes: list,
+                  eps: float, decay: float, v_out: torch.Tensor) -> None:
+    """adamw_block_ on every body of a batch: ws (B weights (k, n)), g (B, k, n) in the compute
+    dtype, the factors stacked ((B, k, r), (B, r, n)), floors (B,) (the second moment's), one
+    step size per body, v_out (B, k, n). On the CPU one call of the C++ kernel (blocks.cpp);
+    elsewhere the compiled adamw_block_ per body."""
+    if g.device.type == "cpu":
+        cpu_kernels.extension().adamw_blocks(ws, g, m_us.contiguous(), m_vh.contiguous(), v_us.contiguous(),
+                                             v_vh.contiguous(), floors, beta1, beta2, step_sizes, eps,
+                                             decay, v_out)
+        return
+    block = compiled(adamw_block_)
+    for i, w in enumerate(ws):
+        block(w, g[i], m_us[i], m_vh[i], v_us[i], v_vh[i],
+              *scalars(floors[i], beta1, beta2, step_sizes[i], eps, decay, like=g), v_out[i])
+
+
+def lion_blocks_(ws: list, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Tensor, beta1: float,
+                 lr: float, decay: float) -> None:
+    """lion_block_ on every body of a batch (shapes as adamw_blocks_): one C++ call on the CPU,
+    the compiled lion_block_ per body elsewhere."""
+    if g.device.type == "cpu":
+        cpu_kernels.extension().lion_blocks(ws, g, m_us.contiguous(), m_vh.contiguous(), beta1, lr, decay)
+        return
+    block = compiled(lion_block_)
+    hyper = scalars(beta1, lr, decay, like=g)
+    for i, w in enumerate(ws):
+        block(w, g[i], m_us[i], m_vh[i], *hyper)
 
 
 # Graphs allowed per fused function: ranks 1..UNROLLED_RANK, x parameter dtypes, x bodies of

@@ -5,7 +5,7 @@ import torch
 
 from ..lowrank import MomentUpdate, fill_negatives_, negative_fill_value, negative_stats
 from .base import LowRankMomentumOptimizer
-from .fused import adamw_block_, compiled, scalars
+from .fused import adamw_blocks_
 from .functional import adam_apply, adam_moments_, adam_step_size, adamw_dense_step, decoupled_weight_decay
 
 __all__ = ["MLorcAdamW"]
@@ -40,12 +40,12 @@ class MLorcAdamW(LowRankMomentumOptimizer):
                                        .skipped_steps, warned about; nothing changes), "raise",
                                        or "ignore" (no check: a NaN then poisons the factors)
         batched*                       compress same-shaped small bodies in one batched call
-        fused*                         one compiled pass per block (optim/fused.py, torch.compile)
-                                       instead of the reference path's GEMM rebuild and
-                                       elementwise passes, the first moment left unformed, V in
-                                       a workspace kept between steps, and on the CPU the range
-                                       finder's products in a C++ kernel (optim/skinny.py);
-                                       local scope only
+        fused*                         one pass per block (optim/fused.py) instead of the
+                                       reference path's GEMM rebuild and elementwise passes, the
+                                       first moment left unformed, V in a workspace kept between
+                                       steps; on the CPU C++ kernels (optim/cpu_kernels.py: the
+                                       block updates, one call per batch, and the range finder's
+                                       products), on a GPU torch.compile; local scope only
     """
 
     moment_names = ("exp_avg", "exp_avg_sq")
@@ -87,11 +87,10 @@ class MLorcAdamW(LowRankMomentumOptimizer):
 
     fused_buffers = 1      # V; M stays unformed
 
-    def _fused_update(self, group, value, grad, factors, floors, step: int, buffer) -> list:
+    def _fused_update(self, group, values, grad, factors, steps, buffer) -> list:
         beta1, beta2 = group["betas"]
-        (m_us, m_vh), (v_us, v_vh) = factors
-        step_size = adam_step_size(group["lr"], beta1, beta2, step, group["correct_bias"])
-        hyper = scalars(floors[1], beta1, beta2, step_size, group["eps"],
-                        1.0 - group["lr"] * group["weight_decay"], like=grad)
-        compiled(adamw_block_)(value, grad, m_us, m_vh, v_us, v_vh, *hyper, buffer)
+        (m_us, m_vh, _), (v_us, v_vh, v_floors) = factors
+        step_sizes = [adam_step_size(group["lr"], beta1, beta2, step, group["correct_bias"]) for step in steps]
+        adamw_blocks_(values, grad, m_us, m_vh, v_us, v_vh, v_floors, beta1, beta2, step_sizes, group["eps"],
+                      1.0 - group["lr"] * group["weight_decay"], buffer)
         return [MomentUpdate(m_us, m_vh, grad, beta1, 1.0 - beta1), buffer]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..lowrank import MomentUpdate
 from .base import LowRankMomentumOptimizer
-from .fused import compiled, lion_block_, scalars
+from .fused import lion_blocks_
 from .functional import apply_direction, decoupled_weight_decay, lion_dense_step, lion_direction, lion_moment_
 
 __all__ = ["MLorcLion"]
@@ -44,9 +44,8 @@ class MLorcLion(LowRankMomentumOptimizer):
         decoupled_weight_decay(value, group["lr"], group["weight_decay"])
         return [lion_moment_(grad, m_prev, beta2)]     # after the direction: it needs m_prev
 
-    def _fused_update(self, group, value, grad, factors, floors, step: int, buffer) -> list:
+    def _fused_update(self, group, values, grad, factors, steps, buffer) -> list:
         beta1, beta2 = group["betas"]
-        ((m_us, m_vh),) = factors
-        hyper = scalars(beta1, group["lr"], 1.0 - group["lr"] * group["weight_decay"], like=grad)
-        compiled(lion_block_)(value, grad, m_us, m_vh, *hyper)
+        ((m_us, m_vh, _),) = factors
+        lion_blocks_(values, grad, m_us, m_vh, beta1, group["lr"], 1.0 - group["lr"] * group["weight_decay"])
         return [MomentUpdate(m_us, m_vh, grad, beta2, 1.0 - beta2)]

@@ -172,8 +172,3 @@ at::Tensor cols(const at::Tensor& x, const at::Tensor& a) {
   });
   return z;
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rows", &rows, "a @ x for a ([B,] m, n) and xt = x^T ([B,] q, n), q <= 8");
-  m.def("cols", &cols, "x^T @ a for x ([B,] m, q) and a ([B,] m, n), q <= 8");
-}

@@ -1,0 +1,24 @@
+// The Python bindings of the fused step's CPU kernels (cpu_kernels.py builds them as one
+// extension): skinny.cpp's products and blocks.cpp's block updates.
+#include <torch/extension.h>
+
+#include <vector>
+
+at::Tensor rows(const at::Tensor& a, const at::Tensor& xt);
+at::Tensor cols(const at::Tensor& x, const at::Tensor& a);
+void adamw_blocks(const std::vector<at::Tensor>& ws, const at::Tensor& g, const at::Tensor& m_us,
+                  const at::Tensor& m_vh, const at::Tensor& v_us, const at::Tensor& v_vh, const at::Tensor& floors,
+                  double beta1, double beta2, const std::vector<double>& step_sizes, double eps, double decay,
+                  const at::Tensor& v_out);
+void lion_blocks(const std::vector<at::Tensor>& ws, const at::Tensor& g, const at::Tensor& m_us,
+                 const at::Tensor& m_vh, double beta1, double lr, double decay);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rows", &rows, "a @ x for a ([B,] m, n) and xt = x^T ([B,] q, n), q <= 8");
+  m.def("cols", &cols, "x^T @ a for x ([B,] m, q) and a ([B,] m, n), q <= 8");
+  m.def("adamw_blocks", &adamw_blocks,
+        "fused.adamw_block_ on each body of a batch: ws (B weights (k, n)), g (B, k, n), factors "
+        "(B, k, r) and (B, r, n) of both moments, floors (B,), betas, step sizes (B), eps, decay, v_out (B, k, n)");
+  m.def("lion_blocks", &lion_blocks,
+        "fused.lion_block_ on each body of a batch: ws, g (B, k, n), factors (B, k, r) and (B, r, n), beta1, lr, decay");
+}
