@@ -1,16 +1,16 @@
 // The fused step's block updates on the CPU (fused.py: adamw_blocks_, lion_blocks_): the same
 // math as fused.adamw_block_ / lion_block_, for every body of a batch in one call.
 //
-// Per body (k, n) with factors us (k, r), vh (r, n) per moment, row by row and in column chunks
-// that stay in L1: the rebuilt entries sum_l us[i, l] vh[l, j] go into a chunk buffer (r
-// multiply-adds per entry, any r), then one vectorised loop reads G and W once and writes W
-// (and AdamW's V) once. AdamW first makes a read-free pass over the second moment's factors for
-// the negative fix's statistics (lowrank.negative_stats).
+// Per body (k, n) with factors us (k, r), vh (r, n) per moment, row by row: one vectorised loop
+// computes the rebuilt entries sum_l us[i, l] vh[l, j] (r multiply-adds each, in registers for
+// r <= 8, compiled once per rank; above, through column chunks that stay in L1), reads G and W
+// once and writes W (and AdamW's V) once. AdamW first makes a read-free pass over the second
+// moment's factors for the negative fix's statistics (lowrank.negative_stats).
 //
-// Why not torch.compile, as on a GPU: the generated loop is as fast (measured, one thread:
-// 1024^2 1.22 vs 1.46 ms, 4096^2 22.2 vs 21.9 ms), but each compiled call costs ~0.15 ms of
-// dynamo guards and wrappers on this VM, which is most of a 256 x 256 body's step, and a batch
-// here is one call.
+// Why not torch.compile, as on a GPU: each compiled call costs ~0.15 ms of dynamo guards and
+// wrappers on the reference VM, most of a 256 x 256 body's step, where a batch here is one call;
+// and this loop is faster (one thread, AdamW, r = 4: 4 x 256^2 0.17 vs 0.63 ms, 1024^2 0.63 vs
+// 1.14 ms, 4096^2 18.4 vs 23.1 ms; bench/block_kernels.py, docs/BENCHMARKS.md).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -18,14 +18,26 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
+#include <utility>
 #include <vector>
+
+#include "simd.h"
 
 namespace {
 
-constexpr int64_t kChunk = 256;  // columns per chunk: a few chunk buffers of T stay in L1
+constexpr int64_t kChunk = 256;  // columns per chunk (ranks above kFixedRanks): chunk buffers stay in L1
 constexpr int64_t kGrain = 16;   // rows per parallel task
 
-// out[j] = sum_l us_row[l] vh[l, j0 + j] for j < len
+// sum_l c[l] vh[l, j] for a rank R known at compile time (unrolled; vectorised over j by the caller)
+template <int R, typename T>
+inline T rank_sum_at(const T* c, const T* __restrict vh, int64_t n, int64_t j) {
+  T total = c[0] * vh[j];
+  for (int l = 1; l < R; ++l) total += c[l] * vh[l * n + j];
+  return total;
+}
+
+// any rank: out[j] = sum_l us_row[l] vh[l, j0 + j] for j < len, a chunk at a time
 template <typename T>
 inline void rebuild_chunk(const T* us_row, const T* vh, int64_t r, int64_t n, int64_t j0, int64_t len,
                           T* __restrict out) {
@@ -41,27 +53,70 @@ inline void rebuild_chunk(const T* us_row, const T* vh, int64_t r, int64_t n, in
   }
 }
 
+// f(std::integral_constant<int, R>{}) with R = r for r <= 8 (compiled one by one: the rebuild sum
+// stays in registers; measured 10-30% faster than chunks at r = 4 and 8), else R = 0 (any rank)
+template <typename F>
+void for_rank(int64_t r, F&& f) {
+  switch (r) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+    default: return f(std::integral_constant<int, 0>{});
+  }
+}
+
+// lane-wise: below += min(v + floor, 0), count += (v < -floor)
+template <typename VT, typename T>
+inline void add_negatives(const VT& v, T floor, VT& below, VT& count) {
+  const VT zero = VT{}, shifted = v + floor;
+  below += shifted < zero ? shifted : zero;
+  count += v < -floor ? zero + T(1) : zero;
+}
+
 // lowrank.negative_stats of the rebuilt us @ vh (k, n) without writing it: the sum of |v| over
-// the entries below -floor, and their count. Partial sums per row, added in double.
-template <typename T>
+// the entries below -floor, and their count. Explicit vectors: written as a `#pragma omp simd`
+// reduction the compiler left this loop scalar, and it took half of the AdamW kernel's time.
+// Partial sums per row, added in double.
+template <int R, typename T>
 std::pair<double, double> negative_stats(const T* us, const T* vh, int64_t k, int64_t r, int64_t n, T floor) {
+  using V = Vec<T>;
+  using VT = typename V::type;
   std::vector<double> sums(k), counts(k);
   at::parallel_for(0, k, kGrain, [&](int64_t begin, int64_t end) {
-    alignas(64) T v[kChunk];
+    alignas(64) T chunk[kChunk];
     for (int64_t i = begin; i < end; ++i) {
-      T below = 0, count = 0;   // below: sum of min(v + floor, 0), <= 0
-      for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
-        const int64_t len = std::min(kChunk, n - j0);
-        rebuild_chunk(us + i * r, vh, r, n, j0, len, v);
-#pragma omp simd reduction(+ : below, count)
-        for (int64_t j = 0; j < len; ++j) {
-          const T shifted = v[j] + floor;
-          below += shifted < T(0) ? shifted : T(0);
-          count += v[j] < -floor ? T(1) : T(0);
+      VT below = VT{}, count = VT{};
+      T tail_below = 0, tail_count = 0;
+      auto add_tail = [&](T v) {
+        tail_below += v + floor < T(0) ? v + floor : T(0);
+        tail_count += v < -floor ? T(1) : T(0);
+      };
+      if constexpr (R > 0) {
+        T c[R];
+        for (int l = 0; l < R; ++l) c[l] = us[i * R + l];
+        int64_t j = 0;
+        for (; j + V::size <= n; j += V::size) {
+          VT v = c[0] * V::load(vh + j);
+          for (int l = 1; l < R; ++l) v += c[l] * V::load(vh + l * n + j);
+          add_negatives(v, floor, below, count);
+        }
+        for (; j < n; ++j) add_tail(rank_sum_at<R>(c, vh, n, j));
+      } else {
+        for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+          const int64_t len = std::min(kChunk, n - j0);
+          rebuild_chunk(us + i * r, vh, r, n, j0, len, chunk);
+          int64_t j = 0;
+          for (; j + V::size <= len; j += V::size) add_negatives(V::load(chunk + j), floor, below, count);
+          for (; j < len; ++j) add_tail(chunk[j]);
         }
       }
-      sums[i] = below;
-      counts[i] = count;
+      sums[i] = double(V::sum(below)) + tail_below;
+      counts[i] = double(V::sum(count)) + tail_count;
     }
   });
   double below = 0, count = 0;
@@ -72,73 +127,91 @@ std::pair<double, double> negative_stats(const T* us, const T* vh, int64_t k, in
   return {double(floor) * count - below, count};
 }
 
-struct AdamWHyper {
-  double floor, beta1, beta2, step_size, eps, decay;
+template <typename T>
+struct AdamWConstants {
+  T floor, fill, one_minus_beta1, beta2, one_minus_beta2, step_size, eps, decay;
 };
 
+// one entry: the negative fix of the rebuilt v, the new moments, the weight update
 template <typename W, typename T>
-inline void adamw_chunk(W* __restrict w, const T* __restrict g, const T* __restrict m_prev,
-                        const T* __restrict v_prev, T* __restrict v_out, int64_t len, T floor, T fill,
-                        T one_minus_beta1, T beta2, T one_minus_beta2, T step_size, T eps, T decay) {
-#pragma omp simd
-  for (int64_t j = 0; j < len; ++j) {
-    const T mp = m_prev[j];
-    T vp = v_prev[j];
-    vp = vp < -floor ? fill : (vp < floor ? floor : vp);     // lowrank.fill_negatives_
-    const T gj = g[j];
-    const T m = mp + one_minus_beta1 * (gj - mp);
-    const T v = beta2 * vp + one_minus_beta2 * (gj * gj);
-    w[j] = W((T(w[j]) - step_size * m / (std::sqrt(v) + eps)) * decay);
-    v_out[j] = v;
-  }
+inline void adamw_entry(W& w, T g, T m_prev, T v_prev, T& v_out, const AdamWConstants<T>& c) {
+  v_prev = v_prev < -c.floor ? c.fill : (v_prev < c.floor ? c.floor : v_prev);  // lowrank.fill_negatives_
+  const T m = m_prev + c.one_minus_beta1 * (g - m_prev);
+  const T v = c.beta2 * v_prev + c.one_minus_beta2 * (g * g);
+  w = W((T(w) - c.step_size * m / (std::sqrt(v) + c.eps)) * c.decay);
+  v_out = v;
 }
 
-template <typename W, typename T>
-void adamw_body(W* w, const T* g, const T* m_us, const T* m_vh, const T* v_us, const T* v_vh, T* v_out,
-                int64_t k, int64_t n, int64_t r, const AdamWHyper& h) {
-  const T floor = T(h.floor);
-  const auto [abs_sum, count] = negative_stats(v_us, v_vh, k, r, n, floor);
-  const T fill = T(abs_sum) / std::max(T(count), T(1));       // lowrank.negative_fill_value
-  const T beta1 = T(h.beta1), beta2 = T(h.beta2);
-  const T one_minus_beta1 = T(1) - beta1, one_minus_beta2 = T(1) - beta2;
+template <int R, typename W, typename T>
+void adamw_body(W* __restrict w, const T* __restrict g, const T* m_us, const T* __restrict m_vh, const T* v_us,
+                const T* __restrict v_vh, T* __restrict v_out, int64_t k, int64_t n, int64_t r, T floor, T beta1,
+                T beta2, T step_size, T eps, T decay) {
+  const auto [abs_sum, count] = negative_stats<R>(v_us, v_vh, k, r, n, floor);
+  const AdamWConstants<T> c{floor, T(abs_sum) / std::max(T(count), T(1)),   // lowrank.negative_fill_value
+                            T(1) - beta1, beta2, T(1) - beta2, step_size, eps, decay};
   at::parallel_for(0, k, kGrain, [&](int64_t begin, int64_t end) {
-    alignas(64) T m_prev[kChunk];
-    alignas(64) T v_prev[kChunk];
-    for (int64_t i = begin; i < end; ++i)
-      for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
-        const int64_t len = std::min(kChunk, n - j0);
-        rebuild_chunk(m_us + i * r, m_vh, r, n, j0, len, m_prev);
-        rebuild_chunk(v_us + i * r, v_vh, r, n, j0, len, v_prev);
-        adamw_chunk(w + i * n + j0, g + i * n + j0, m_prev, v_prev, v_out + i * n + j0, len, floor, fill,
-                    one_minus_beta1, beta2, one_minus_beta2, T(h.step_size), T(h.eps), T(h.decay));
+    alignas(64) T m_chunk[kChunk];
+    alignas(64) T v_chunk[kChunk];
+    for (int64_t i = begin; i < end; ++i) {
+      W* wi = w + i * n;
+      const T* gi = g + i * n;
+      T* vi = v_out + i * n;
+      if constexpr (R > 0) {
+        T cm[R], cv[R];
+        for (int l = 0; l < R; ++l) {
+          cm[l] = m_us[i * R + l];
+          cv[l] = v_us[i * R + l];
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j)
+          adamw_entry(wi[j], gi[j], rank_sum_at<R>(cm, m_vh, n, j), rank_sum_at<R>(cv, v_vh, n, j), vi[j], c);
+      } else {
+        for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+          const int64_t len = std::min(kChunk, n - j0);
+          rebuild_chunk(m_us + i * r, m_vh, r, n, j0, len, m_chunk);
+          rebuild_chunk(v_us + i * r, v_vh, r, n, j0, len, v_chunk);
+#pragma omp simd
+          for (int64_t j = 0; j < len; ++j)
+            adamw_entry(wi[j0 + j], gi[j0 + j], m_chunk[j], v_chunk[j], vi[j0 + j], c);
+        }
       }
+    }
   });
 }
 
+// one entry: sign of the interpolated moment, the weight update
 template <typename W, typename T>
-inline void lion_chunk(W* __restrict w, const T* __restrict g, const T* __restrict m_prev, int64_t len,
-                       T one_minus_beta1, T lr, T decay) {
-#pragma omp simd
-  for (int64_t j = 0; j < len; ++j) {
-    const T mp = m_prev[j];
-    const T x = mp + one_minus_beta1 * (g[j] - mp);
-    const T direction = T(x > T(0)) - T(x < T(0));            // torch.sign
-    w[j] = W((T(w[j]) - lr * direction) * decay);
-  }
+inline void lion_entry(W& w, T g, T m_prev, T one_minus_beta1, T lr, T decay) {
+  const T x = m_prev + one_minus_beta1 * (g - m_prev);
+  const T direction = T(x > T(0)) - T(x < T(0));            // torch.sign
+  w = W((T(w) - lr * direction) * decay);
 }
 
-template <typename W, typename T>
-void lion_body(W* w, const T* g, const T* m_us, const T* m_vh, int64_t k, int64_t n, int64_t r,
-               double beta1, double lr, double decay) {
-  const T one_minus_beta1 = T(1) - T(beta1);
+template <int R, typename W, typename T>
+void lion_body(W* __restrict w, const T* __restrict g, const T* m_us, const T* __restrict m_vh, int64_t k,
+               int64_t n, int64_t r, T beta1, T lr, T decay) {
+  const T one_minus_beta1 = T(1) - beta1;
   at::parallel_for(0, k, kGrain, [&](int64_t begin, int64_t end) {
-    alignas(64) T m_prev[kChunk];
-    for (int64_t i = begin; i < end; ++i)
-      for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
-        const int64_t len = std::min(kChunk, n - j0);
-        rebuild_chunk(m_us + i * r, m_vh, r, n, j0, len, m_prev);
-        lion_chunk(w + i * n + j0, g + i * n + j0, m_prev, len, one_minus_beta1, T(lr), T(decay));
+    alignas(64) T m_chunk[kChunk];
+    for (int64_t i = begin; i < end; ++i) {
+      W* wi = w + i * n;
+      const T* gi = g + i * n;
+      if constexpr (R > 0) {
+        T cm[R];
+        for (int l = 0; l < R; ++l) cm[l] = m_us[i * R + l];
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j)
+          lion_entry(wi[j], gi[j], rank_sum_at<R>(cm, m_vh, n, j), one_minus_beta1, lr, decay);
+      } else {
+        for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+          const int64_t len = std::min(kChunk, n - j0);
+          rebuild_chunk(m_us + i * r, m_vh, r, n, j0, len, m_chunk);
+#pragma omp simd
+          for (int64_t j = 0; j < len; ++j)
+            lion_entry(wi[j0 + j], gi[j0 + j], m_chunk[j], one_minus_beta1, lr, decay);
+        }
       }
+    }
   });
 }
 
@@ -194,12 +267,14 @@ void adamw_blocks(const std::vector<at::Tensor>& ws, const at::Tensor& g, const 
   for_dtypes(g.scalar_type(), ws[0].scalar_type(), [&](auto compute, auto weight) {
     using T = decltype(compute);
     using W = decltype(weight);
-    for (int64_t b = 0; b < batch; ++b) {
-      const AdamWHyper h{floor_values.data_ptr<double>()[b], beta1, beta2, step_sizes[b], eps, decay};
-      adamw_body<W, T>(ws[b].data_ptr<W>(), g.data_ptr<T>() + b * k * n, m_us.data_ptr<T>() + b * k * r,
-                       m_vh.data_ptr<T>() + b * r * n, v_us.data_ptr<T>() + b * k * r, v_vh.data_ptr<T>() + b * r * n,
-                       v_out.data_ptr<T>() + b * k * n, k, n, r, h);
-    }
+    for_rank(r, [&](auto rank) {
+      for (int64_t b = 0; b < batch; ++b)
+        adamw_body<decltype(rank)::value, W, T>(
+            ws[b].data_ptr<W>(), g.data_ptr<T>() + b * k * n, m_us.data_ptr<T>() + b * k * r,
+            m_vh.data_ptr<T>() + b * r * n, v_us.data_ptr<T>() + b * k * r, v_vh.data_ptr<T>() + b * r * n,
+            v_out.data_ptr<T>() + b * k * n, k, n, r, T(floor_values.data_ptr<double>()[b]), T(beta1), T(beta2),
+            T(step_sizes[b]), T(eps), T(decay));
+    });
   });
 }
 
@@ -210,8 +285,11 @@ void lion_blocks(const std::vector<at::Tensor>& ws, const at::Tensor& g, const a
   for_dtypes(g.scalar_type(), ws[0].scalar_type(), [&](auto compute, auto weight) {
     using T = decltype(compute);
     using W = decltype(weight);
-    for (int64_t b = 0; b < batch; ++b)
-      lion_body<W, T>(ws[b].data_ptr<W>(), g.data_ptr<T>() + b * k * n, m_us.data_ptr<T>() + b * k * r,
-                      m_vh.data_ptr<T>() + b * r * n, k, n, r, beta1, lr, decay);
+    for_rank(r, [&](auto rank) {
+      for (int64_t b = 0; b < batch; ++b)
+        lion_body<decltype(rank)::value, W, T>(ws[b].data_ptr<W>(), g.data_ptr<T>() + b * k * n,
+                                               m_us.data_ptr<T>() + b * k * r, m_vh.data_ptr<T>() + b * r * n, k, n,
+                                               r, T(beta1), T(lr), T(decay));
+    });
   });
 }

@@ -7,18 +7,12 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <type_traits>
 
 namespace {
-
-template <typename T>
-struct Vec {  // 64 bytes of T; the compiler lowers it to the widest vectors the CPU has
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr int size = 64 / sizeof(T);
-  static inline type load(const T* p) { type v; __builtin_memcpy(&v, p, 64); return v; }
-  static inline void store(T* p, const type& v) { __builtin_memcpy(p, &v, 64); }
-};
 
 // rows i .. i + R - 1 of y: each vector of xt is loaded once for R rows
 template <typename T, int Q, int R>
