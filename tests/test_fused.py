@@ -216,6 +216,43 @@ def test_cpu_block_kernels_equal_the_eager_blocks(dtype, r, shape):
         torch.testing.assert_close(got.to(compute), want.to(compute), rtol=rtol, atol=rtol)
 
 
+def test_cpu_block_kernels_give_the_same_numbers_on_two_threads():
+    """at::parallel_for splits rows between threads; the statistics are summed per row, then in
+    row order, so the result does not depend on the thread count."""
+    g = torch.Generator().manual_seed(3)
+    B, k, n, r = 2, 70, 300, 4
+    ws = [torch.randn(k, n, generator=g) for _ in range(B)]
+    grad = torch.randn(B, k, n, generator=g)
+    m_us, m_vh = torch.randn(B, k, r, generator=g), torch.randn(B, r, n, generator=g)
+    v_us, v_vh = torch.rand(B, k, r, generator=g), torch.rand(B, r, n, generator=g) - 0.3
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            w, v_out = [x.clone() for x in ws], torch.empty(B, k, n)
+            fused.adamw_blocks_(w, grad, m_us, m_vh, v_us, v_vh, torch.full((B,), 1e-4), 0.9, 0.99, [0.01, 0.02],
+                                1e-8, 0.999, v_out)
+            results.append((w, v_out))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[1][0]))
+    assert torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (MLorcAdamW, dict(lr=1e-2, rank=4, weight_decay=0.1)),
+    (MLorcLion, dict(lr=1e-3, rank=4, weight_decay=0.1)),
+])
+def test_the_gpu_rule_block_update_trains_like_the_reference_on_the_cpu(monkeypatch, cls, kwargs, rel_diff):
+    """fused.runs_cpu_kernels forced False: the batch's bodies go one by one through the
+    compiled block functions (what a GPU runs, here inductor on the CPU), batched and not."""
+    monkeypatch.setattr(fused, "runs_cpu_kernels", lambda t: False)
+    for batched in (True, False):
+        fast, plain, _ = _train_pair(cls, dict(kwargs, batched=batched), steps=4)
+        assert rel_diff(list(fast.parameters()), list(plain.parameters())) <= 1e-5
+
+
 def test_cpu_block_kernels_refuse_what_they_cannot_take():
     ext = cpu_kernels.extension()
     w, grad = torch.randn(4, 6), torch.randn(1, 4, 6)

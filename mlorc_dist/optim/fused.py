@@ -32,6 +32,7 @@ __all__ = [
     "scalars",
     "adamw_block_",
     "lion_block_",
+    "runs_cpu_kernels",
     "adamw_blocks_",
     "lion_blocks_",
     "compiled",
@@ -108,6 +109,12 @@ def lion_block_(w: torch.Tensor, g: torch.Tensor, m_us: torch.Tensor, m_vh: torc
     w.copy_((w.to(m_prev.dtype) - lr * direction) * decay)
 
 
+def runs_cpu_kernels(t: torch.Tensor) -> bool:
+    """The fixed rule for where a batch's block update runs: CPU tensors in the C++ kernel
+    (blocks.cpp), any other device through the compiled block function, body by body."""
+    return t.device.type == "cpu"
+
+
 def adamw_blocks_(ws: list, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Tensor, v_us: torch.Tensor,
                   v_vh: torch.Tensor, floors: torch.Tensor, beta1: float, beta2: float, step_sizes: list,
                   eps: float, decay: float, v_out: torch.Tensor) -> None:
@@ -115,7 +122,7 @@ def adamw_blocks_(ws: list, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Ten
     dtype, the factors stacked ((B, k, r), (B, r, n)), floors (B,) (the second moment's), one
     step size per body, v_out (B, k, n). On the CPU one call of the C++ kernel (blocks.cpp);
     elsewhere the compiled adamw_block_ per body."""
-    if g.device.type == "cpu":
+    if runs_cpu_kernels(g):
         cpu_kernels.extension().adamw_blocks(ws, g, m_us.contiguous(), m_vh.contiguous(), v_us.contiguous(),
                                              v_vh.contiguous(), floors, beta1, beta2, step_sizes, eps,
                                              decay, v_out)
@@ -130,7 +137,7 @@ def lion_blocks_(ws: list, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Tens
                  lr: float, decay: float) -> None:
     """lion_block_ on every body of a batch (shapes as adamw_blocks_): one C++ call on the CPU,
     the compiled lion_block_ per body elsewhere."""
-    if g.device.type == "cpu":
+    if runs_cpu_kernels(g):
         cpu_kernels.extension().lion_blocks(ws, g, m_us.contiguous(), m_vh.contiguous(), beta1, lr, decay)
         return
     block = compiled(lion_block_)
