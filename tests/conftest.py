@@ -24,3 +24,22 @@ def relative_difference(params_a, params_b) -> float:
 @pytest.fixture
 def rel_diff():
     return relative_difference
+
+
+@pytest.fixture
+def cpu_kernel_calls(monkeypatch):
+    """The names of the fused step's C++ kernels called from here on (optim/cpu_kernels.py's
+    extension, wrapped to count; the real kernels still run)."""
+    from mlorc_dist.optim import cpu_kernels
+    calls = []
+    real = cpu_kernels.extension()
+
+    class Counting:
+        def __getattr__(self, name):
+            def counted(*args):
+                calls.append(name)
+                return getattr(real, name)(*args)
+            return counted
+
+    monkeypatch.setattr(cpu_kernels, "extension", lambda: Counting())
+    return calls

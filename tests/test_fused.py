@@ -271,27 +271,16 @@ def test_cpu_block_kernels_refuse_what_they_cannot_take():
 
 
 @pytest.mark.parametrize("batched", [True, False])
-def test_a_cpu_fused_step_makes_one_kernel_call_per_batch(monkeypatch, batched):
+def test_a_cpu_fused_step_makes_one_kernel_call_per_batch(monkeypatch, cpu_kernel_calls, batched):
     """The tiny LLaMA's 2 layers x 7 matrices: same-shaped bodies share one block-kernel call
     when batched; one call per body otherwise. No torch.compile on the CPU."""
-    calls = []
-    real = cpu_kernels.extension()
-
-    class Counting:
-        def __getattr__(self, name):
-            def counted(*args):
-                calls.append(name)
-                return getattr(real, name)(*args)
-            return counted
-
-    monkeypatch.setattr(cpu_kernels, "extension", lambda: Counting())
     monkeypatch.setattr(fused, "compiled", lambda fn: pytest.fail("torch.compile on the CPU"))
     model = _tiny_llama()
     opt = MLorcAdamW(mlorc_dist.param_groups(model), fused=True, batched=batched)
     model(input_ids=torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long)).loss.backward()
     opt.step()
     shapes = {tuple(p.shape) for p in model.model.layers.parameters() if p.dim() == 2}
-    assert calls.count("adamw_blocks") == (len(shapes) if batched else 14)
+    assert cpu_kernel_calls.count("adamw_blocks") == (len(shapes) if batched else 14)
 
 
 def test_fused_is_selected_by_name_in_launch_and_deepspeed_configs():

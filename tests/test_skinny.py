@@ -64,18 +64,8 @@ def test_the_rule_for_what_runs_in_the_kernel():
         cpu_kernels.extension().cols(torch.randn(6, 2).to(torch.bfloat16), a.to(torch.bfloat16))
 
 
-def test_the_fused_step_uses_the_kernel_and_a_build_failure_is_an_error(monkeypatch):
-    calls = []
-    real = cpu_kernels.extension()
-
-    class Counting:
-        def __getattr__(self, name):
-            def counted(*args):
-                calls.append(name)
-                return getattr(real, name)(*args)
-            return counted
-
-    monkeypatch.setattr(cpu_kernels, "extension", lambda: Counting())
+def test_the_fused_step_uses_the_kernel_and_a_build_failure_is_an_error(monkeypatch, cpu_kernel_calls):
+    calls = cpu_kernel_calls
     w = torch.nn.Parameter(torch.randn(48, 40))
     w.grad = torch.randn(48, 40)
     opt = mlorc_dist.MLorcAdamW([w], rank=4, fused=True, batched=False)
