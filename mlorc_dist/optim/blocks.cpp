@@ -237,7 +237,8 @@ void check_batch(const std::vector<at::Tensor>& ws, const at::Tensor& g,
                   (g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble),
               "mlorc block update: g must be a contiguous (B, k, n) float32/float64 CPU tensor");
   const int64_t batch = g.size(0), k = g.size(1), n = g.size(2);
-  TORCH_CHECK(int64_t(ws.size()) == batch, "mlorc block update: ", ws.size(), " weights for a batch of ", batch);
+  TORCH_CHECK(batch >= 1 && int64_t(ws.size()) == batch, "mlorc block update: ", ws.size(),
+              " weights for a batch of ", batch);
   for (const auto& w : ws)
     TORCH_CHECK(w.dim() == 2 && w.size(0) == k && w.size(1) == n && w.is_contiguous() && w.device().is_cpu() &&
                     w.scalar_type() == ws[0].scalar_type(),
@@ -245,8 +246,8 @@ void check_batch(const std::vector<at::Tensor>& ws, const at::Tensor& g,
   for (const auto& [us, vh] : factors)
     TORCH_CHECK(us.dim() == 3 && vh.dim() == 3 && us.size(0) == batch && vh.size(0) == batch && us.size(1) == k &&
                     vh.size(2) == n && us.size(2) == vh.size(1) && us.size(2) >= 1 && us.is_contiguous() &&
-                    vh.is_contiguous() && us.scalar_type() == g.scalar_type() && vh.scalar_type() == g.scalar_type(),
-                "mlorc block update: factors must be contiguous (B, k, r) and (B, r, n) tensors of g's dtype");
+                    vh.is_contiguous() && us.device().is_cpu() && vh.device().is_cpu() && us.scalar_type() == g.scalar_type() && vh.scalar_type() == g.scalar_type(),
+                "mlorc block update: factors must be contiguous (B, k, r) and (B, r, n) CPU tensors of g's dtype");
 }
 
 }  // namespace
