@@ -278,7 +278,10 @@ def test_a_cpu_fused_step_makes_one_kernel_call_per_batch(monkeypatch, cpu_kerne
     model = _tiny_llama()
     opt = MLorcAdamW(mlorc_dist.param_groups(model), fused=True, batched=batched)
     model(input_ids=torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long)).loss.backward()
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    version = weight._version
     opt.step()
+    assert weight._version > version           # written in place, and autograd is told so
     shapes = {tuple(p.shape) for p in model.model.layers.parameters() if p.dim() == 2}
     assert cpu_kernel_calls.count("adamw_blocks") == (len(shapes) if batched else 14)
 

@@ -115,6 +115,12 @@ def runs_cpu_kernels(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
+def _written_in_place(tensors: list) -> None:
+    """Bump the version counters of tensors a C++ kernel wrote through their data pointers, as
+    torch's own in-place operations do (autograd's and engines' checks see the change)."""
+    torch.autograd.graph.increment_version(tensors)
+
+
 def adamw_blocks_(ws: list, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Tensor, v_us: torch.Tensor,
                   v_vh: torch.Tensor, floors: torch.Tensor, beta1: float, beta2: float, step_sizes: list,
                   eps: float, decay: float, v_out: torch.Tensor) -> None:
@@ -126,6 +132,7 @@ def adamw_blocks_(ws: list, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Ten
         cpu_kernels.extension().adamw_blocks(ws, g, m_us.contiguous(), m_vh.contiguous(), v_us.contiguous(),
                                              v_vh.contiguous(), floors, beta1, beta2, step_sizes, eps,
                                              decay, v_out)
+        _written_in_place([*ws, v_out])
         return
     block = compiled(adamw_block_)
     for i, w in enumerate(ws):
@@ -139,6 +146,7 @@ def lion_blocks_(ws: list, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Tens
     the compiled lion_block_ per body elsewhere."""
     if runs_cpu_kernels(g):
         cpu_kernels.extension().lion_blocks(ws, g, m_us.contiguous(), m_vh.contiguous(), beta1, lr, decay)
+        _written_in_place(ws)
         return
     block = compiled(lion_block_)
     hyper = scalars(beta1, lr, decay, like=g)
