@@ -215,9 +215,15 @@ def randomized_svd_of_update(us: torch.Tensor, vh: torch.Tensor, dense: torch.Te
                          f"dense {tuple(dense.shape)} do not make keep * us @ vh + mix * dense")
     times, t_times = kernels or (times_skinny, skinny_t_times)
     return range_finder_svd(
-        lambda x: (us @ (vh @ x)).mul_(keep).add_(times(dense, x), alpha=mix),
-        lambda x: ((x.mT @ us) @ vh).mul_(keep).add_(t_times(x, dense), alpha=mix),
+        lambda x: _plus_product(times(dense, x), us, vh @ x, mix, keep),
+        lambda x: _plus_product(t_times(x, dense), x.mT @ us, vh, mix, keep),
         dense.shape, dense.dtype, dense.device, rank, oversample, niter, seed)
+
+
+def _plus_product(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
+    """beta * base + alpha * (a @ b) in one call (addmm, baddbmm for batches): one operator
+    where a product, a scaling and an addition were three (each a launch on a GPU)."""
+    return (torch.baddbmm if base.dim() == 3 else torch.addmm)(base, a, b, beta=beta, alpha=alpha)
 
 
 class MomentUpdate(NamedTuple):
