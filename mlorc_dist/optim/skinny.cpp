@@ -32,8 +32,7 @@ inline void rows_block(const T* a, const T* xt, T* y, int64_t n, int64_t i) {
   }
   for (int r = 0; r < R; ++r)
     for (int k = 0; k < Q; ++k) {
-      T total = 0;
-      for (int l = 0; l < V::size; ++l) total += acc[r][k][l];
+      T total = V::sum(acc[r][k]);
       for (int64_t jj = j; jj < n; ++jj) total += a[(i + r) * n + jj] * xt[k * n + jj];
       y[(i + r) * Q + k] = total;
     }
