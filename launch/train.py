@@ -55,7 +55,7 @@ def parse_args(argv=None):
     opt.add_argument("--rank", type=int, default=4, help="rank r (MLorc, MoFaSGD, GaLore, LoRA, SwitchLoRA)")
     opt.add_argument("--scope", default="local", help="local | global")
     opt.add_argument("--fused", action="store_true",
-                     help="MLorc: the compiled one-pass step (torch.compile; local scope)")
+                     help="MLorc: the fused one-pass step (C++ kernels on the CPU, torch.compile on a GPU; local scope)")
     opt.add_argument("--lr", type=float, default=1e-3, help="peak lr of the method's update of 2-D weights")
     opt.add_argument("--dense-lr", type=float, default=None,
                      help="peak lr of the dense state (embeddings, lm_head, 1-D); default --lr. "

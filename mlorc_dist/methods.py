@@ -59,13 +59,13 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float, dense_lr: float |
     lr is the step size of the method's own update of 2-D weights; dense_lr (default: lr)
     that of the AdamW / Lion state kept for embeddings, lm_head and 1-D tensors. Each param
     group records `lr_scale` = its lr / lr, so a schedule that sets lr keeps the ratio
-    (launch/train.py's set_lr). fused=True selects MLorc's compiled step (mlorc-adamw,
+    (launch/train.py's set_lr). fused=True selects MLorc's fused step (mlorc-adamw,
     mlorc-lion; a ValueError for the other methods)."""
     from . import optim
 
     check_method(name)
     if fused and name not in ("mlorc-adamw", "mlorc-lion"):
-        raise ValueError(f"fused=True is MLorc's compiled step (mlorc-adamw, mlorc-lion), not {name}'s")
+        raise ValueError(f"fused=True is MLorc's fused step (mlorc-adamw, mlorc-lion), not {name}'s")
     groups = param_groups(model, weight_decay=weight_decay, compress_embeddings=compress_embeddings)
     if not groups:
         raise ValueError(f"{name}: the model has no trainable parameter")

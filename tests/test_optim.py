@@ -100,7 +100,7 @@ def test_full_rank_mlorc_lion_is_lion(dtype, tol, rel_diff):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device (the lent GPU machine runs it; CI has none)"))])
-@pytest.mark.parametrize("fused", [False, True])     # True: the compiled step (optim/fused.py)
+@pytest.mark.parametrize("fused", [False, True])     # True: the fused step (optim/fused.py)
 def test_full_rank_oracle_on_tiny_llama(rel_diff, fused, device):
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=56, num_hidden_layers=2,

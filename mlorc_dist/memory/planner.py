@@ -91,14 +91,15 @@ MLORC_STEP_WORKSPACE = {
     2: {"batch": 2.0, "block": 3.5, "unbatched": 5.5, "global": 4.125, "global_block": 1.5, "dense": 3.5},
 }
 # The fused step (fused=True, local scope), measured the same way (512 x 256 and 256 x 128,
-# r = 4, AdamW and Lion): fp32 0.10 per body alone, 0.11-0.22 per body of a batch (the factors
-# and sketches); bf16 params add each body's fp32 copy of its gradient, 1.07-1.10 per body. Upper
-# bounds below. Its V and stacked-gradient buffers are not in these: the optimizer keeps them
+# r = 4, AdamW and Lion): fp32 0.08-0.11 per body alone, 0.08-0.22 per body of a batch (the
+# factors and sketches); bf16 params add a lone body's fp32 copy of its gradient (1.08-1.11); a
+# batch copies its gradients straight into the kept stacked-gradient buffer (0.08-0.22 per body,
+# as fp32). Upper bounds below. Its V and stacked-gradient buffers are not in these: the optimizer keeps them
 # between steps, and the plan counts them as persistent ("fused step buffers", from
 # optim.base.fused_kept_elements with the GPU rule).
 FUSED_STEP_WORKSPACE = {
     4: {"batch": 0.25, "block": 0.0, "unbatched": 0.25, "dense": 1.0},
-    2: {"batch": 1.25, "block": 0.0, "unbatched": 1.25, "dense": 3.5},
+    2: {"batch": 0.25, "block": 0.0, "unbatched": 1.25, "dense": 3.5},
 }
 # MoFaSGD (per block, never batched), measured (512 x 256, r = 4): fp32 0.12 (the direction is
 # an in-place addmm_ into W; what remains are the factors' QR/SVD temporaries); bf16 4.04 (the

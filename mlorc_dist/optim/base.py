@@ -543,7 +543,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         """The same as _local_update on each body, with the bodies of one shape and group
         batched: one rebuild product, one QR and one SVD call per batch instead of one per body
         (kernel launches and LAPACK calls, not passes over memory, dominate small blocks and GPUs).
-        The elementwise update still runs per body, on views of the batch buffers."""
+        The reference path's elementwise update runs per body, on views of the batch buffers;
+        the fused step's is one call per batch on the CPU (_fused_local_update)."""
         batches: dict[tuple, list] = {}
         for body in bodies:
             group, plan, value = body[0], body[1], body[2]
@@ -597,9 +598,9 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             for state_id, moment in enumerate(moments)])
 
     def _fused_local_update(self, items: list[tuple]) -> None:
-        """fused=True: same-shaped bodies of one group (a batch, or one body) updated by one call
-        of the block kernels (_fused_update, from the stacked factors), then each moment of the
-        batch recompressed in one call."""
+        """fused=True: same-shaped bodies of one group (a batch, or one body) updated from the
+        stacked factors by _fused_update (on the CPU one call of the C++ block kernel, on a GPU
+        one compiled call per body), then each moment of the batch recompressed in one call."""
         group, compute = items[0][0], compute_dtype_for(items[0][2].dtype)
         entries = [item[4] for item in items]
         shape, device = (len(items), *items[0][2].shape), items[0][2].device
@@ -622,8 +623,9 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             self._store_batch_factors(entries, name, u, s, vh)
 
     def _stacked_gradients(self, grads: list, shape, dtype: torch.dtype) -> torch.Tensor:
-        """The bodies' gradients as one (B, k, n) tensor of `dtype`: a lone body's own gradient
-        when it has that dtype (a view), else the kept "gradient" workspace (one multi-tensor copy)."""
+        """The bodies' gradients as one (B, k, n) tensor of `dtype`. A lone body: its own gradient
+        (a view) when it has that dtype, else a fresh copy in it. A batch: the kept "gradient"
+        workspace, filled by one multi-tensor copy (that converts the dtype too)."""
         if len(grads) == 1:
             return grads[0].to(dtype)[None]
         stacked = self._workspace("gradient", shape, dtype, grads[0].device)

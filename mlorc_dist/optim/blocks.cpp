@@ -259,7 +259,8 @@ void adamw_blocks(const std::vector<at::Tensor>& ws, const at::Tensor& g, const 
   check_batch(ws, g, {{m_us, m_vh}, {v_us, v_vh}});
   const int64_t batch = g.size(0), k = g.size(1), n = g.size(2), r = m_us.size(2);
   TORCH_CHECK(v_us.size(2) == r, "adamw_blocks: both moments' factors must have one rank");
-  TORCH_CHECK(v_out.sizes() == g.sizes() && v_out.is_contiguous() && v_out.scalar_type() == g.scalar_type(),
+  TORCH_CHECK(v_out.sizes() == g.sizes() && v_out.is_contiguous() && v_out.device().is_cpu() &&
+                  v_out.scalar_type() == g.scalar_type(),
               "adamw_blocks: v_out must be a contiguous tensor like g");
   TORCH_CHECK(floors.dim() == 1 && floors.size(0) == batch && floors.device().is_cpu(),
               "adamw_blocks: floors must be a (B,) CPU tensor");

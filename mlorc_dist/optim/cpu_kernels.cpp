@@ -13,12 +13,14 @@ void adamw_blocks(const std::vector<at::Tensor>& ws, const at::Tensor& g, const 
 void lion_blocks(const std::vector<at::Tensor>& ws, const at::Tensor& g, const at::Tensor& m_us,
                  const at::Tensor& m_vh, double beta1, double lr, double decay);
 
+// The kernels touch no Python object: each releases the GIL while it runs.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rows", &rows, "a @ x for a ([B,] m, n) and xt = x^T ([B,] q, n), q <= 8");
-  m.def("cols", &cols, "x^T @ a for x ([B,] m, q) and a ([B,] m, n), q <= 8");
-  m.def("adamw_blocks", &adamw_blocks,
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("rows", &rows, release(), "a @ x for a ([B,] m, n) and xt = x^T ([B,] q, n), q <= 8");
+  m.def("cols", &cols, release(), "x^T @ a for x ([B,] m, q) and a ([B,] m, n), q <= 8");
+  m.def("adamw_blocks", &adamw_blocks, release(),
         "fused.adamw_block_ on each body of a batch: ws (B weights (k, n)), g (B, k, n), factors "
         "(B, k, r) and (B, r, n) of both moments, floors (B,), betas, step sizes (B), eps, decay, v_out (B, k, n)");
-  m.def("lion_blocks", &lion_blocks,
+  m.def("lion_blocks", &lion_blocks, release(),
         "fused.lion_block_ on each body of a batch: ws, g (B, k, n), factors (B, k, r) and (B, r, n), beta1, lr, decay");
 }

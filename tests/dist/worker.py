@@ -97,7 +97,7 @@ def make_optimizer_kwargs(opt_name, scope, rank_arg):
     full = rank_arg == "full"
     kwargs = dict(rank=VOCAB if full else int(rank_arg), scope=scope, seed=7,
                   dense_when_no_saving=not full, compress_embeddings=True)
-    if opt_name.endswith("-fused"):       # the compiled step (mlorc_dist/optim/fused.py)
+    if opt_name.endswith("-fused"):       # the fused step (mlorc_dist/optim/fused.py)
         opt_name = opt_name.removesuffix("-fused")
         kwargs["fused"] = True
     if opt_name == "mlorc-adamw":
