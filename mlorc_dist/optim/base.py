@@ -576,12 +576,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
                 if moment.data_ptr() != buffer.data_ptr():          # an update that was not in place
                     buffer.copy_(moment)
         del floors
-        for state_id, (name, moment) in enumerate(zip(self.moment_names, moments)):
-            seeds = [sketch_seed(self.seed, step, plan.piece.key, plan.body_row0, state_id)
-                     for _, plan, _, _, _, step in items]
-            u, s, vh = compress(moment, items[0][1].rank, group["oversample"], group["niter"], seeds,
-                                self._skinny_kernels)
-            self._store_batch_factors(entries, name, u, s, vh)
+        self._compress_batch(items, moments)
 
     def _local_update(self, group, plan: PiecePlan, body, body_grad, entry, step: int) -> None:
         """Compress this body on its own: rebuild, update, recompress, apply. No collectives.
@@ -610,16 +605,21 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         moments = self._fused_update(group, [item[2] for item in items], grad, factors,
                                      [item[5] for item in items], buffer)
         del factors
+        self._compress_batch(items, moments)
+
+    def _compress_batch(self, items: list[tuple], moments: list) -> None:
+        """Recompress each new moment of a batch (B, k, n) in one call and store row i of its
+        factors into body i's state. A lone body (B = 1) compresses as a 2-D block, as on the
+        reference path (a batch of one would take a GPU's batched algebra)."""
+        group, rank, entries = items[0][0], items[0][1].rank, [item[4] for item in items]
         for state_id, (name, moment) in enumerate(zip(self.moment_names, moments)):
             seeds = [sketch_seed(self.seed, step, plan.piece.key, plan.body_row0, state_id)
                      for _, plan, _, _, _, step in items]
-            if len(items) == 1:     # a lone body compresses as a 2-D block, as on the reference path
-                u, s, vh = (x[None] for x in compress(_first_of_batch(moment), items[0][1].rank,
-                                                      group["oversample"], group["niter"], seeds[0],
-                                                      self._skinny_kernels))
+            if len(items) == 1:
+                u, s, vh = (x[None] for x in compress(_first_of_batch(moment), rank, group["oversample"],
+                                                      group["niter"], seeds[0], self._skinny_kernels))
             else:
-                u, s, vh = compress(moment, items[0][1].rank, group["oversample"], group["niter"], seeds,
-                                    self._skinny_kernels)
+                u, s, vh = compress(moment, rank, group["oversample"], group["niter"], seeds, self._skinny_kernels)
             self._store_batch_factors(entries, name, u, s, vh)
 
     def _stacked_gradients(self, grads: list, shape, dtype: torch.dtype) -> torch.Tensor:

@@ -26,7 +26,7 @@
 
 namespace {
 
-constexpr int64_t kChunk = 256;  // columns per chunk (ranks above kFixedRanks): chunk buffers stay in L1
+constexpr int64_t kChunk = 256;  // columns per chunk (ranks above 8): chunk buffers stay in L1
 constexpr int64_t kGrain = 16;   // rows per parallel task
 
 // sum_l c[l] vh[l, j] for a rank R known at compile time (unrolled; vectorised over j by the caller)
@@ -70,7 +70,7 @@ void for_rank(int64_t r, F&& f) {
   }
 }
 
-// lane-wise: below += min(v + floor, 0), count += (v < -floor)
+// lane-wise (or, with VT = T, for one entry): below += min(v + floor, 0), count += (v < -floor)
 template <typename VT, typename T>
 inline void add_negatives(const VT& v, T floor, VT& below, VT& count) {
   const VT zero = VT{}, shifted = v + floor;
@@ -92,10 +92,6 @@ std::pair<double, double> negative_stats(const T* us, const T* vh, int64_t k, in
     for (int64_t i = begin; i < end; ++i) {
       VT below = VT{}, count = VT{};
       T tail_below = 0, tail_count = 0;
-      auto add_tail = [&](T v) {
-        tail_below += v + floor < T(0) ? v + floor : T(0);
-        tail_count += v < -floor ? T(1) : T(0);
-      };
       if constexpr (R > 0) {
         T c[R];
         for (int l = 0; l < R; ++l) c[l] = us[i * R + l];
@@ -105,14 +101,14 @@ std::pair<double, double> negative_stats(const T* us, const T* vh, int64_t k, in
           for (int l = 1; l < R; ++l) v += c[l] * V::load(vh + l * n + j);
           add_negatives(v, floor, below, count);
         }
-        for (; j < n; ++j) add_tail(rank_sum_at<R>(c, vh, n, j));
+        for (; j < n; ++j) add_negatives(rank_sum_at<R>(c, vh, n, j), floor, tail_below, tail_count);
       } else {
         for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
           const int64_t len = std::min(kChunk, n - j0);
           rebuild_chunk(us + i * r, vh, r, n, j0, len, chunk);
           int64_t j = 0;
           for (; j + V::size <= len; j += V::size) add_negatives(V::load(chunk + j), floor, below, count);
-          for (; j < len; ++j) add_tail(chunk[j]);
+          for (; j < len; ++j) add_negatives(chunk[j], floor, tail_below, tail_count);
         }
       }
       sums[i] = double(V::sum(below)) + tail_below;
@@ -246,7 +242,8 @@ void check_batch(const std::vector<at::Tensor>& ws, const at::Tensor& g,
   for (const auto& [us, vh] : factors)
     TORCH_CHECK(us.dim() == 3 && vh.dim() == 3 && us.size(0) == batch && vh.size(0) == batch && us.size(1) == k &&
                     vh.size(2) == n && us.size(2) == vh.size(1) && us.size(2) >= 1 && us.is_contiguous() &&
-                    vh.is_contiguous() && us.device().is_cpu() && vh.device().is_cpu() && us.scalar_type() == g.scalar_type() && vh.scalar_type() == g.scalar_type(),
+                    vh.is_contiguous() && us.device().is_cpu() && vh.device().is_cpu() &&
+                    us.scalar_type() == g.scalar_type() && vh.scalar_type() == g.scalar_type(),
                 "mlorc block update: factors must be contiguous (B, k, r) and (B, r, n) CPU tensors of g's dtype");
 }
 

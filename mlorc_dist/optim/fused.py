@@ -16,8 +16,9 @@ written at all: its range finder multiplies G and the old factors instead
 skinny products (over G for M, over the workspace for V).
 
 The block functions below are plain torch: run eagerly, they compute the reference's math
-(tests compare them, the compiled step and the C++ kernel against the reference path). Hyperparameters travel as
-0-d tensors so that a new learning rate or step count does not recompile.
+(tests compare them, the compiled step and the C++ kernel against the reference path). Compiled,
+their hyperparameters travel as 0-d tensors so that a new learning rate or step count does not
+recompile.
 """
 from __future__ import annotations
 
