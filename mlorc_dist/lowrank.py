@@ -29,6 +29,7 @@ __all__ = [
     "randomized_svd_of_update",
     "MomentUpdate",
     "compress",
+    "compress_batch",
     "range_finder_svd",
     "scaled_factors",
     "rebuild",
@@ -180,7 +181,7 @@ def skinny_t_times(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 
 def randomized_svd(a: torch.Tensor, rank: int, oversample: int = 0, niter: int = 0,
-                   seed: int | list[int] = 0, kernels=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   seed: int | list[int] = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank-`rank` truncated SVD of a (m, n) by a Halko range finder.
 
     Returns U (m, r), s (r,), Vh (r, n) in the compute dtype (float64 for float64 input, float32
@@ -189,34 +190,29 @@ def randomized_svd(a: torch.Tensor, rank: int, oversample: int = 0, niter: int =
 
     Batched: a (B, m, n) with one seed per matrix gives U (B, m, r), s (B, r), Vh (B, r, n),
     the same as B separate calls up to rounding (one QR/SVD call for all B).
-
-    `kernels`: the two skinny products (times_skinny, skinny_t_times) to use instead of this
-    module's (optim/skinny.py has the fused step's).
     """
     if a.dim() not in (2, 3):
         raise ValueError(f"randomized_svd expects a 2-D (or batched 3-D) tensor, got shape {tuple(a.shape)}")
     a = a.to(compute_dtype_for(a.dtype))
-    times, t_times = kernels or (times_skinny, skinny_t_times)
-    return range_finder_svd(lambda x: times(a, x), lambda x: t_times(x, a),
+    return range_finder_svd(lambda x: times_skinny(a, x), lambda x: skinny_t_times(x, a),
                             a.shape, a.dtype, a.device, rank, oversample, niter, seed)
 
 
 def randomized_svd_of_update(us: torch.Tensor, vh: torch.Tensor, dense: torch.Tensor, keep: float,
                              mix: float, rank: int, oversample: int = 0, niter: int = 0,
-                             seed: int | list[int] = 0, kernels=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             seed: int | list[int] = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """randomized_svd(keep * us @ vh + mix * dense) without forming that matrix: a moment update
     b M~ + (1 - b) G whose previous value M~ = us @ vh is low-rank. Each product of the range
     finder with it is one product with `dense` (a pass over G) plus two skinny ones with the
     factors, so the moment is never written to memory (the fused step's first moments).
     us (.., m, r), vh (.., r, n), dense (.., m, n), all in one compute dtype; batched like
-    randomized_svd (and `kernels` as there)."""
+    randomized_svd."""
     if dense.dim() not in (2, 3) or us.shape[:-1] != dense.shape[:-1] or vh.shape[-1] != dense.shape[-1]:
         raise ValueError(f"randomized_svd_of_update: shapes us {tuple(us.shape)}, vh {tuple(vh.shape)}, "
                          f"dense {tuple(dense.shape)} do not make keep * us @ vh + mix * dense")
-    times, t_times = kernels or (times_skinny, skinny_t_times)
     return range_finder_svd(
-        lambda x: _plus_product(times(dense, x), us, vh @ x, mix, keep),
-        lambda x: _plus_product(t_times(x, dense), x.mT @ us, vh, mix, keep),
+        lambda x: _plus_product(times_skinny(dense, x), us, vh @ x, mix, keep),
+        lambda x: _plus_product(skinny_t_times(x, dense), x.mT @ us, vh, mix, keep),
         dense.shape, dense.dtype, dense.device, rank, oversample, niter, seed)
 
 
@@ -235,15 +231,31 @@ class MomentUpdate(NamedTuple):
     mix: float
 
 
-def compress(moment, rank: int, oversample: int = 0, niter: int = 0, seed: int | list[int] = 0,
-             kernels=None):
+def compress(moment, rank: int, oversample: int = 0, niter: int = 0, seed: int | list[int] = 0):
     """(U, s, Vh) of a new moment: a tensor (randomized_svd) or a MomentUpdate
     (randomized_svd_of_update). Anything else is a TypeError."""
     if isinstance(moment, torch.Tensor):
-        return randomized_svd(moment, rank, oversample, niter, seed, kernels)
+        return randomized_svd(moment, rank, oversample, niter, seed)
     if isinstance(moment, MomentUpdate):
-        return randomized_svd_of_update(*moment, rank, oversample, niter, seed, kernels)
+        return randomized_svd_of_update(*moment, rank, oversample, niter, seed)
     raise TypeError(f"compress: expected a tensor or a MomentUpdate, got {type(moment).__name__}")
+
+
+def compress_batch(moment, rank: int, oversample: int, niter: int, seeds: list[int]):
+    """compress for the new moments of a batch of B same-shaped bodies (a (B, k, n) tensor or a
+    MomentUpdate of batched parts), one seed per body: U (B, k, r), s (B, r), Vh (B, r, n). A
+    batch of one is compressed as a 2-D block, as a lone body is on the reference path (on a
+    GPU a 3-D batch takes the batched algebra, uses_gram_algebra)."""
+    if len(seeds) == 1:
+        return tuple(x[None] for x in compress(_first_of_batch(moment), rank, oversample, niter, seeds[0]))
+    return compress(moment, rank, oversample, niter, seeds)
+
+
+def _first_of_batch(moment):
+    """Body 0 of a batch's moment (a (1, k, n) tensor or MomentUpdate) as a 2-D block."""
+    if isinstance(moment, MomentUpdate):
+        return MomentUpdate(moment.us[0], moment.vh[0], moment.dense[0], moment.keep, moment.mix)
+    return moment[0]
 
 
 def range_finder_svd(times, t_times, shape, dtype: torch.dtype, device, rank: int, oversample: int,

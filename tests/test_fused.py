@@ -144,7 +144,7 @@ def test_the_gpu_rule_algebra_trains_like_lapack_on_the_cpu(monkeypatch, batched
     assert rel_diff(list(fast.parameters()), list(lapack.parameters())) <= 1e-5
 
 
-@pytest.mark.parametrize("batched", [True, False])      # False: the C++ skinny products
+@pytest.mark.parametrize("batched", [True, False])
 def test_fused_step_in_bf16_parameters(rel_diff, batched):
     """bf16 parameters: the fused kernel computes in fp32 and writes bf16, like the reference."""
     fast, plain, _ = _train_pair(MLorcAdamW, dict(lr=1e-2, rank=4, weight_decay=0.0, batched=batched),
@@ -284,6 +284,9 @@ def test_a_cpu_fused_step_makes_one_kernel_call_per_batch(monkeypatch, cpu_kerne
     assert weight._version > version           # written in place, and autograd is told so
     shapes = {tuple(p.shape) for p in model.model.layers.parameters() if p.dim() == 2}
     assert cpu_kernel_calls.count("adamw_blocks") == (len(shapes) if batched else 14)
+    # and one range finder call per moment of each batch (optim/skinny.py): nothing else
+    assert cpu_kernel_calls.count("range_finder") == 2 * cpu_kernel_calls.count("adamw_blocks")
+    assert set(cpu_kernel_calls) == {"adamw_blocks", "range_finder"}
 
 
 def test_fused_is_selected_by_name_in_launch_and_deepspeed_configs():

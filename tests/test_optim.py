@@ -282,7 +282,7 @@ def test_batched_fast_path_equals_the_reference_path(cls, rel_diff, monkeypatch)
     """Same-shaped bodies are compressed in one batched call; the result must equal the plain
     per-body path (batched=False) to rounding, and batching must really happen."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    import mlorc_dist.optim.base as base
+    from mlorc_dist import lowrank
     config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=56, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)
@@ -292,8 +292,8 @@ def test_batched_fast_path_equals_the_reference_path(cls, rel_diff, monkeypatch)
     fast_opt = cls(mlorc_dist.param_groups(fast), **kwargs)
     plain_opt = cls(mlorc_dist.param_groups(plain), batched=False, **kwargs)
     batch_sizes = []
-    real_compress = base.compress
-    monkeypatch.setattr(base, "compress",
+    real_compress = lowrank.compress                  # what lowrank.compress_batch calls
+    monkeypatch.setattr(lowrank, "compress",
                         lambda a, *args: batch_sizes.append(a.shape[0] if a.dim() == 3 else 1) or real_compress(a, *args))
     g = torch.Generator().manual_seed(0)
     for _ in range(10):

@@ -21,6 +21,7 @@ import torch
 
 from ..lowrank import (MomentUpdate, compress, compute_dtype_for, rebuild, rebuild_noise_floor,
                        scaled_factors, sketch_seed)
+from .. import lowrank
 from ..pieces import Layout, Piece, plain_layout
 from ..scopes import SCOPES, RowBlock, all_reduce_sum, global_randomized_svd
 from . import cpu_kernels, skinny
@@ -96,10 +97,6 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         self._plans: dict[int, list[PiecePlan]] = {}
         self._warned_clamp: set[str] = set()
         self._workspaces: dict[tuple, torch.Tensor] = {}
-        # the fused step's range finder runs its skinny products through optim/skinny.py (its C++
-        # kernel for CPU blocks and batches with sketches of <= 6 columns); the reference path
-        # uses torch.matmul
-        self._skinny_kernels = skinny.KERNELS if fused else None
         super().__init__(params, defaults)
         if fused and any(p.device.type == "cpu" for g in self.param_groups for p in g["params"]):
             cpu_kernels.build()     # a failed build is an error here, before any step has run
@@ -589,7 +586,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         key = plan.piece.key
         self._store_factors(entry, [
             compress(moment, plan.rank, group["oversample"], group["niter"],
-                     sketch_seed(self.seed, step, key, plan.body_row0, state_id), self._skinny_kernels)
+                     sketch_seed(self.seed, step, key, plan.body_row0, state_id))
             for state_id, moment in enumerate(moments)])
 
     def _fused_local_update(self, items: list[tuple]) -> None:
@@ -609,17 +606,14 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
 
     def _compress_batch(self, items: list[tuple], moments: list) -> None:
         """Recompress each new moment of a batch (B, k, n) in one call and store row i of its
-        factors into body i's state. A lone body (B = 1) compresses as a 2-D block, as on the
-        reference path (a batch of one would take a GPU's batched algebra)."""
+        factors into body i's state: lowrank.compress_batch on the reference path,
+        skinny.compress_batch on the fused one (on the CPU its C++ range finder)."""
         group, rank, entries = items[0][0], items[0][1].rank, [item[4] for item in items]
+        compress_batch = skinny.compress_batch if self.fused else lowrank.compress_batch
         for state_id, (name, moment) in enumerate(zip(self.moment_names, moments)):
             seeds = [sketch_seed(self.seed, step, plan.piece.key, plan.body_row0, state_id)
                      for _, plan, _, _, _, step in items]
-            if len(items) == 1:
-                u, s, vh = (x[None] for x in compress(_first_of_batch(moment), rank, group["oversample"],
-                                                      group["niter"], seeds[0], self._skinny_kernels))
-            else:
-                u, s, vh = compress(moment, rank, group["oversample"], group["niter"], seeds, self._skinny_kernels)
+            u, s, vh = compress_batch(moment, rank, group["oversample"], group["niter"], seeds)
             self._store_batch_factors(entries, name, u, s, vh)
 
     def _stacked_gradients(self, grads: list, shape, dtype: torch.dtype) -> torch.Tensor:
@@ -843,10 +837,3 @@ def _move_state(value, device):
     if isinstance(value, list):
         return [_move_state(v, device) for v in value]
     return value
-
-
-def _first_of_batch(moment):
-    """Body 0 of a batch's moment (a (1, k, n) tensor or MomentUpdate) as a 2-D block."""
-    if isinstance(moment, MomentUpdate):
-        return MomentUpdate(moment.us[0], moment.vh[0], moment.dense[0], moment.keep, moment.mix)
-    return moment[0]

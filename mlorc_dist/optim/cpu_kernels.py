@@ -1,6 +1,7 @@
 """The fused step's C++ kernels for the CPU, one extension built by torch.utils.cpp_extension
-(`-O3 -march=native -fopenmp`): skinny.cpp, the range finder's skinny products (skinny.py), and
-blocks.cpp, the block updates (fused.adamw_blocks_, lion_blocks_); cpu_kernels.cpp binds them.
+(`-O3 -march=native -fopenmp`): skinny.cpp, the range finder's skinny products (skinny.py);
+range_finder.cpp, a batch's whole range finder (skinny.compress_batch); blocks.cpp, the block
+updates (fused.adamw_blocks_, lion_blocks_). cpu_kernels.cpp binds them.
 
 It is built when a fused optimizer is constructed with CPU parameters (build()), so a missing
 compiler is a RuntimeError before any step; later processes load it from torch's extension
@@ -16,7 +17,7 @@ from pathlib import Path
 __all__ = ["SOURCES", "build", "extension"]
 
 _HERE = Path(__file__).parent
-SOURCES = tuple(_HERE / name for name in ("cpu_kernels.cpp", "skinny.cpp", "blocks.cpp"))
+SOURCES = tuple(_HERE / name for name in ("cpu_kernels.cpp", "skinny.cpp", "range_finder.cpp", "blocks.cpp"))
 _EXTENSION = None
 
 
@@ -38,7 +39,7 @@ def build() -> None:
 
 
 def extension():
-    """The loaded extension module (rows, cols, adamw_blocks, lion_blocks), built on first use."""
+    """The loaded extension module (rows, cols, range_finder, adamw_blocks, lion_blocks), built on first use."""
     global _EXTENSION
     if _EXTENSION is None:
         from torch.utils.cpp_extension import load

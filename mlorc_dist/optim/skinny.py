@@ -1,17 +1,20 @@
-"""The range finder's skinny products for the fused step on the CPU: a @ x and x^T @ a for a
-large block a (m, n) and a sketch x of q <= 6 columns, in a small C++ kernel (skinny.cpp, part
-of the extension that cpu_kernels.py builds when a fused optimizer is constructed with CPU
-parameters).
+"""The fused step's range finder on the CPU: a batch's whole randomized SVD in one C++ call
+(range_finder.cpp, part of the extension that cpu_kernels.py builds when a fused optimizer is
+constructed with CPU parameters), its products with the block in skinny loops (skinny.h).
 
 Why: MKL's GEMM at q = 4 streams a block at ~13 GB/s on the reference VM, where a plain sum
 streams at 25-85 GB/s; the eight such products of an MLorc-AdamW step were half its time. The
-kernel keeps independent vector accumulators and makes one pass (bench/optimizer_step.py,
-docs/BENCHMARKS.md). Same products, another summation order: results agree to rounding.
+loops keep independent vector accumulators and make one pass each. And at 256 x 256 the torch
+range finder's ~60 small operators per moment and batch (draws, QR, SVD, products, copies), each
+a few microseconds of dispatch, were half of a fused step; in one C++ call they are loops
+(bench/optimizer_step.py, docs/BENCHMARKS.md). Same steps, same test matrices, another summation
+order and float64 small algebra: results agree with lowrank's to rounding.
 
-Which products run where is a fixed rule, not a fallback: float32/float64 CPU blocks (2-D, or
-a batch of same-shaped bodies, 3-D) with q <= MAX_WIDTH use the kernel; GPUs and wider sketches
-use torch.matmul (lowrank.times_skinny / skinny_t_times). A kernel that does not build is a
-RuntimeError.
+Which batches run where is a fixed rule, not a fallback: float32/float64 CPU moments with a
+sketch of q <= MAX_WIDTH columns use the C++ range finder; GPUs and wider sketches use
+lowrank.compress_batch (torch.matmul, LAPACK or cuSOLVER). A kernel that does not build is a
+RuntimeError. The extension's `rows` and `cols` bind the two product loops alone (tests and
+bench/cpu_primitives.py measure them against torch.matmul).
 """
 from __future__ import annotations
 
@@ -20,32 +23,35 @@ import torch
 from .. import lowrank
 from . import cpu_kernels
 
-__all__ = ["MAX_WIDTH", "uses_kernel", "times_skinny", "skinny_t_times", "KERNELS"]
+__all__ = ["MAX_WIDTH", "uses_kernel", "compress_batch"]
 
-# The kernel takes q <= 8, but above 6 columns MKL catches up with it (one 2048 x 2048 block, one
-# thread: q = 4 0.73 vs 1.45 ms, q = 6 1.51 vs 1.69, q = 8 2.07 vs 1.75; the accumulators no
-# longer fit the registers), so wider sketches go to torch.matmul.
+# The kernels take q <= 8, but above 6 columns MKL catches up with the product loops (one
+# 2048 x 2048 block, one thread: q = 4 0.73 vs 1.45 ms, q = 6 1.51 vs 1.69, q = 8 2.07 vs 1.75;
+# the accumulators no longer fit the registers), so wider sketches go to lowrank's range finder.
 MAX_WIDTH = 6
 
 
 def uses_kernel(a: torch.Tensor, width: int) -> bool:
-    """Whether a product of block a with a sketch of `width` columns runs in the C++ kernel."""
-    return (a.dim() in (2, 3) and a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
+    """Whether a batch's range finder over moment part a (B, k, n) with a sketch of `width`
+    columns runs in the C++ kernel."""
+    return (a.dim() == 3 and a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
             and width <= MAX_WIDTH)
 
 
-def times_skinny(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """a @ x for a ([B,] m, n) and x ([B,] n, q): the kernel where uses_kernel, else lowrank's."""
-    if uses_kernel(a, x.shape[-1]):
-        return cpu_kernels.extension().rows(a.contiguous(), x.mT.contiguous())
-    return lowrank.times_skinny(a, x)
-
-
-def skinny_t_times(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """x^T @ a for x ([B,] m, q) and a ([B,] m, n): the kernel where uses_kernel, else lowrank's."""
-    if uses_kernel(a, x.shape[-1]):
-        return cpu_kernels.extension().cols(x.contiguous(), a.contiguous())
-    return lowrank.skinny_t_times(x, a)
-
-
-KERNELS = (times_skinny, skinny_t_times)
+def compress_batch(moment, rank: int, oversample: int, niter: int, seeds: list[int]):
+    """lowrank.compress_batch for the fused step: a batch's new moments (a (B, k, n) tensor or a
+    MomentUpdate of batched parts) -> U (B, k, r), s (B, r), Vh (B, r, n). Where uses_kernel, one
+    call of the C++ range finder for the whole batch (Omega drawn from each seed as lowrank draws
+    it, the same steps, the small algebra in float64); elsewhere lowrank.compress_batch."""
+    unformed = isinstance(moment, lowrank.MomentUpdate)
+    dense = moment.dense if unformed else moment
+    width = lowrank.sketch_width(rank, oversample, dense.shape[-2], dense.shape[-1])
+    if not uses_kernel(dense, width):
+        return lowrank.compress_batch(moment, rank, oversample, niter, seeds)
+    if unformed:
+        us, vh, keep, mix = moment.us.contiguous(), moment.vh.contiguous(), moment.keep, moment.mix
+    else:
+        us = vh = dense.new_empty(0)
+        keep, mix = 0.0, 1.0
+    return cpu_kernels.extension().range_finder(dense.contiguous(), us, vh, float(keep), float(mix),
+                                                list(seeds), width, niter, rank)
