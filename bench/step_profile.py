@@ -1,6 +1,8 @@
 """Where one optimizer.step() spends its time, per block: torch.profiler self time of the
-heaviest operators, AdamW foreach against MLorc-AdamW (reference path and fused), the same
-process and the same matrices.
+heaviest operators, and (on the CPU) cProfile's self time of the heaviest Python functions and
+built-in calls, which is where the fused step's C++ kernels show (torch.profiler does not see
+them); AdamW foreach against MLorc-AdamW (reference path and fused), the same process and the
+same matrices.
 
     python bench/step_profile.py                       # 4 blocks of 1024 x 1024, r = 4, one thread
     python bench/step_profile.py --size 2048 --steps 5
@@ -11,7 +13,9 @@ Prints a table per optimizer and writes JSON (docs/BENCHMARKS.md, "Where the tim
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -73,7 +77,9 @@ def main(argv=None) -> int:
                 for e in sorted(events, key=lambda e: -getattr(e, key))[:args.top]]
         host = [{"op": e.key, "cpu_ms_per_block": e.self_cpu_time_total / blocks / 1e3, "calls_per_block": e.count / blocks}
                 for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.top]] if cuda else []
-        results[name] = {"ms_per_block": total, "wall_ms_per_block": wall, "top": rows, "top_host": host}
+        python = [] if cuda else _python_profile(opt, args.steps, blocks, args.top)
+        results[name] = {"ms_per_block": total, "wall_ms_per_block": wall, "top": rows, "top_host": host,
+                         "top_python": python}
         print(f"\n{name}: {wall:.3f} ms per {args.size} x {args.size} block (wall, unprofiled); "
               f"{total:.3f} ms of {'kernel' if cuda else 'self CPU'} time (profiled)")
         for row in rows:
@@ -83,11 +89,31 @@ def main(argv=None) -> int:
             print("  heaviest on the host (self CPU time):")
         for row in host:
             print(f"    {row['op'][:58]:<58} {row['cpu_ms_per_block']:7.3f} ms  {row['calls_per_block']:5.1f} calls")
+        if python:
+            print("  heaviest Python functions and built-in calls (cProfile self time; C++ kernels show here):")
+        for row in python:
+            print(f"    {row['function'][:58]:<58} {row['ms_per_block']:7.3f} ms  {row['calls_per_block']:5.1f} calls")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                     "device": torch.cuda.get_device_name(device) if cuda else "cpu",
                                     "torch": torch.__version__, "results": results}, indent=1))
     return 0
+
+
+def _python_profile(opt, steps: int, blocks: int, top: int) -> list[dict]:
+    """cProfile's self time per block of the heaviest functions over `steps` steps (profiled, so
+    slower than the wall time above; the shares are what to read)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        opt.step()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats        # (file, line, name) -> (cc, calls, self, cumulative, callers)
+    total = sum(entry[2] for entry in stats.values())
+    rows = [{"function": name if file == "~" else f"{Path(file).name}:{line}({name})",
+             "ms_per_block": entry[2] / blocks * 1e3, "share": entry[2] / total, "calls_per_block": entry[1] / blocks}
+            for (file, line, name), entry in sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]]
+    return rows
 
 
 if __name__ == "__main__":

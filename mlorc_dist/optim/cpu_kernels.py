@@ -1,7 +1,8 @@
 """The fused step's C++ kernels for the CPU, one extension built by torch.utils.cpp_extension
-(`-O3 -march=native -fopenmp`): skinny.cpp, the range finder's skinny products (skinny.py);
-range_finder.cpp, a batch's whole range finder (skinny.compress_batch); blocks.cpp, the block
-updates (fused.adamw_blocks_, lion_blocks_). cpu_kernels.cpp binds them.
+(`-O3 -march=native -fopenmp`): range_finder.cpp, a batch's whole range finder
+(skinny.compress_batch), whose product loops (skinny.h) skinny.cpp also binds alone for tests and
+benches; blocks.cpp, the block updates (fused.adamw_blocks_, lion_blocks_). cpu_kernels.cpp
+binds them.
 
 It is built when a fused optimizer is constructed with CPU parameters (build()), so a missing
 compiler is a RuntimeError before any step; later processes load it from torch's extension

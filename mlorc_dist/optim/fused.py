@@ -12,8 +12,9 @@ G and W once and writes W and the new second moment V once (into a workspace the
 keeps between steps, so no page of it is fresh from the OS), and the negative-fix statistics
 are one read-free reduction over the factors. The new first moment b M~ + (1 - b) G is never
 written at all: its range finder multiplies G and the old factors instead
-(lowrank.randomized_svd_of_update). What remains outside the kernel is the range finder's
-skinny products (over G for M, over the workspace for V).
+(lowrank.randomized_svd_of_update). What remains outside the kernel is the range finder (over
+G and the factors for M, over the workspace for V): on the CPU one C++ call per moment and batch
+(skinny.compress_batch).
 
 The block functions below are plain torch: run eagerly, they compute the reference's math
 (tests compare them, the compiled step and the C++ kernel against the reference path). Compiled,
