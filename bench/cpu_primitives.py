@@ -1,11 +1,13 @@
-"""The range finder's small pieces on the CPU, each alone: the fused step's C++ skinny products
-against torch's batched GEMM, LAPACK's QR and SVD against the Gram algebra a GPU batch uses
-(lowrank.cholesky_qr, gram_eigh_svd), and the test matrices' draw (one generator per seed).
-Best of 3 rounds of back-to-back calls, one thread by default.
+"""The range finder's pieces on the CPU, each alone: the fused step's C++ skinny products against
+torch's batched GEMM, LAPACK's QR and SVD against the Gram algebra a GPU batch uses
+(lowrank.cholesky_qr, gram_eigh_svd), the test matrices' draw (one generator per seed), and the
+whole range finder of a batch (niter = 1, r = q = 4): the C++ call (optim/range_finder.cpp)
+against lowrank's torch one. Best of 3 rounds of back-to-back calls, one thread by default.
 
     python bench/cpu_primitives.py --out docs/bench/cpu_primitives_cpu1.json
 
-Prints a table and writes JSON (docs/BENCHMARKS.md, "The fused step on the CPU, third version").
+Prints a table and writes JSON (docs/BENCHMARKS.md, "The fused step on the CPU, third version"
+and "fourth version").
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from mlorc_dist import lowrank  # noqa: E402
 from mlorc_dist.optim import cpu_kernels  # noqa: E402
 
 # (B, m, n): B same-shaped bodies of m x n; q = 4 sketch columns throughout
-SHAPES = [(4, 256, 256), (64, 256, 256), (16, 512, 512), (256, 128, 128), (1, 1024, 1024), (1, 2048, 2048)]
+SHAPES = [(4, 256, 256), (64, 256, 256), (16, 512, 512), (256, 128, 128), (1, 1024, 1024), (1, 2048, 2048),
+          (1, 4096, 4096)]
 Q = 4
 
 
@@ -40,6 +43,7 @@ def best_ms(fn, rounds: int, repeats: int = 20) -> float:
 
 
 def measure(batch: int, m: int, n: int, rounds: int) -> dict:
+    repeats = 20 if m < 4096 else 5
     g = torch.Generator().manual_seed(0)
     a = torch.randn(batch, m, n, generator=g)
     x_right, x_left = torch.randn(batch, n, Q, generator=g), torch.randn(batch, m, Q, generator=g)
@@ -47,18 +51,21 @@ def measure(batch: int, m: int, n: int, rounds: int) -> dict:
     sketch, small = torch.randn(batch, m, Q, generator=g), torch.randn(batch, Q, n, generator=g)
     ext = cpu_kernels.extension()
     seeds = list(range(batch))
+    best = lambda fn: best_ms(fn, rounds, repeats)      # noqa: E731
     return {
         "shape": [batch, m, n],
-        "rows_cpp": best_ms(lambda: ext.rows(a, xt), rounds),
-        "rows_bmm": best_ms(lambda: torch.bmm(a, x_right), rounds),
-        "cols_cpp": best_ms(lambda: ext.cols(x_left, a), rounds),
-        "cols_bmm": best_ms(lambda: torch.bmm(x_left.mT, a), rounds),
-        "sum": best_ms(lambda: a.sum(), rounds),
-        "qr_lapack": best_ms(lambda: torch.linalg.qr(sketch), rounds),
-        "qr_cholesky": best_ms(lambda: lowrank.cholesky_qr(sketch), rounds),
-        "svd_lapack": best_ms(lambda: torch.linalg.svd(small, full_matrices=False), rounds),
-        "svd_gram_eigh": best_ms(lambda: lowrank.gram_eigh_svd(small), rounds),
-        "draws": best_ms(lambda: lowrank.gaussian_test_matrices(n, Q, seeds, torch.float32), rounds),
+        "rows_cpp": best(lambda: ext.rows(a, xt)),
+        "rows_bmm": best(lambda: torch.bmm(a, x_right)),
+        "cols_cpp": best(lambda: ext.cols(x_left, a)),
+        "cols_bmm": best(lambda: torch.bmm(x_left.mT, a)),
+        "sum": best(lambda: a.sum()),
+        "qr_lapack": best(lambda: torch.linalg.qr(sketch)),
+        "qr_cholesky": best(lambda: lowrank.cholesky_qr(sketch)),
+        "svd_lapack": best(lambda: torch.linalg.svd(small, full_matrices=False)),
+        "svd_gram_eigh": best(lambda: lowrank.gram_eigh_svd(small)),
+        "draws": best(lambda: lowrank.gaussian_test_matrices(n, Q, seeds, torch.float32)),
+        "range_finder_cpp": best(lambda: ext.range_finder(a, a.new_empty(0), a.new_empty(0), 0.0, 1.0, seeds, Q, 1, Q)),
+        "range_finder_torch": best(lambda: lowrank.compress_batch(a, Q, 0, 1, seeds)),
     }
 
 
@@ -73,9 +80,10 @@ def main(argv=None) -> int:
     label = f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
     print(f"ms per call, q = {Q}, {label}, torch {torch.__version__}")
     keys = [k for k in rows[0] if k != "shape"]
-    print(f"{'B x m x n':<16}" + "".join(f"{k:>14}" for k in keys))
+    widths = {k: max(14, len(k) + 2) for k in keys}
+    print(f"{'B x m x n':<16}" + "".join(f"{k:>{widths[k]}}" for k in keys))
     for r in rows:
-        print(f"{'x'.join(map(str, r['shape'])):<16}" + "".join(f"{r[k]:>14.3f}" for k in keys))
+        print(f"{'x'.join(map(str, r['shape'])):<16}" + "".join(f"{r[k]:>{widths[k]}.3f}" for k in keys))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": label, "torch": torch.__version__, "q": Q,
                                     "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))

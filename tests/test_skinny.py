@@ -7,7 +7,9 @@ import mlorc_dist
 from mlorc_dist import lowrank
 from mlorc_dist.optim import cpu_kernels, skinny
 
-SHAPES = [(1, 1, 1), (3, 17, 2), (5, 33, 4), (37, 100, 8), (64, 1024, 4), (130, 7, 5), (9, 64, 3)]
+# (m, n, q); the last two span several column blocks of cols (skinny.h), with a ragged last one
+SHAPES = [(1, 1, 1), (3, 17, 2), (5, 33, 4), (37, 100, 8), (64, 1024, 4), (130, 7, 5), (9, 64, 3), (9, 2100, 3),
+          (21, 1500, 6)]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
