@@ -59,7 +59,7 @@ def _product(u, s, vh):
 # (batch, m, n, rank, oversample, niter): a batch, a lone body, wide and tall bodies, power
 # iterations 0-2, oversampling, a sketch as wide as the block (q = min(m, n))
 CASES = [(4, 64, 48, 4, 0, 1), (1, 40, 72, 3, 2, 2), (3, 90, 20, 4, 0, 0), (2, 6, 30, 4, 2, 1),
-         (2, 33, 17, 1, 0, 1), (1, 5, 5, 5, 0, 1)]
+         (2, 33, 17, 1, 0, 1), (1, 5, 5, 5, 0, 1), (2, 70, 50, 4, 4, 1), (1, 64, 64, 8, 0, 1)]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-12)])
@@ -149,10 +149,10 @@ def test_the_rule_for_what_runs_in_the_kernel():
     assert not skinny.uses_kernel(a[0], 4)                          # batches only
     assert not skinny.uses_kernel(torch.randn(2, 2, 6, 10), 4)
     assert not skinny.uses_kernel(torch.empty(2, 6, 10, device="meta"), 4)
-    # a wider sketch goes to lowrank.compress_batch, the same numbers as calling it
+    # a wider sketch (q = 4 + 5) goes to lowrank.compress_batch, the same numbers as calling it
     moment = _moment("unformed", 2, 20, 16, torch.float64)
-    for got, want in zip(skinny.compress_batch(moment, 4, 3, 1, [1, 2]),
-                         lowrank.compress_batch(moment, 4, 3, 1, [1, 2])):
+    for got, want in zip(skinny.compress_batch(moment, 4, 5, 1, [1, 2]),
+                         lowrank.compress_batch(moment, 4, 5, 1, [1, 2])):
         assert torch.equal(got, want)
 
 

@@ -25,10 +25,11 @@ from . import cpu_kernels
 
 __all__ = ["MAX_WIDTH", "uses_kernel", "compress_batch"]
 
-# The kernels take q <= 8, but above 6 columns MKL catches up with the product loops (one
-# 2048 x 2048 block, one thread: q = 4 0.73 vs 1.45 ms, q = 6 1.51 vs 1.69, q = 8 2.07 vs 1.75;
-# the accumulators no longer fit the registers), so wider sketches go to lowrank's range finder.
-MAX_WIDTH = 6
+# The kernels take q <= 8 (their accumulators live in registers): wider sketches go to lowrank's
+# range finder. Through q = 8 the C++ range finder is the faster one (one block, one thread,
+# niter = 1, ms, C++ vs torch: 1024^2 q = 8 1.30 vs 1.92; 2048^2 q = 6 3.43 vs 6.96, q = 8 4.95 vs
+# 8.56; 4096^2 q = 8 24.4 vs 38.2; docs/BENCHMARKS.md).
+MAX_WIDTH = 8
 
 
 def uses_kernel(a: torch.Tensor, width: int) -> bool:
