@@ -9,7 +9,7 @@ from mlorc_dist.optim import cpu_kernels, skinny
 
 # (m, n, q); the last two span several column blocks of cols (skinny.h), with a ragged last one
 SHAPES = [(1, 1, 1), (3, 17, 2), (5, 33, 4), (37, 100, 8), (64, 1024, 4), (130, 7, 5), (9, 64, 3), (9, 2100, 3),
-          (21, 1500, 6)]
+          (21, 1500, 6), (20, 50, 2), (19, 70, 7)]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
@@ -59,7 +59,8 @@ def _product(u, s, vh):
 # (batch, m, n, rank, oversample, niter): a batch, a lone body, wide and tall bodies, power
 # iterations 0-2, oversampling, a sketch as wide as the block (q = min(m, n))
 CASES = [(4, 64, 48, 4, 0, 1), (1, 40, 72, 3, 2, 2), (3, 90, 20, 4, 0, 0), (2, 6, 30, 4, 2, 1),
-         (2, 33, 17, 1, 0, 1), (1, 5, 5, 5, 0, 1), (2, 70, 50, 4, 4, 1), (1, 64, 64, 8, 0, 1)]
+         (2, 33, 17, 1, 0, 1), (1, 5, 5, 5, 0, 1), (2, 70, 50, 4, 4, 1), (1, 64, 64, 8, 0, 1),
+         (2, 40, 30, 2, 0, 1), (3, 50, 61, 3, 0, 1), (1, 30, 90, 4, 3, 1)]     # q = 1-8
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-12)])
@@ -105,6 +106,36 @@ def test_the_range_finder_of_a_zero_moment_is_finite_and_orthonormal():
     torch.testing.assert_close(vh @ vh.mT, eye)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_moment_is_an_error_as_on_the_reference_path(bad):
+    """A NaN or inf in a moment (a V that overflowed) cannot be compressed: torch's QR and SVD
+    raise, and so does the C++ range finder (which body), never a finite compression of the
+    other rows."""
+    for kind in ("dense", "unformed"):
+        moment = _moment(kind, 3, 48, 40, torch.float32)
+        (moment.dense if kind == "unformed" else moment)[1, 30, 5] = bad
+        with pytest.raises(RuntimeError, match="moment of body 1 of the batch is not finite"):
+            skinny.compress_batch(moment, 4, 0, 1, [1, 2, 3])
+        with pytest.raises(RuntimeError):
+            lowrank.compress_batch(moment, 4, 0, 1, [1, 2, 3])
+    moment = _moment("unformed", 2, 48, 40, torch.float32)
+    moment.vh[0, 2, 7] = bad                                          # in the old factors
+    with pytest.raises(RuntimeError, match="moment of body 0 of the batch is not finite"):
+        skinny.compress_batch(moment, 4, 0, 0, [1, 2])
+
+
+@pytest.mark.parametrize("scale", [1e100, 1e-160, 1e250])
+def test_float64_moments_of_any_magnitude(scale):
+    """No norm of the float64 small algebra over- or underflows (each QR works on its matrix
+    scaled by a power of two): the same result as LAPACK's, scaled."""
+    moment = _moment("dense", 2, 64, 48, torch.float64)
+    u, s, vh = skinny.compress_batch(moment * scale, 4, 0, 1, [3, 4])
+    want_u, want_s, want_vh = lowrank.compress_batch(moment, 4, 0, 1, [3, 4])
+    want = _product(want_u, want_s, want_vh)
+    assert (_product(u, s / scale, vh) - want).abs().max() <= 1e-12 * want.abs().max()
+    assert (s / scale - want_s).abs().max() <= 1e-12 * want_s.abs().max()
+
+
 def test_the_range_finder_gives_the_same_numbers_on_one_and_two_threads():
     moment = _moment("unformed", 3, 200, 700, torch.float32)
     lone = _moment("dense", 1, 300, 2000, torch.float32)      # a lone body: its products in parallel
@@ -141,7 +172,7 @@ def test_the_range_finder_refuses_what_it_cannot_compute():
         ext.range_finder(torch.randn(1, 12, 12), empty, empty, 0.0, 1.0, [1], 9, 1, 4)
 
 
-def test_the_rule_for_what_runs_in_the_kernel():
+def test_the_rule_for_what_runs_in_the_kernel(cpu_kernel_calls):
     a = torch.randn(2, 6, 10)
     assert skinny.uses_kernel(a, skinny.MAX_WIDTH) and skinny.uses_kernel(a.double(), 4)
     assert not skinny.uses_kernel(a, skinny.MAX_WIDTH + 1)          # wider sketches: lowrank's
@@ -154,6 +185,9 @@ def test_the_rule_for_what_runs_in_the_kernel():
     for got, want in zip(skinny.compress_batch(moment, 4, 5, 1, [1, 2]),
                          lowrank.compress_batch(moment, 4, 5, 1, [1, 2])):
         assert torch.equal(got, want)
+    assert cpu_kernel_calls == []
+    skinny.compress_batch(moment, 4, 4, 1, [1, 2])                  # q = 8: the kernel
+    assert cpu_kernel_calls == ["range_finder"]
 
 
 def test_the_fused_step_uses_the_kernel_and_a_build_failure_is_an_error(monkeypatch, cpu_kernel_calls):
@@ -178,3 +212,19 @@ def test_the_fused_step_uses_the_kernel_and_a_build_failure_is_an_error(monkeypa
     with pytest.raises(RuntimeError, match="could not build the fused step's C\\+\\+ kernels"):
         mlorc_dist.MLorcAdamW([w], rank=4, fused=True)
     mlorc_dist.MLorcAdamW([w], rank=4)                                  # the reference path needs none
+
+
+def test_an_overflowing_second_moment_stops_the_fused_step_as_it_stops_the_reference():
+    """A finite gradient of 1e30 squares to inf in V (fp32): the non-finite check, which looks at
+    the gradients, lets it through; then both paths refuse to compress V, the fused one with the
+    C++ range finder's error (before, it would go on with factors of V's other rows)."""
+    for fused in (True, False):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(48, 40))
+        opt = mlorc_dist.MLorcAdamW([w], rank=4, fused=fused)
+        w.grad = torch.randn(48, 40)
+        opt.step()
+        w.grad = torch.randn(48, 40)
+        w.grad[30, 5] = 1e30
+        with pytest.raises(RuntimeError, match="not finite" if fused else ""):
+            opt.step()

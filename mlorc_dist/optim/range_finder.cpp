@@ -21,6 +21,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -53,9 +54,24 @@ double dot(const double* x, const double* y, int64_t len) {
 }
 
 // Householder QR of x (L, q), L >= q, overwritten: basis (L, q) gets Q's orthonormal columns and
-// r (q, q), when given, the upper triangle R (x = Q R). A zero column gets no reflector (its
+// r (q, q), when given, the upper triangle R of x scaled by 2^-exponent (x = Q R 2^exponent; the
+// power of two brings the largest entry into [0.5, 1), exactly, so that no norm over- or
+// underflows however large or small float64 entries are). A zero column gets no reflector (its
 // column of Q is that of the identity, carried through the others): Q stays orthonormal.
-void householder_qr(double* x, int64_t len, int q, double* basis, double* r) {
+// Returns false, computing nothing, when x has a non-finite entry.
+bool householder_qr(double* x, int64_t len, int q, double* basis, double* r, int* exponent = nullptr) {
+  double largest = 0;
+  for (int64_t i = 0; i < len * q; ++i) {
+    if (!std::isfinite(x[i])) return false;
+    largest = std::max(largest, std::abs(x[i]));
+  }
+  int power = 0;
+  if (largest > 0) {
+    std::frexp(largest, &power);
+    const double scale = std::ldexp(1.0, -power);
+    for (int64_t i = 0; i < len * q; ++i) x[i] *= scale;
+  }
+  if (exponent) *exponent = power;
   std::vector<char> reflects(q, 0);
   for (int k = 0; k < q; ++k) {
     double* col = x + k * len + k;                 // x[k:, k], where reflector k is stored
@@ -89,6 +105,7 @@ void householder_qr(double* x, int64_t len, int q, double* basis, double* r) {
       for (int64_t i = 0; i < len - k; ++i) out[i] -= d * v[i];
     }
   }
+  return true;
 }
 
 // One-sided (Hestenes) Jacobi: rotates the columns of c (q, q) until they are orthogonal,
@@ -102,7 +119,7 @@ void jacobi_svd(double* c, int q, double* v, double* sigma) {
         double* cp = c + p * q;
         double* ck = c + k * q;
         const double alpha = dot(cp, cp, q), beta = dot(ck, ck, q), gamma = dot(cp, ck, q);
-        if (!(std::abs(gamma) > 1e-15 * std::sqrt(alpha * beta))) continue;   // orthogonal (or NaN)
+        if (!(std::abs(gamma) > 1e-15 * std::sqrt(alpha) * std::sqrt(beta))) continue;   // orthogonal
         rotated = true;
         const double zeta = (beta - alpha) / (2 * gamma);
         const double t = (zeta >= 0 ? 1.0 : -1.0) / (std::abs(zeta) + std::sqrt(1 + zeta * zeta));
@@ -182,21 +199,22 @@ class BodyRangeFinder {
       : m_(m), n_(n), r0_(r0), keep_(keep), mix_(mix), y_(m * Q), z_(Q * n), basis_t_(m * Q),
         sketch_t_(Q * n), tall_(std::max(m, n) * Q), orth_(std::max(m, n) * Q) {}
 
-  void run(const Body<T>& body, int64_t niter, int64_t rank) {
+  // false when a product came out non-finite (a NaN or inf in the moment): nothing to compress
+  bool run(const Body<T>& body, int64_t niter, int64_t rank) {
     body_ = &body;
     times(body.omega);                            // Y = A Omega
-    orthonormal_rows();                           // Q = orth(Y)
+    if (!orthonormal_rows()) return false;        // Q = orth(Y)
     for (int64_t it = 0; it < niter; ++it) {
       t_times();                                  // (Q^T A)^T
       load_transposed(z_.data(), n_);
-      householder_qr(tall_.data(), n_, Q, orth_.data(), nullptr);
+      if (!householder_qr(tall_.data(), n_, Q, orth_.data(), nullptr)) return false;
       for (int c = 0; c < Q; ++c)                 // Z^T, as the next product's x^T
         for (int64_t j = 0; j < n_; ++j) sketch_t_[c * n_ + j] = T(orth_[c * n_ + j]);
       times(sketch_t_.data());
-      orthonormal_rows();
+      if (!orthonormal_rows()) return false;
     }
     t_times();                                    // B = Q^T A (q, n)
-    small_svd(rank);
+    return small_svd(rank);
   }
 
  private:
@@ -221,11 +239,12 @@ class BodyRangeFinder {
   }
 
   // the basis of tall_ (m, Q) into basis_t_ (row-major, the cols product's x) and orth_
-  void orthonormal_rows() {
-    householder_qr(tall_.data(), m_, Q, orth_.data(), nullptr);
+  bool orthonormal_rows() {
+    if (!householder_qr(tall_.data(), m_, Q, orth_.data(), nullptr)) return false;
     for (int64_t i = 0; i < m_; ++i)
       for (int c = 0; c < Q; ++c) basis_t_[i * Q + c] = T(orth_[c * m_ + i]);
     basis_.assign(orth_.begin(), orth_.begin() + m_ * Q);
+    return true;
   }
 
   // z_ = Q^T A (Q, n), with the unformed term: mix (Q^T a) + keep (Q^T us) vh
@@ -258,12 +277,12 @@ class BodyRangeFinder {
 
   // B = z_ (Q, n) = U diag(s) Vh: B^T = Q2 R2, R2^T V = U diag(s) (Jacobi), Vh = (Q2 V)^T;
   // the first `rank` triplets, largest first, with U lifted back to m rows by the basis
-  void small_svd(int64_t rank) {
+  bool small_svd(int64_t rank) {
     const Body<T>& b = *body_;
     load_transposed(z_.data(), n_);
     double r2[Q * Q], c[Q * Q], v[Q * Q], u[Q * Q], sigma[Q];
-    int order[Q];
-    householder_qr(tall_.data(), n_, Q, orth_.data(), r2);
+    int order[Q], exponent = 0;
+    if (!householder_qr(tall_.data(), n_, Q, orth_.data(), r2, &exponent)) return false;
     for (int i = 0; i < Q; ++i)
       for (int k = 0; k < Q; ++k) c[k * Q + i] = r2[i * Q + k];     // c = R2^T
     jacobi_svd(c, Q, v, sigma);
@@ -276,7 +295,7 @@ class BodyRangeFinder {
         b.u_out[i * rank + t] = T(total);
       }
     for (int64_t t = 0; t < rank; ++t) {
-      b.s_out[t] = T(sigma[order[t]]);
+      b.s_out[t] = T(std::ldexp(sigma[order[t]], exponent));    // R2 was of B 2^-exponent
       const double* rotation = v + order[t] * Q;
       for (int64_t j = 0; j < n_; ++j) {
         double total = 0;
@@ -284,6 +303,7 @@ class BodyRangeFinder {
         b.vh_out[t * n_ + j] = T(total);
       }
     }
+    return true;
   }
 
   const int64_t m_, n_, r0_;
@@ -317,6 +337,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> range_finder(const at::Tensor& a,
     TORCH_CHECK(us.size(0) == batch && us.size(1) == m && vh.size(0) == batch && vh.size(1) == r0 &&
                     vh.size(2) == n,
                 "range_finder: us (B, m, r) and vh (B, r, n) must make keep us vh + mix a with a (B, m, n)");
+  } else {
+    TORCH_CHECK(keep == 0 && mix == 1, "range_finder: with no factors the moment is a itself (keep 0, mix 1)");
   }
   TORCH_CHECK(batch >= 1 && int64_t(seeds.size()) == batch, "range_finder: one seed per body, got ",
               seeds.size(), " for ", batch);
@@ -332,12 +354,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> range_finder(const at::Tensor& a,
     at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seeds[b]));
     omegas[b].copy_(at::randn({n, q}, generator, at::TensorOptions().dtype(at::kDouble)).t());
   }
+  std::atomic<int64_t> non_finite{-1};
   for_dtype_and_width(a, q, [&](auto tag, auto width) {
     using T = typename decltype(tag)::type;
     constexpr int Q = decltype(width)::value;
     // bodies in parallel when there are several (each body's products then run on one thread);
     // a lone body runs its products in parallel instead
-    at::parallel_for(0, batch, 2, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       BodyRangeFinder<T, Q> finder(m, n, r0, keep, mix);
       for (int64_t b = begin; b < end; ++b) {
         const Body<T> body{a.data_ptr<T>() + b * m * n,
@@ -347,9 +370,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> range_finder(const at::Tensor& a,
                            s_out.data_ptr<T>() + b * r,
                            vh_out.data_ptr<T>() + b * r * n,
                            omegas.data_ptr<T>() + b * q * n};
-        finder.run(body, niter, r);
+        if (!finder.run(body, niter, r)) non_finite = b;
       }
     });
   });
+  TORCH_CHECK(non_finite.load() < 0, "range_finder: the moment of body ", non_finite.load(),
+              " of the batch is not finite (a NaN or inf): it cannot be compressed (torch's QR and SVD "
+              "refuse it too)");
   return {u_out, s_out, vh_out};
 }

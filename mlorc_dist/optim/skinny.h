@@ -41,8 +41,9 @@ inline void rows_block(const T* a, const T* xt, T* y, int64_t n, int64_t i) {
 }
 
 // Rows of a per pass (rows_range) and rows of a per update of z (cols_range). With AVX-512's 32
-// vector registers, R x Q accumulators plus R rows still fit at R = 5 (Q <= 6); more rows in flight
-// are more independent memory streams and fewer reloads of x. Measured on the reference VM (AMD
+// vector registers, R x Q accumulators plus R rows and x fit at R = 5 for Q <= 4 (at Q = 5, 6 a
+// few spill, with no penalty measured); more rows in flight are more independent memory streams
+// and fewer reloads of x. Measured on the reference VM (AMD
 // EPYC, one thread, q = 4, ms, before -> after): a x at 1024^2 0.17 -> 0.11, 2048^2 0.91 -> 0.53,
 // 4096^2 6.2 -> 3.8; x^T a at 4096^2 6.4 -> 2.8 (docs/BENCHMARKS.md). Without AVX-512 (16 registers,
 // each of these vectors taking two) the earlier choice stays.
