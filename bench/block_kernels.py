@@ -15,27 +15,16 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import best_ms  # noqa: E402
 from mlorc_dist.optim import fused  # noqa: E402
 
 CASES = ["4x256:4", "1x1024:4", "1x4096:4", "4x256:16", "1x1024:16", "1x1024:4:bf16"]
-
-
-def best_ms(fn, repeats: int, rounds: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        best = min(best, (time.perf_counter() - start) / repeats)
-    return best * 1e3
 
 
 def measure(case: str, rounds: int) -> dict:

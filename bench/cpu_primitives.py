@@ -15,13 +15,13 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import best_ms  # noqa: E402
 from mlorc_dist import lowrank  # noqa: E402
 from mlorc_dist.optim import cpu_kernels  # noqa: E402
 
@@ -29,17 +29,6 @@ from mlorc_dist.optim import cpu_kernels  # noqa: E402
 SHAPES = [(4, 256, 256), (64, 256, 256), (16, 512, 512), (256, 128, 128), (1, 1024, 1024), (1, 2048, 2048),
           (1, 4096, 4096)]
 Q = 4
-
-
-def best_ms(fn, rounds: int, repeats: int = 20) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        best = min(best, (time.perf_counter() - start) / repeats)
-    return best * 1e3
 
 
 def measure(batch: int, m: int, n: int, rounds: int) -> dict:
@@ -51,7 +40,7 @@ def measure(batch: int, m: int, n: int, rounds: int) -> dict:
     sketch, small = torch.randn(batch, m, Q, generator=g), torch.randn(batch, Q, n, generator=g)
     ext = cpu_kernels.extension()
     seeds = list(range(batch))
-    best = lambda fn: best_ms(fn, rounds, repeats)      # noqa: E731
+    best = lambda fn: best_ms(fn, repeats, rounds)      # noqa: E731
     return {
         "shape": [batch, m, n],
         "rows_cpp": best(lambda: ext.rows(a, xt)),

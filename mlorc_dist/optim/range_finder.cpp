@@ -198,7 +198,7 @@ class BodyRangeFinder {
  public:
   BodyRangeFinder(int64_t m, int64_t n, int64_t r0, double keep, double mix)
       : m_(m), n_(n), r0_(r0), keep_(keep), mix_(mix), y_(m * Q), z_(Q * n), basis_t_(m * Q),
-        sketch_t_(Q * n), tall_(std::max(m, n) * Q), orth_(std::max(m, n) * Q) {}
+        sketch_t_(Q * n), tall_(std::max(m, n) * Q), orth_(n * Q), basis_(m * Q), small_(r0 * Q) {}
 
   // false when a product came out non-finite (a NaN or inf in the moment): nothing to compress
   bool run(const Body<T>& body, int64_t niter, int64_t rank) {
@@ -223,7 +223,7 @@ class BodyRangeFinder {
   void times(const T* xt) {
     const Body<T>& b = *body_;
     at::parallel_for(0, m_, 64, [&](int64_t i, int64_t e) { rows_range<T, Q>(b.a, xt, y_.data(), n_, i, e); });
-    std::vector<double> vx(r0_ * Q, 0.0);         // vh x (r0, Q)
+    double* vx = small_.data();                   // vh x (r0, Q)
     for (int64_t k = 0; k < r0_; ++k)
       for (int c = 0; c < Q; ++c) {
         double total = 0;
@@ -239,12 +239,12 @@ class BodyRangeFinder {
       }
   }
 
-  // the basis of tall_ (m, Q) into basis_t_ (row-major, the cols product's x) and orth_
+  // the basis of tall_ (m, Q) into basis_ (column-major) and basis_t_ (row-major, the cols
+  // product's x)
   bool orthonormal_rows() {
-    if (!householder_qr(tall_.data(), m_, Q, orth_.data(), nullptr)) return false;
+    if (!householder_qr(tall_.data(), m_, Q, basis_.data(), nullptr)) return false;
     for (int64_t i = 0; i < m_; ++i)
-      for (int c = 0; c < Q; ++c) basis_t_[i * Q + c] = T(orth_[c * m_ + i]);
-    basis_.assign(orth_.begin(), orth_.begin() + m_ * Q);
+      for (int c = 0; c < Q; ++c) basis_t_[i * Q + c] = T(basis_[c * m_ + i]);
     return true;
   }
 
@@ -255,7 +255,7 @@ class BodyRangeFinder {
       cols_range<T, Q>(basis_t_.data(), b.a, z_.data(), m_, n_, j, e);
     });
     if (!r0_) return;
-    std::vector<double> qu(Q * r0_, 0.0);         // Q^T us (Q, r0)
+    double* qu = small_.data();                   // Q^T us (Q, r0)
     for (int c = 0; c < Q; ++c)
       for (int64_t k = 0; k < r0_; ++k) {
         double total = 0;
@@ -311,7 +311,10 @@ class BodyRangeFinder {
   const double keep_, mix_;
   const Body<T>* body_ = nullptr;
   std::vector<T> y_, z_, basis_t_, sketch_t_;
-  std::vector<double> tall_, orth_, basis_;
+  std::vector<double> tall_;    // the matrix to orthonormalise next, (m or n, Q)
+  std::vector<double> orth_;    // Z, then Q2 of B^T: (n, Q)
+  std::vector<double> basis_;   // Q: (m, Q)
+  std::vector<double> small_;   // vh x or Q^T us: (r0, Q)
 };
 
 void check_operand(const at::Tensor& t, const at::Tensor& like, const char* name) {

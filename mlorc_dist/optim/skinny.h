@@ -43,10 +43,10 @@ inline void rows_block(const T* a, const T* xt, T* y, int64_t n, int64_t i) {
 // Rows of a per pass (rows_range) and rows of a per update of z (cols_range). With AVX-512's 32
 // vector registers, R x Q accumulators plus R rows and x fit at R = 5 for Q <= 4 (at Q = 5, 6 a
 // few spill, with no penalty measured); more rows in flight are more independent memory streams
-// and fewer reloads of x. Measured on the reference VM (AMD
-// EPYC, one thread, q = 4, ms, before -> after): a x at 1024^2 0.17 -> 0.11, 2048^2 0.91 -> 0.53,
-// 4096^2 6.2 -> 3.8; x^T a at 4096^2 6.4 -> 2.8 (docs/BENCHMARKS.md). Without AVX-512 (16 registers,
-// each of these vectors taking two) the earlier choice stays.
+// and fewer reloads of x. Measured on the reference VM (AMD EPYC, one thread, q = 4, ms, before
+// -> after; bench/cpu_primitives.py, docs/BENCHMARKS.md): a x at 2048^2 1.19 -> 0.48, 4096^2
+// 6.10 -> 3.33; x^T a at 2048^2 0.88 -> 0.44, 4096^2 5.83 -> 3.38; 1024^2 unchanged. Without
+// AVX-512 (16 registers, each of these vectors taking two) the earlier choice stays.
 #if defined(__AVX512F__)
 template <int Q> constexpr int kRowsPerPass = Q <= 2 ? 8 : (Q <= 6 ? 5 : 3);
 constexpr int kRowsPerUpdate = 8;
