@@ -27,6 +27,9 @@ TRAIN = str(ROOT / "launch" / "train.py")
 
 def ds_config(name: str, stage: int, scope: str | None, folder: Path, fused: bool = False) -> str:
     config = json.loads((ROOT / "ds_configs" / name).read_text())
+    if name == "adamw.json":    # the baseline is DeepSpeed's own torch AdamW, not AdamW through the pieces
+        config.pop("mlorc")
+        config["optimizer"] = {"type": "AdamW", "params": dict(config["optimizer"]["params"], torch_adam=True)}
     # the same ZeRO settings for both optimizers (those of mlorc.json), only the stage varies
     config["zero_optimization"] = dict(json.loads((ROOT / "ds_configs" / "mlorc.json").read_text())
                                        ["zero_optimization"], stage=stage)
@@ -69,7 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/bench_end_to_end.json"))
     args = p.parse_args(argv)
     common = ["--model", args.model, "--steps", str(args.steps), "--global-batch", str(args.global_batch),
-              "--seq-len", str(args.seq_len), "--threads", str(args.threads), "--warmup-steps", "1"]
+              "--seq-len", str(args.seq_len), "--threads", str(args.threads), "--warmup-steps", "1",
+              "--no-final-checkpoint"]
     deepspeed = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2",
                  "--master_port", "29890", TRAIN]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

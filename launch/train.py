@@ -33,107 +33,100 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlorc_dist import checkpoint as ckpt  # noqa: E402
-from mlorc_dist.training import (CheckpointDir, GlobalBatches, MetricsWriter, exit_without_teardown,  # noqa: E402
-                                 load_pretraining_ids, load_sft_records, lr_at, model_signature,
+from mlorc_dist.launch_checks import check_args, explicit_flags, planned_schedule, report_error  # noqa: E402
+from mlorc_dist.training import (IGNORE_INDEX, CheckpointDir, GlobalBatches, MetricsWriter,  # noqa: E402
+                                 exit_without_teardown, load_pretraining_ids, load_sft_records, model_signature,
                                  packed_source, sft_source)
 
 logger = logging.getLogger("mlorc_dist.train")
 from mlorc_dist.methods import METHODS as OPTIMIZERS  # noqa: E402
 TOKENIZER_VOCAB = 2048
+CPU_COLLECTIVE_TIMEOUT_S = 600.0
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default in --help."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch/train.py", description=__doc__, formatter_class=HelpFormatter)
     engine = p.add_argument_group("engine")
-    engine.add_argument("--deepspeed", metavar="CONFIG", help="DeepSpeed JSON config (ZeRO stage, optimizer, mlorc block)")
+    engine.add_argument("--deepspeed", metavar="CONFIG", help="DeepSpeed JSON config (ZeRO stage, optimizer, mlorc "
+                        "block); its \"auto\" values come from the flags below, other values must agree with them")
     engine.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) under torchrun")
     engine.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    engine.add_argument("--dry-run", action="store_true", help="build on the meta device, check config and world size, exit")
-    engine.add_argument("--world-size", type=int, default=None, help="for --dry-run: the planned world size")
-    opt = p.add_argument_group("optimizer (FSDP2 / single process; DeepSpeed reads its JSON)")
-    opt.add_argument("--optimizer", "--method", default="mlorc-adamw", help=f"one of {OPTIMIZERS}")
+    engine.add_argument("--dry-run", action="store_true",
+                        help="build on the meta device, check config and world size, print the planned memory, exit")
+    engine.add_argument("--world-size", type=int, default=None, help="for --dry-run: the planned world size "
+                        "(default: the launcher's WORLD_SIZE, else 1)")
+    engine.add_argument("--collective-timeout", type=float, default=None, metavar="SECONDS",
+                        help="a collective that does not complete within this time is an error naming the rank "
+                             "(default: 600 on the CPU, torch's own on GPUs)")
+    engine.add_argument("--debug", action="store_true", help="show the traceback of a usage error")
+    opt = p.add_argument_group("optimizer (FSDP2 / single process; under --deepspeed the JSON sets these)")
+    opt.add_argument("--optimizer", "--method", default="mlorc-adamw", help=f"one of {', '.join(OPTIMIZERS)}")
     opt.add_argument("--rank", type=int, default=4, help="rank r (MLorc, MoFaSGD, GaLore, LoRA, SwitchLoRA)")
     opt.add_argument("--scope", default="local", help="local | global")
     opt.add_argument("--fused", action="store_true",
                      help="MLorc: the fused one-pass step (C++ kernels on the CPU, torch.compile on a GPU; local scope)")
-    opt.add_argument("--lr", type=float, default=1e-3, help="peak lr of the method's update of 2-D weights")
+    opt.add_argument("--lr", type=float, default=1e-3, help="peak lr of the method's update of 2-D weights "
+                     "(under --deepspeed: optimizer.params.lr)")
     opt.add_argument("--dense-lr", type=float, default=None,
-                     help="peak lr of the dense state (embeddings, lm_head, 1-D); default --lr. "
+                     help="peak lr of the dense state (embeddings, lm_head, 1-D); None: --lr. "
                           "MoFaSGD wants a large --lr (e.g. 0.02) and an AdamW --dense-lr (e.g. 1e-3)")
     opt.add_argument("--galore-interval", type=int, default=200, help="GaLore: steps between projector updates")
     opt.add_argument("--galore-scale", type=float, default=0.25, help="GaLore: alpha")
-    opt.add_argument("--mofasgd-momentum", type=float, default=0.9)
+    opt.add_argument("--mofasgd-momentum", type=float, default=0.9, help="MoFaSGD: momentum of the factors")
     opt.add_argument("--mofasgd-phi", default="spectral", help="MoFaSGD: spectral (U V^T) | inverse (min(1/s, cap))")
-    opt.add_argument("--lora-alpha", type=float, default=None, help="LoRA: alpha (default 2 r)")
-    opt.add_argument("--weight-decay", type=float, default=0.0)
-    opt.add_argument("--betas", type=float, nargs=2, default=None)
-    opt.add_argument("--compress-embeddings", action="store_true")
+    opt.add_argument("--lora-alpha", type=float, default=None, help="LoRA: alpha (None: 2 r)")
+    opt.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay of 2-D weights")
+    opt.add_argument("--betas", type=float, nargs=2, default=None, help="None: the method's own")
+    opt.add_argument("--compress-embeddings", action="store_true", help="MLorc: low-rank momentum for embeddings too")
     model = p.add_argument_group("model and data")
     model.add_argument("--model", default="tiny", help="a shape name (tiny, demo, 100m, llama-7b, ...) or an HF config.json")
     model.add_argument("--init-from", help="a local HF model directory to fine-tune (weights and tokenizer)")
     model.add_argument("--vocab-size", type=int, default=None,
-                       help="tokenizer trained locally with this many tokens (default 2048); the model's "
-                            "vocabulary too (default: 32000 for the llama-* shapes, else 2048)")
-    model.add_argument("--data", help="text / JSON lines / parquet file (default: the demo corpus)")
-    model.add_argument("--task", default="pretrain", choices=("pretrain", "sft"))
-    model.add_argument("--text-field", default="text")
-    model.add_argument("--prompt-field", default="prompt")
-    model.add_argument("--response-field", default="response")
+                       help="tokenizer trained locally with this many tokens (None: 2048); the model's "
+                            "vocabulary too (None: 32000 for the llama-* shapes, else 2048)")
+    model.add_argument("--data", help="text / JSON lines / parquet file (None: the demo corpus)")
+    model.add_argument("--task", default="pretrain", choices=("pretrain", "sft"), help="pretrain: packed windows; "
+                       "sft: prompt/response records, the prompt masked from the loss")
+    model.add_argument("--text-field", default="text", help="the text field of .jsonl / .json / .parquet records")
+    model.add_argument("--prompt-field", default="prompt", help="--task sft: the prompt field")
+    model.add_argument("--response-field", default="response", help="--task sft: the response field")
     train = p.add_argument_group("training")
-    train.add_argument("--steps", type=int, default=100)
-    train.add_argument("--global-batch", type=int, default=8)
-    train.add_argument("--micro-batch", type=int, default=None, help="per rank (default: global batch / world size)")
-    train.add_argument("--seq-len", type=int, default=128)
-    train.add_argument("--warmup-steps", type=int, default=10)
-    train.add_argument("--min-lr-ratio", type=float, default=0.1)
-    train.add_argument("--clip-grad", type=float, default=1.0, help="0 disables")
-    train.add_argument("--bf16", action="store_true")
-    train.add_argument("--activation-checkpointing", action="store_true")
-    train.add_argument("--eval-every", type=int, default=0)
-    train.add_argument("--eval-batches", type=int, default=4)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--steps", type=int, default=100, help="optimizer steps of the run (its lr schedule's length)")
+    train.add_argument("--global-batch", type=int, default=8, help="sequences per optimizer step, over all ranks")
+    train.add_argument("--micro-batch", type=int, default=None,
+                       help="sequences per rank per forward (None: global batch / world size)")
+    train.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    train.add_argument("--warmup-steps", type=int, default=10, help="linear lr warmup")
+    train.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decay's floor, as a fraction of the peak")
+    train.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clipping; 0 disables")
+    train.add_argument("--bf16", action="store_true", help="bf16 compute (FSDP2 / DeepSpeed mixed precision, autocast)")
+    train.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
+    train.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps; 0: never")
+    train.add_argument("--eval-batches", type=int, default=4, help="held-out set size, in global batches")
+    train.add_argument("--seed", type=int, default=0, help="model initialisation, batches and sketches")
     out = p.add_argument_group("outputs")
-    out.add_argument("--out", default="runs/train")
-    out.add_argument("--save-every", type=int, default=0)
+    out.add_argument("--out", default="runs/train", help="the run's directory")
+    out.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps; 0: only at the end")
+    out.add_argument("--no-final-checkpoint", action="store_true", help="do not write a checkpoint at the end")
     out.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    out.add_argument("--extend-schedule", action="store_true",
+                     help="--resume with another --steps: the lr continues from its value at the checkpoint and "
+                          "decays to the floor at the new --steps (without it a changed schedule is an error)")
     out.add_argument("--export", action="store_true", help="write a plain HF model directory at the end")
     out.add_argument("--profile-memory", action="store_true",
                      help="sample memory per rank (after backward, after step; tensor bytes by category, "
                           "RSS, CUDA allocator, NVML) and write memory.json / memory.png in --out")
-    out.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
-    args = p.parse_args(argv)
-    if args.deepspeed and args.fsdp:
-        p.error("choose one of --deepspeed and --fsdp")
-    if args.optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown --optimizer {args.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
-    if args.deepspeed and args.fused:
-        p.error("--fused is read from the DeepSpeed config under --deepspeed: set \"fused\": true "
-                "in its \"mlorc\" block")
-    if args.fsdp and args.optimizer == "switchlora":
-        raise ValueError("SwitchLoRA needs whole W, A and B on every rank, which FSDP2 shards: run "
-                         "it single-process or with --deepspeed ds_configs/switchlora.json (ZeRO-1/2)")
-    if args.export and args.optimizer in ("lora", "switchlora") and not args.deepspeed:
-        raise ValueError("--export writes a plain HF model; merging adapters into it is not "
-                         "supported yet: export is refused for lora / switchlora")
-    return args
+    out.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (None: torch's)")
+    return p
 
 
 # --------------------------------------------------------------------------- set-up
 def engine_kind(args) -> str:
     return "deepspeed" if args.deepspeed else ("fsdp2" if args.fsdp else "single")
-
-
-def load_ds_config(path: str) -> dict:
-    """The DeepSpeed config (its "mlorc" block checked), refusing an optimizer that does not exist."""
-    from mlorc_dist.deepspeed import load_config, optimizer_class
-    config = load_config(path)
-    opt_type = (config.get("optimizer") or {}).get("type")
-    if opt_type is None:
-        raise ValueError(f"{path} has no optimizer block")
-    if optimizer_class(opt_type) is None and opt_type.lower() not in ("adamw", "adam"):
-        raise ValueError(f"{path}: optimizer type {opt_type!r} does not exist here; "
-                         "use MLorcAdamW, MLorcLion or AdamW")
-    return config
 
 
 def build_config(args):
@@ -154,14 +147,12 @@ def build_config(args):
 def build_model(args, config):
     from transformers import AutoModelForCausalLM
     if args.init_from:
-        model = AutoModelForCausalLM.from_pretrained(args.init_from, local_files_only=True,
-                                                     torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(args.init_from, local_files_only=True, dtype=torch.float32)
     else:
         torch.manual_seed(args.seed)
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if args.activation_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+        model.gradient_checkpointing_enable()   # the forward turns the KV cache off while it recomputes
     return model
 
 
@@ -195,10 +186,17 @@ def batch_sources(args, tokenizer):
     return sft_source(inputs[held:], labels[held:]), (inputs[:held], labels[:held])
 
 
-def init_distributed(kind: str) -> tuple[int, int]:
+def init_distributed(kind: str, timeout_s: float | None) -> tuple[int, int]:
+    """(rank, world size). Every collective gets `timeout_s` (None: 600 s on the CPU, where gloo
+    would otherwise wait 30 minutes, and torch's default with NCCL), so a rank that never joins
+    ends the run with an error instead of a hang."""
     if kind == "single" and "WORLD_SIZE" not in os.environ:
         return 0, 1
+    from datetime import timedelta
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if timeout_s is None and backend == "gloo":
+        timeout_s = CPU_COLLECTIVE_TIMEOUT_S
+    timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
     if kind == "deepspeed":
         import deepspeed
         import deepspeed.comm  # noqa: F401
@@ -207,9 +205,9 @@ def init_distributed(kind: str) -> tuple[int, int]:
             # fresh machine) that only its inference path uses; every collective here goes
             # through gloo, so we skip the build deliberately.
             sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-        deepspeed.init_distributed(dist_backend=backend)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, **timeout)
     elif not dist.is_initialized():
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, **timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -243,47 +241,65 @@ def make_torch_optimizer(args, model):
                            fused=args.fused)
 
 
-def dry_run(args) -> int:
-    """Build the model on the meta device and check the config and the world size."""
+def dry_run(args, ds_config: dict | None, world: int) -> int:
+    """Build the model on the meta device, print what the run would be (the DeepSpeed config as
+    resolved) and the planner's per-GPU memory for it."""
     kind = engine_kind(args)
-    world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
     config = build_config(args)
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())
     micro = args.micro_batch or max(1, args.global_batch // world)
-    if args.global_batch % (micro * world):
-        raise ValueError(f"global batch {args.global_batch} is not a multiple of micro batch {micro} x world size {world}")
     summary = {"engine": kind, "world_size": world, "parameters": params, "global_batch": args.global_batch,
                "micro_batch": micro, "gradient_accumulation": args.global_batch // (micro * world)}
-    if args.deepspeed:
-        config_ds = load_ds_config(args.deepspeed)
-        summary["zero_stage"] = config_ds.get("zero_optimization", {}).get("stage", 0)
-        summary["optimizer"] = config_ds["optimizer"]["type"]
-        summary["mlorc"] = config_ds.get("mlorc", {})
+    if ds_config is not None:
+        summary["zero_stage"] = ds_config.get("zero_optimization", {}).get("stage", 0)
+        summary["optimizer"] = ds_config["optimizer"]["type"]
+        summary["mlorc"] = ds_config.get("mlorc", {})
+        summary["deepspeed_config"] = ds_config
     else:
         summary["optimizer"] = args.optimizer
+    summary["plan"] = plan_summary(args, ds_config, config, world, micro)
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def plan_summary(args, ds_config: dict | None, config, world: int, micro: int) -> dict:
+    """The memory planner's per-GPU peak for this run (mlorc_dist.memory.planner)."""
+    from mlorc_dist.memory import planner
+    if ds_config is not None:
+        stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        engine = f"zero{stage}" if stage else "single"
+        block, adapter = ds_config.get("mlorc") or {}, (ds_config.get("adapter") or {})
+        name = str(ds_config["optimizer"]["type"]).replace("-", "").replace("_", "").lower()
+        optimizer = adapter.get("type") or ("adamw" if block.get("dense") or name in ("adamw", "adam") else
+                                            {"mlorcadamw": "mlorc-adamw", "mlorclion": "mlorc-lion", "mofasgd": "mofasgd",
+                                             "galoreadamw": "galore", "galore": "galore"}.get(name, name))
+        rank = adapter.get("rank", block.get("rank", 4))
+        scope, fused = block.get("scope", "local"), bool(block.get("fused", False))
+        compress = bool(block.get("compress_embeddings", False))
+    else:
+        engine = "fsdp2" if args.fsdp else "single"
+        optimizer, rank, scope, fused = args.optimizer, args.rank, args.scope, args.fused
+        compress = args.compress_embeddings
+    plan = planner.plan_for_run(config, engine=engine, world_size=world, optimizer=optimizer, rank=rank,
+                                micro_batch=micro, seq=args.seq_len, bf16=args.bf16,
+                                activation_checkpointing=args.activation_checkpointing, scope=scope,
+                                fused=fused, compress_embeddings=compress)
+    return {"engine": engine, "optimizer": optimizer, "per_gpu_peak": planner.peak_line(plan)}
 
 
 # --------------------------------------------------------------------------- engines
 class Trainer:
     """One engine behind four calls: micro_step, step, full_state, and the MLorc optimizer."""
 
-    def __init__(self, args, kind, model, world, device):
+    def __init__(self, args, kind, model, world, device, ds_config: dict | None = None):
         self.args, self.kind, self.world = args, kind, world
         self.autocast = args.bf16 and kind == "single"
         if kind == "deepspeed":
             import mlorc_dist.deepspeed as mds
-            config = load_ds_config(args.deepspeed)
-            config["train_micro_batch_size_per_gpu"] = args.micro_batch
-            config["gradient_accumulation_steps"] = args.global_batch // (args.micro_batch * world)
-            config["train_batch_size"] = args.global_batch
-            config["gradient_clipping"] = args.clip_grad
-            if args.bf16:
-                config["bf16"] = {"enabled": True}
+            config = dict(ds_config)      # resolved against the command line (launch_checks)
             config.setdefault("steps_per_print", 10 ** 9)
             self.engine, _, _, _ = mds.initialize(model=model, config=config)
             self.model = self.engine.module
@@ -291,7 +307,7 @@ class Trainer:
             self.optimizer = getattr(self.engine, "mlorc_optimizer", None)
             self.lr_groups = (self.optimizer or self.engine.optimizer).param_groups
             self.zero_stage = config.get("zero_optimization", {}).get("stage", 0)
-            self.peak_lr = config["optimizer"].get("params", {}).get("lr", 1e-3)
+            self.peak_lr = args.lr        # the JSON's optimizer.params.lr where it sets one
         else:
             model.to(device)
             if kind == "fsdp2":
@@ -319,6 +335,29 @@ class Trainer:
         target = self.engine if self.kind == "deepspeed" else self.model
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
             return target(input_ids=input_ids, labels=labels).loss
+
+    @torch.no_grad()
+    def token_loss(self, input_ids, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, number of predicted tokens) of a batch, in float64 on the CPU; rows whose
+        labels are all IGNORE_INDEX count nothing (evaluation's padding)."""
+        target = self.engine if self.kind == "deepspeed" else self.model
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            logits = target(input_ids=input_ids).logits
+        shifted = labels[:, 1:].reshape(-1)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted,
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss.double().cpu(), (shifted != IGNORE_INDEX).sum().double().cpu()
+
+    def set_training(self, training: bool) -> None:
+        """Train or eval mode; leaving eval under FSDP2 reshards every module (the root keeps its
+        parameters gathered after a forward without backward, which the next step's and
+        --export's gathers do not expect)."""
+        (self.engine if self.kind == "deepspeed" else self.model).train(training)
+        if training and self.kind == "fsdp2":
+            from torch.distributed.fsdp import FSDPModule
+            for module in self.model.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
 
     def micro_step(self, input_ids, labels) -> float:
         loss = self.forward(input_ids, labels)
@@ -377,7 +416,7 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- checkpoints
-def save_checkpoint(trainer, batches, step, args, rank, signature):
+def save_checkpoint(trainer, batches, step, args, rank, signature, schedule):
     directory = CheckpointDir(Path(args.out) / "checkpoints")
     optimizer = trainer.optimizer
     if optimizer is None:
@@ -404,7 +443,8 @@ def save_checkpoint(trainer, batches, step, args, rank, signature):
     if rank == 0:
         directory.commit(step, {"step": step, "world_size": trainer.world, "engine": trainer.kind,
                                 "algorithm": optimizer.algorithm, "scope": optimizer.scope,
-                                "model": signature, "global_batch": args.global_batch})
+                                "model": signature, "global_batch": args.global_batch,
+                                "schedule": schedule.state_dict()})
     if dist.is_initialized():
         dist.barrier()
 
@@ -484,43 +524,134 @@ def export_hf(trainer, tokenizer, args, rank) -> None:
         logger.info("exported a plain HF model to %s", target)
 
 
-@torch.no_grad()
-def evaluate(trainer, eval_batches, rank, world) -> float:
+def evaluate(trainer, eval_batches, rank, world, device) -> float:
+    """Mean loss per predicted token over the held-out set. Every rank makes the same number of
+    forward calls of the same shape, whatever the set's size: the last chunk is padded with
+    copies of example 0 whose labels are all ignored. (A rank with nothing left skipping its
+    forward would leave the others waiting forever in FSDP2's and ZeRO-3's all-gathers.)"""
     inputs, labels = eval_batches
-    total, count = torch.zeros(()), torch.zeros(())
-    for lo in range(0, inputs.shape[0], trainer.args.micro_batch * world):
-        mine = slice(lo + rank * trainer.args.micro_batch, lo + (rank + 1) * trainer.args.micro_batch)
-        if inputs[mine].shape[0]:
-            total += trainer.forward(inputs[mine], labels[mine]).float().cpu() * inputs[mine].shape[0]
-            count += inputs[mine].shape[0]
+    micro = trainer.args.micro_batch
+    if inputs.shape[0] == 0:
+        raise ValueError("the held-out set is empty: more data, a shorter --seq-len, or --eval-every 0")
+    total, tokens = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    trainer.set_training(False)
+    for lo in range(0, inputs.shape[0], micro * world):
+        index = torch.arange(lo + rank * micro, lo + (rank + 1) * micro)
+        real = index < inputs.shape[0]
+        index = torch.where(real, index, torch.zeros_like(index))
+        ids, lab = inputs[index], labels[index].clone()
+        lab[~real] = IGNORE_INDEX
+        loss, count = trainer.token_loss(ids.to(device), lab.to(device))
+        total += loss
+        tokens += count
+    trainer.set_training(True)
     if dist.is_initialized():
-        both = torch.stack([total, count])
+        both = torch.stack([total, tokens])
         dist.all_reduce(both)
-        total, count = both[0], both[1]
-    return float(total / count.clamp_min(1))
+        total, tokens = both[0], both[1]
+    return float(total / tokens.clamp_min(1))
+
+
+# --------------------------------------------------------------------------- start-up
+def quiet_logs(rank: int) -> None:
+    """One voice per run: rank 0 logs the run; the library's per-rank construction lines are
+    replaced by log_startup's summary over ranks; DeepSpeed says only warnings."""
+    logging.getLogger("mlorc_dist").setLevel(logging.WARNING)
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if "deepspeed" in sys.modules:
+        from deepspeed.utils import logger as deepspeed_logger
+        deepspeed_logger.setLevel(logging.WARNING)
+
+
+def describe_method(trainer, ds_config: dict | None) -> str:
+    """The method this run trains with, as the user would name it."""
+    args, optimizer = trainer.args, trainer.optimizer
+    if ds_config is not None:
+        adapter = ds_config.get("adapter") or {}
+        if optimizer is None:
+            return f"DeepSpeed's own {ds_config['optimizer']['type']}"
+        if adapter.get("type") == "lora":
+            return f"LoRA (peft) rank {adapter.get('rank', 8)}, AdamW on the adapters"
+        if adapter.get("type") == "switchlora":
+            return f"SwitchLoRA rank {adapter.get('rank', 8)}, {optimizer.algorithm}"
+        if (ds_config.get("mlorc") or {}).get("dense"):
+            return "AdamW (dense state, through mlorc_dist's pieces)"
+        rank = (ds_config.get("mlorc") or {}).get("rank", 4)
+    else:
+        rank = args.rank
+        if args.optimizer == "adamw":
+            return "AdamW (dense state, through mlorc_dist's pieces)"
+        if args.optimizer == "lora":
+            return f"LoRA (peft) rank {args.rank}, AdamW on the adapters"
+        if args.optimizer == "switchlora":
+            return f"SwitchLoRA rank {args.rank}, {optimizer.algorithm}"
+    fused = ", fused step" if getattr(optimizer, "fused", False) else ""
+    return f"{optimizer.algorithm} rank {rank}, {optimizer.scope} scope{fused}"
+
+
+def log_startup(trainer, ds_config: dict | None, rank: int, world: int) -> None:
+    """One summary of the run (rank 0): the engine, the method, and per treatment the
+    parameters, pieces and elements summed over ranks."""
+    mine = trainer.optimizer.treatment_summary(with_keys=True) if trainer.optimizer is not None else {}
+    summaries = [mine]
+    if dist.is_initialized():
+        summaries = [None] * world
+        dist.all_gather_object(summaries, mine)
+    if rank != 0:
+        return
+    logger.info("%s x%d: %s", trainer.kind, world, describe_method(trainer, ds_config))
+    for kind in sorted({k for summary in summaries for k in summary}):
+        parts = [summary[kind] for summary in summaries if kind in summary]
+        params = len({key for part in parts for key in part["keys"]})
+        logger.info("  %s: %d params, %d pieces, %s elements over %d rank(s)", kind, params,
+                    sum(p["pieces"] for p in parts), f"{sum(p['elements'] for p in parts):,}", world)
+
+
+def open_metrics(args, rank: int, start: int) -> MetricsWriter:
+    """metrics.jsonl on rank 0, holding each step once: a resumed run drops the lines a killed
+    run wrote after its newest checkpoint (the resumed run writes those steps again)."""
+    metrics = MetricsWriter(Path(args.out) / "metrics.jsonl" if rank == 0 else None)
+    if rank == 0 and args.resume and metrics.path.is_file():
+        lines = metrics.path.read_text().splitlines()
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= start]
+        if len(kept) != len(lines):
+            logger.info("metrics.jsonl: %d line(s) after step %d (newest checkpoint) are written again",
+                        len(lines) - len(kept), start)
+            metrics.path.write_text("".join(line + "\n" for line in kept))
+    return metrics
 
 
 # --------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args, explicit_flags(parser, argv))
+    except (ValueError, FileNotFoundError) as error:     # a user's mistake: one line, from rank 0
+        if args.debug:
+            raise
+        return report_error(error)
+    except RuntimeError as error:
+        if not (dist.is_initialized() and "timed out" in str(error).lower()):
+            raise
+        print(f"launch/train.py: error: rank {dist.get_rank()}: a collective did not complete within "
+              f"{args.collective_timeout or CPU_COLLECTIVE_TIMEOUT_S:g} s (--collective-timeout): another rank "
+              f"failed or is stuck, its log says which ({str(error).splitlines()[0][-160:]})", file=sys.stderr, flush=True)
+        return 1
+
+
+def run(args, given: set[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    world = (args.world_size if args.dry_run and args.world_size else int(os.environ.get("WORLD_SIZE", 1)))
+    ds_config = check_args(args, given, world)             # every mistake that needs no model
+    if args.dry_run:
+        return dry_run(args, ds_config, world)
+    schedule = planned_schedule(args)                      # a resumed run's, checked against the flags
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.data and not Path(args.data).is_file():
-        raise FileNotFoundError(f"data file not found: {args.data}")
-    if args.deepspeed:
-        load_ds_config(args.deepspeed)                  # fail before any process group exists
-    if args.dry_run:
-        return dry_run(args)
-    previous = CheckpointDir(Path(args.out) / "checkpoints").latest()
-    if not args.resume and (previous is not None or (Path(args.out) / "metrics.jsonl").exists()):
-        raise ValueError(f"--out {args.out} already holds a run ({previous or 'metrics.jsonl'}): pass "
-                         "--resume to continue it, or choose another --out (nothing was overwritten)")
     kind = engine_kind(args)
-    rank, world = init_distributed(kind)
-    if kind == "single" and world > 1:
-        raise ValueError(f"{world} processes but neither --fsdp nor --deepspeed: the ranks would train "
-                         "separate copies that never share gradients")
+    rank, world = init_distributed(kind, args.collective_timeout)
+    quiet_logs(rank)
     args.micro_batch = args.micro_batch or max(1, args.global_batch // world)
     device = device_for(kind)
     tokenizer = load_tokenizer(args, rank)
@@ -534,26 +665,27 @@ def main(argv=None) -> int:
         model = prepare_model(args.optimizer, model, rank=args.rank, seed=args.seed,
                               lora_alpha=args.lora_alpha)
     signature = model_signature(model)
-    trainer = Trainer(args, kind, model, world, device)
+    trainer = Trainer(args, kind, model, world, device, ds_config)
+    log_startup(trainer, ds_config, rank, world)
     batches = GlobalBatches(train_source, args.global_batch, args.micro_batch, world, rank, args.seed)
     start = load_checkpoint(trainer, batches, args, rank, signature) if args.resume else 0
-    metrics = MetricsWriter(Path(args.out) / "metrics.jsonl" if rank == 0 else None)
-    if rank == 0 and start and metrics.path.is_file():   # drop lines a killed run wrote after the checkpoint
-        kept = [l for l in metrics.path.read_text().splitlines() if json.loads(l).get("step", 0) <= start]
-        metrics.path.write_text("".join(k + "\n" for k in kept))
+    metrics = open_metrics(args, rank, start)
     profiler = None
     if args.profile_memory:
         from mlorc_dist.memory import MemoryProfiler
         profiler = MemoryProfiler(kind,
                                   trainer.engine if kind == "deepspeed" else trainer.model,
                                   trainer.optimizer, device)
+    if start >= args.steps:
+        logger.info("nothing left to do: the checkpoint at step %d reaches --steps %d (a larger --steps with "
+                    "--extend-schedule trains on)", start, args.steps)
     progress = None
-    if rank == 0:
+    if rank == 0 and start < args.steps:
         from tqdm import tqdm
         progress = tqdm(total=args.steps, initial=start, desc=f"{kind} x{world}", dynamic_ncols=True)
+    saved = start
     for step in range(start + 1, args.steps + 1):
-        lr = lr_at(step, peak=trainer.peak_lr, warmup=args.warmup_steps, total=args.steps,
-                   min_ratio=args.min_lr_ratio)
+        lr = schedule.lr(step)
         trainer.set_lr(lr)
         started = time.perf_counter()
         losses = [trainer.micro_step(ids.to(device), lab.to(device)) for ids, lab in batches.next_step()]
@@ -575,15 +707,18 @@ def main(argv=None) -> int:
         if torch.cuda.is_available():
             record["max_allocated"] = torch.cuda.max_memory_allocated()
         if args.eval_every and step % args.eval_every == 0:
-            record["eval_loss"] = evaluate(trainer, eval_batches, rank, world)
+            record["eval_loss"] = evaluate(trainer, eval_batches, rank, world, device)
         metrics.write(record)
         if progress:
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.3f}")
-        if args.save_every and (step % args.save_every == 0 or step == args.steps):
-            save_checkpoint(trainer, batches, step, args, rank, signature)
+        if args.save_every and step % args.save_every == 0:
+            save_checkpoint(trainer, batches, step, args, rank, signature, schedule)
+            saved = step
     if progress:
         progress.close()
+    if saved < args.steps and not args.no_final_checkpoint:
+        save_checkpoint(trainer, batches, args.steps, args, rank, signature, schedule)
     if profiler:   # collective: every rank's samples reach rank 0, which writes the report
         profiler.gather_and_write(Path(args.out) / "memory.json", Path(args.out) / "memory.png")
         profiler.close()

@@ -74,6 +74,17 @@ def _read_config(config) -> dict:
     raise ValueError(f"config must be a path or a dict, got {type(config).__name__}")
 
 
+def _auto_keys(config: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose value is "auto" (Hugging Face's convention for "the trainer decides")."""
+    found = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            found += _auto_keys(value, f"{prefix}{key}.")
+        elif value == "auto":
+            found.append(prefix + key)
+    return found
+
+
 def optimizer_class(name: str):
     """The MLorc class for a DeepSpeed optimizer type, None for any other type."""
     key = name.replace("-", "").replace("_", "").lower()
@@ -199,6 +210,10 @@ def initialize(*args, model=None, config=None, mlorc: dict | None = None, **kwar
     if model is None or config is None:
         raise ValueError("initialize needs model= and config=")
     config = load_config(config)
+    unresolved = _auto_keys(config)
+    if unresolved:
+        raise ValueError(f"DeepSpeed config values {unresolved} are \"auto\": launch/train.py and the Hugging Face "
+                         "Trainer fill those in; called directly, initialize needs numbers there")
     adapter = dict(config.pop("adapter", {}) or {})
     if adapter.get("type") == "switchlora" and (config.get("zero_optimization") or {}).get("stage", 0) == 3:
         raise ValueError("SwitchLoRA needs whole W, A and B on every rank: ZeRO-3 shards them (use ZeRO-1/2)")

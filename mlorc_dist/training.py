@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -15,19 +14,12 @@ from typing import Any
 
 import torch
 
+from .schedule import lr_at  # noqa: F401  (re-exported: the schedule's own module)
+
 __all__ = ["lr_at", "GlobalBatches", "load_pretraining_ids", "load_sft_records", "SFTBatches",
            "CheckpointDir", "MetricsWriter", "model_signature", "exit_without_teardown"]
 
 IGNORE_INDEX = -100
-
-
-def lr_at(step: int, *, peak: float, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to `peak` over `warmup` steps, then cosine decay to min_ratio * peak at
-    `total`. `step` counts from 1."""
-    if warmup and step <= warmup:
-        return peak * step / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 # --------------------------------------------------------------------------- data

@@ -279,8 +279,9 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             if key not in seen:
                 yield group, None, tensor
 
-    def treatment_summary(self) -> dict:
-        """Parameters, pieces and elements per treatment, from this rank's layouts."""
+    def treatment_summary(self, with_keys: bool = False) -> dict:
+        """Parameters, pieces and elements per treatment, from this rank's layouts (and, with
+        `with_keys`, the sorted keys of those parameters, to count them over ranks)."""
         summary: dict[str, dict[str, int]] = {}
 
         def add(kind: str, pieces: int, elements: int, keys: set):
@@ -307,7 +308,10 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
                         add("dense (head/tail rows)", int(plan.head > 0) + int(plan.tail > 0),
                             plan.head + plan.tail, key)
         for entry in summary.values():
-            entry["params"] = len(entry.pop("_keys"))
+            keys = entry.pop("_keys")
+            entry["params"] = len(keys)
+            if with_keys:
+                entry["keys"] = sorted(map(str, keys))
         return summary
 
     def log_treatments(self, when: str = "") -> dict:

@@ -1,0 +1,365 @@
+"""What launch/train.py checks before any process group, tokenizer or model exists, and how it
+settles a DeepSpeed config against its command line.
+
+* `explicit_flags(parser, argv)`: the options the user actually typed (a default is not a
+  choice, so it never overrides a config).
+* `check_args(args, given, world)`: every mistake that needs no model, in one place, each a
+  `UsageError` naming the flag, the file or the field.
+* `resolve_deepspeed_config(config, args, given, world, path)`: Hugging Face's precedence for a
+  DeepSpeed JSON: a value may be "auto" (launch/train.py decides), or set in only one place, or
+  set in both to the same value; anything else is an error naming both values. Optimizer flags
+  (`--optimizer`, `--rank`, ...) are an error under `--deepspeed`: the JSON chooses the
+  optimizer there.
+* `report_error(...)`: a user's mistake as one line on stderr, from rank 0 only.
+
+Nothing here imports deepspeed or transformers, so a mistake is reported in well under a second.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["UsageError", "explicit_flags", "check_args", "resolve_deepspeed_config", "report_error",
+           "DATA_SUFFIXES", "checkpointable", "METHOD_FLAGS",
+           "planned_schedule"]
+
+DATA_SUFFIXES = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
+                 ".parquet": "parquet"}
+# Optimizer types launch/train.py can checkpoint (mlorc_dist's own; DeepSpeed's own optimizers
+# keep their state where our records cannot reach it).
+CHECKPOINTABLE_TYPES = {"mlorcadamw", "mlorclion", "mofasgd", "galoreadamw", "galore", "switchloraadamw"}
+# Optimizer flags of FSDP2 / single-process runs, and where a DeepSpeed JSON holds the same choice.
+METHOD_FLAGS = {
+    "optimizer": ("--optimizer", "optimizer.type"),
+    "rank": ("--rank", "mlorc.rank"),
+    "scope": ("--scope", "mlorc.scope"),
+    "fused": ("--fused", "mlorc.fused"),
+    "dense_lr": ("--dense-lr", "mlorc.dense_lr"),
+    "galore_interval": ("--galore-interval", "mlorc.update_interval"),
+    "galore_scale": ("--galore-scale", "mlorc.scale"),
+    "mofasgd_momentum": ("--mofasgd-momentum", "optimizer.params.momentum"),
+    "mofasgd_phi": ("--mofasgd-phi", "mlorc.phi"),
+    "lora_alpha": ("--lora-alpha", "adapter.lora_alpha"),
+    "compress_embeddings": ("--compress-embeddings", "mlorc.compress_embeddings"),
+}
+
+
+class UsageError(ValueError):
+    """A mistake in what the user asked for (flags, config, files): reported in one line."""
+
+
+# --------------------------------------------------------------------------- flags
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The `dest`s of the options present on the command line (whatever their value)."""
+    saved = {action.dest: action.default for action in parser._actions}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    finally:
+        for action in parser._actions:
+            action.default = saved[action.dest]
+    return set(vars(given)) - {"help"}
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UsageError(message)
+
+
+def check_args(args, given: set[str], world: int) -> dict | None:
+    """Every check that needs no model, tokenizer or process group (`world` from the launcher's
+    environment). Returns the resolved DeepSpeed config under --deepspeed (`args` updated to
+    match it), else None. Raises UsageError."""
+    from .methods import METHODS
+    _require(not (args.deepspeed and args.fsdp), "choose one of --deepspeed and --fsdp")
+    _require(args.optimizer in METHODS, f"--optimizer {args.optimizer!r} does not exist; known: {', '.join(METHODS)}")
+    _require(args.scope in ("local", "global"), f"--scope must be local or global, got {args.scope!r}")
+    _require(args.mofasgd_phi in ("spectral", "inverse"), f"--mofasgd-phi must be spectral or inverse, got {args.mofasgd_phi!r}")
+    positive = {"rank": "--rank", "steps": "--steps", "global_batch": "--global-batch", "eval_batches": "--eval-batches",
+                "galore_interval": "--galore-interval"}
+    for dest, flag in positive.items():
+        value = getattr(args, dest)
+        _require(value is not None and value >= 1, f"{flag} must be >= 1, got {value}")
+    for dest, flag in {"micro_batch": "--micro-batch", "threads": "--threads", "world_size": "--world-size",
+                       "collective_timeout": "--collective-timeout"}.items():
+        value = getattr(args, dest)
+        _require(value is None or value >= 1, f"{flag} must be >= 1, got {value}")
+    _require(args.seq_len >= 2, f"--seq-len must be >= 2 (a token and its successor), got {args.seq_len}")
+    for dest, flag in {"lr": "--lr", "dense_lr": "--dense-lr", "galore_scale": "--galore-scale"}.items():
+        value = getattr(args, dest)
+        _require(value is None or (math.isfinite(value) and value > 0), f"{flag} must be a positive number, got {value}")
+    for dest, flag in {"weight_decay": "--weight-decay", "clip_grad": "--clip-grad", "warmup_steps": "--warmup-steps",
+                       "eval_every": "--eval-every", "save_every": "--save-every"}.items():
+        value = getattr(args, dest)
+        _require(math.isfinite(value) and value >= 0, f"{flag} must be >= 0, got {value}")
+    _require(0.0 <= args.min_lr_ratio <= 1.0, f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
+    _require(0.0 <= args.mofasgd_momentum < 1.0, f"--mofasgd-momentum must be in [0, 1), got {args.mofasgd_momentum}")
+    if args.betas is not None:
+        _require(all(0.0 <= b < 1.0 for b in args.betas), f"--betas must be in [0, 1), got {args.betas}")
+    _require(not (args.extend_schedule and not args.resume), "--extend-schedule continues a checkpoint: it needs --resume")
+    _require(not (args.fused and args.scope == "global"),
+             "--fused is the local-scope step (each rank compresses its own rows): drop --fused or use --scope local")
+    _require(not (args.fused and args.optimizer not in ("mlorc-adamw", "mlorc-lion")) or args.deepspeed,
+             f"--fused is MLorc's fused step (mlorc-adamw, mlorc-lion), not {args.optimizer}'s")
+    _check_model(args)
+    _check_data(args)
+    if args.deepspeed:
+        for dest, (flag, _) in METHOD_FLAGS.items():
+            if dest in given:
+                config = _read_json(args.deepspeed)
+                raise UsageError(f"{flag} {_shown(getattr(args, dest))} is given with --deepspeed {args.deepspeed}, "
+                                 f"whose {METHOD_FLAGS[dest][1]} is {_shown(_lookup(config, METHOD_FLAGS[dest][1]))}: "
+                                 "under --deepspeed the JSON chooses the optimizer; set it there and drop the flag")
+        config = resolve_deepspeed_config(_read_json(args.deepspeed), args, given, world, args.deepspeed)
+        adapter = (config.get("adapter") or {}).get("type")
+        method = adapter or "deepspeed"
+    else:
+        method = args.optimizer
+        config = None
+        _require(not (args.fsdp and args.optimizer == "switchlora"),
+                 "SwitchLoRA needs whole W, A and B on every rank, which FSDP2 shards: run it in one "
+                 "process or with --deepspeed ds_configs/switchlora.json (ZeRO-1/2)")
+        _require(world == 1 or args.fsdp, f"{world} processes but neither --fsdp nor --deepspeed: the ranks "
+                 "would train separate copies that never share gradients")
+        micro = args.micro_batch or max(1, args.global_batch // world)
+        _require(args.global_batch % (micro * world) == 0,
+                 f"--global-batch {args.global_batch} is not a multiple of micro batch {micro} x world size {world}")
+    _require(not (args.export and method in ("lora", "switchlora")),
+             "--export writes a plain HF model, and merging adapters into it is not supported: drop --export "
+             "for lora / switchlora")
+    if not args.dry_run:
+        _check_out(args)
+    return config
+
+
+def _check_model(args) -> None:
+    if args.init_from:
+        _require(Path(args.init_from, "config.json").is_file(),
+                 f"--init-from {args.init_from}: no config.json there (a local Hugging Face model directory)")
+        return
+    if args.model.endswith(".json"):
+        _require(Path(args.model).is_file(), f"--model {args.model}: file not found")
+        try:
+            json.loads(Path(args.model).read_text())
+        except json.JSONDecodeError as error:
+            raise UsageError(f"--model {args.model}: not valid JSON ({error})") from None
+        return
+    from .models import LLAMA_SHAPES
+    _require(args.model in LLAMA_SHAPES, f"--model {args.model!r} is neither a shape ({', '.join(LLAMA_SHAPES)}) "
+             "nor a config .json file")
+
+
+def _check_data(args) -> None:
+    if args.task == "sft":
+        _require(bool(args.data), "--task sft needs --data with prompt/response records (.jsonl, .json or .parquet)")
+    if not args.data:
+        return
+    path = Path(args.data)
+    _require(path.exists(), f"--data {args.data}: data file not found")
+    if path.is_dir():
+        return          # a prepared corpus: its index is checked when it is opened
+    _require(path.suffix in DATA_SUFFIXES, f"--data {args.data}: unsupported file type {path.suffix!r} "
+             f"(use {', '.join(DATA_SUFFIXES)})")
+    _require(path.stat().st_size > 0, f"--data {args.data}: the file is empty")
+    if args.task == "sft":
+        _require(DATA_SUFFIXES[path.suffix] != "text", f"--data {args.data}: --task sft reads records "
+                 "(.jsonl, .json or .parquet) with prompt and response fields")
+        fields = [args.prompt_field, args.response_field]
+    else:
+        fields = [args.text_field]
+    if DATA_SUFFIXES[path.suffix] == "text":
+        return
+    present = _first_record_fields(path)
+    if present is not None:
+        missing = [f for f in fields if f not in present]
+        _require(not missing, f"--data {args.data}: records lack field(s) {missing} (they have {sorted(present)}); "
+                 "choose them with --text-field / --prompt-field / --response-field")
+
+
+def _first_record_fields(path: Path) -> set[str] | None:
+    """The field names of the first record, read cheaply (None where that is not possible:
+    a .json array, which `datasets` checks when it reads the file)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        try:
+            return set(pq.read_schema(path).names)
+        except Exception as error:   # pyarrow's errors have no common base
+            raise UsageError(f"--data {path}: not a readable parquet file ({error})") from None
+    with path.open() as handle:
+        for line in handle:
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    return None
+                return set(record) if isinstance(record, dict) else None
+    raise UsageError(f"--data {path}: no records")
+
+
+def _check_out(args) -> None:
+    from .training import CheckpointDir
+    out = Path(args.out)
+    previous = CheckpointDir(out / "checkpoints").latest()
+    if not args.resume and (previous is not None or (out / "metrics.jsonl").exists()):
+        raise UsageError(f"--out {args.out} already holds a run ({previous or 'metrics.jsonl'}): pass --resume to "
+                         "continue it, or choose another --out (nothing was overwritten)")
+
+
+# --------------------------------------------------------------------------- DeepSpeed
+def _read_json(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--deepspeed {path}: file not found") from None
+    except json.JSONDecodeError as error:
+        raise UsageError(f"--deepspeed {path}: not valid JSON ({error})") from None
+
+
+def _lookup(config: dict, dotted: str):
+    node = config
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _store(config: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = config
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "unset"
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def checkpointable(config: dict) -> bool:
+    """Whether launch/train.py can write this DeepSpeed config's optimizer into a checkpoint."""
+    kind = str((config.get("optimizer") or {}).get("type", "")).replace("-", "").replace("_", "").lower()
+    return kind in CHECKPOINTABLE_TYPES
+
+
+# (args dest, flag, JSON path); "auto" or an absent key in the JSON takes the command line's value
+_SHARED = (("micro_batch", "--micro-batch", "train_micro_batch_size_per_gpu"),
+           ("global_batch", "--global-batch", "train_batch_size"),
+           ("clip_grad", "--clip-grad", "gradient_clipping"),
+           ("lr", "--lr", "optimizer.params.lr"),
+           ("weight_decay", "--weight-decay", "optimizer.params.weight_decay"),
+           ("betas", "--betas", "optimizer.params.betas"),
+           ("bf16", "--bf16", "bf16.enabled"))
+
+
+def resolve_deepspeed_config(config: dict, args, given: set[str], world: int, path: str) -> dict:
+    """The config with every "auto" (or absent) shared value taken from the command line, and
+    `args` updated with the values the JSON sets. Raises UsageError on a disagreement, naming
+    both values, and on an optimizer that does not exist or cannot be checkpointed when asked to."""
+    from .deepspeed import check_mlorc_block, optimizer_class
+    try:
+        check_mlorc_block(config.get("mlorc") or {})
+    except ValueError as error:
+        raise UsageError(f"--deepspeed {path}: {error}") from None
+    opt_type = (config.get("optimizer") or {}).get("type")
+    _require(opt_type is not None, f"--deepspeed {path}: no optimizer block")
+    try:
+        known = optimizer_class(opt_type) is not None
+    except ValueError as error:
+        raise UsageError(f"--deepspeed {path}: {error}") from None
+    _require(known or opt_type.lower() in ("adamw", "adam"), f"--deepspeed {path}: optimizer type {opt_type!r} "
+             "does not exist here; use MLorcAdamW, MLorcLion, MoFaSGD, GaLoreAdamW, SwitchLoRAAdamW or AdamW")
+    if (config.get("adapter") or {}).get("type") == "switchlora":
+        _require((config.get("zero_optimization") or {}).get("stage", 0) in (0, 1, 2),
+                 f"--deepspeed {path}: SwitchLoRA needs whole W, A and B on every rank; ZeRO-3 shards them (use stage 1 or 2)")
+    for dest, flag, key in _SHARED:
+        mine, theirs = getattr(args, dest), _lookup(config, key)
+        if theirs is None or theirs == "auto":
+            if dest == "micro_batch" and mine is None:
+                continue                     # derived below from the global batch
+            if dest == "betas" and mine is None:
+                if theirs == "auto":
+                    del config["optimizer"]["params"]["betas"]   # the optimizer's own default
+                continue
+            if dest == "bf16" and theirs is None and not mine:
+                continue
+            _store(config, key, list(mine) if dest == "betas" else mine)
+            continue
+        if dest == "betas":
+            theirs = [float(b) for b in theirs]
+            mine = None if mine is None else [float(b) for b in mine]
+        if dest in given and mine != theirs:
+            raise UsageError(f"{flag} {_shown(mine)} disagrees with {path}'s \"{key}\": {_shown(theirs)}; set it in one "
+                             "place (or write \"auto\" in the JSON to take the command line's)")
+        setattr(args, dest, tuple(theirs) if dest == "betas" else theirs)
+    if args.micro_batch is None:
+        args.micro_batch = max(1, args.global_batch // world)
+        config["train_micro_batch_size_per_gpu"] = args.micro_batch
+    _require(args.global_batch % (args.micro_batch * world) == 0,
+             f"global batch {args.global_batch} is not a multiple of micro batch {args.micro_batch} x world size {world}")
+    accumulation = args.global_batch // (args.micro_batch * world)
+    theirs = config.get("gradient_accumulation_steps")
+    if theirs not in (None, "auto") and theirs != accumulation:
+        raise UsageError(f"{path}'s \"gradient_accumulation_steps\": {theirs} disagrees with global batch "
+                         f"{args.global_batch} / (micro batch {args.micro_batch} x world size {world}) = {accumulation}; "
+                         "write \"auto\" there")
+    config["gradient_accumulation_steps"] = accumulation
+    if isinstance(config.get("bf16"), dict) and config["bf16"].get("enabled") is False:
+        del config["bf16"]
+    wants_checkpoints = args.save_every or not args.no_final_checkpoint
+    _require(checkpointable(config) or not wants_checkpoints,
+             f"--deepspeed {path}: launch/train.py checkpoints mlorc_dist's optimizers only, and this config runs "
+             f"DeepSpeed's own {opt_type}: use ds_configs/adamw.json (AdamW through mlorc_dist's pieces), or pass "
+             "--no-final-checkpoint without --save-every")
+    return config
+
+
+# --------------------------------------------------------------------------- reporting
+def report_error(error: BaseException, prog: str = "launch/train.py") -> int:
+    """One line on stderr from rank 0 (every rank meets the same mistake); returns exit code 2."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"{prog}: error: {message} (--debug shows the traceback)", file=sys.stderr, flush=True)
+    return 2
+
+
+# --------------------------------------------------------------------------- resume
+def planned_schedule(args):
+    """The run's lr schedule. A fresh run's comes from the flags; a resumed run keeps the one its
+    newest checkpoint recorded, and flags that would change it are an error, except a new
+    --steps with --extend-schedule (the lr then continues from its value at the checkpoint)."""
+    from .schedule import Schedule
+    from .training import CheckpointDir
+    mine = Schedule(args.lr, args.warmup_steps, args.steps, args.min_lr_ratio)
+    latest = CheckpointDir(Path(args.out) / "checkpoints").latest() if args.resume else None
+    if latest is None:
+        return mine
+    try:
+        meta = json.loads((latest / "meta.json").read_text())
+        step = int(meta["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise UsageError(f"{latest / 'meta.json'}: not a checkpoint's meta data ({error})") from None
+    if meta.get("global_batch") not in (None, args.global_batch):
+        raise UsageError(f"--global-batch {args.global_batch} differs from {latest}'s {meta['global_batch']}: a "
+                         "resumed run draws the same global batches")
+    if "schedule" not in meta:
+        return mine          # a checkpoint that records no schedule: the flags' is taken as it
+    saved = Schedule.from_state(meta["schedule"])
+    changed = [d for d in saved.differences(mine) if not d.startswith("total")]
+    if changed:
+        raise UsageError(f"--resume: {latest} was written with another lr schedule ({'; '.join(changed)}, checkpoint vs "
+                         "flags): resume with the run's --lr / --warmup-steps / --min-lr-ratio")
+    if args.steps == saved.final_total or args.steps <= step:
+        return saved
+    if not args.extend_schedule:
+        raise UsageError(f"--steps {args.steps} changes the lr schedule of {latest}, which ends at step "
+                         f"{saved.final_total}: resume with --steps {saved.final_total}, or pass --extend-schedule to "
+                         f"continue the lr from its value at step {step} down to its floor at step {args.steps}")
+    return saved.extend(step, args.steps)
