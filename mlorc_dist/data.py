@@ -336,3 +336,9 @@ class PackedBatches:
         self.generator.set_state(state["generator_state"])
         self.batches_drawn = state["batches_drawn"]
         self.seed = state["seed"]
+
+
+if __name__ == "__main__":   # python -m mlorc_dist.data prepare ...: see mlorc_dist.corpus
+    from mlorc_dist.corpus import main
+
+    sys.exit(main())
