@@ -88,7 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--vocab-size", type=int, default=None,
                        help="tokenizer trained locally with this many tokens (None: 2048); the model's "
                             "vocabulary too (None: 32000 for the llama-* shapes, else 2048)")
-    model.add_argument("--data", help="text / JSON lines / parquet file (None: the demo corpus)")
+    model.add_argument("--data", help="text / JSON lines / parquet file, tokenised once into token shards in the "
+                       "cache; or a directory of shards made by python -m mlorc_dist.data prepare (None: the demo corpus)")
+    model.add_argument("--tokenizer", metavar="DIR", help="an HF tokenizer directory (None: --init-from's, the one "
+                       "saved with a prepared --data directory, or a byte-level BPE trained locally)")
+    model.add_argument("--data-workers", type=int, default=None, help="processes tokenising a --data file the first "
+                       "time it is used (None: all cores)")
     model.add_argument("--task", default="pretrain", choices=("pretrain", "sft"), help="pretrain: packed windows; "
                        "sft: prompt/response records, the prompt masked from the loss")
     model.add_argument("--text-field", default="text", help="the text field of .jsonl / .json / .parquet records")
@@ -157,10 +162,14 @@ def build_model(args, config):
 
 
 def load_tokenizer(args, rank: int):
+    """--tokenizer, else --init-from's, else the one saved with a prepared --data directory,
+    else a byte-level BPE trained locally (on a --data text file, or the demo corpus), cached."""
+    from mlorc_dist.corpus import TokenShards, load_hf_tokenizer
     from mlorc_dist.data import cache_root, default_corpus_path, train_tokenizer
-    if args.init_from:
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(args.init_from, local_files_only=True)
+    if args.tokenizer or args.init_from:
+        return load_hf_tokenizer(args.tokenizer or args.init_from)
+    if args.data and Path(args.data).is_dir():
+        return TokenShards(args.data).load_tokenizer()
     text = Path(args.data) if args.data and Path(args.data).suffix in (".txt", ".text", ".md") else default_corpus_path()
     if rank == 0:   # rank 0 trains (or finds cached) first; the others then read the cache
         tokenizer = train_tokenizer([str(text)], args.vocab_size or TOKENIZER_VOCAB, cache_root() / "tokenizers")
@@ -172,18 +181,26 @@ def load_tokenizer(args, rank: int):
 
 
 def batch_sources(args, tokenizer):
-    """(train source, eval batches) for the task."""
-    from mlorc_dist.data import contiguous_windows, default_corpus_path, split_train_eval
-    if args.task == "pretrain":
-        ids = load_pretraining_ids(args.data or default_corpus_path(), tokenizer, args.text_field)
-        train_ids, eval_ids = split_train_eval(ids)
-        windows = contiguous_windows(eval_ids, args.seq_len)[: args.eval_batches * args.global_batch]
-        return packed_source(train_ids, args.seq_len), (windows, windows)
-    if not args.data:
+    """(train source, eval batches) for the task, read from memory-mapped token shards: --data a
+    prepared directory, or a file (None: the demo corpus) prepared once into the cache by rank 0
+    while the other ranks wait (a preparation longer than --collective-timeout: run
+    python -m mlorc_dist.data prepare first)."""
+    from mlorc_dist import corpus
+    from mlorc_dist.data import cache_root, default_corpus_path
+    if args.task == "sft" and not args.data:
         raise ValueError("--task sft needs --data with prompt/response records")
-    inputs, labels = load_sft_records(args.data, tokenizer, args.prompt_field, args.response_field, args.seq_len)
-    held = max(1, inputs.shape[0] // 20)
-    return sft_source(inputs[held:], labels[held:]), (inputs[:held], labels[:held])
+    fields = corpus.Fields(args.task, args.text_field, args.prompt_field, args.response_field)
+    distributed = dist.is_initialized()
+    shards = corpus.open_training_data(args.data or default_corpus_path(), tokenizer, fields=fields,
+                                       cache=cache_root(), workers=args.data_workers,
+                                       rank=dist.get_rank() if distributed else 0,
+                                       barrier=dist.barrier if distributed else None)
+    held_out = args.eval_batches * args.global_batch
+    if args.task == "pretrain":
+        windows = corpus.eval_windows(shards, args.seq_len, held_out)
+        return corpus.packed_source(shards, args.seq_len), (windows, windows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return corpus.sft_sources(shards, args.seq_len, pad, held_out)
 
 
 def init_distributed(kind: str, timeout_s: float | None) -> tuple[int, int]:
