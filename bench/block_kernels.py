@@ -7,7 +7,7 @@ and a plain pass `w.add_(g)` for scale. Same tensors, one process, the best of -
     python bench/block_kernels.py --cases 4x256:4 1x4096:4 --rounds 5
 
 A case is BxS:R (B bodies of S x S, rank R) or BxS:R:bf16 (bf16 weights). Prints a table and
-writes JSON (docs/BENCHMARKS.md, "The block kernels").
+writes JSON (docs/BENCHMARKS.md, "Where the time goes": the block kernels).
 """
 from __future__ import annotations
 

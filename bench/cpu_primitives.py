@@ -6,8 +6,8 @@ against lowrank's torch one. Best of 3 rounds of back-to-back calls, one thread 
 
     python bench/cpu_primitives.py --out docs/bench/cpu_primitives_cpu1.json
 
-Prints a table and writes JSON (docs/BENCHMARKS.md, "The fused step on the CPU, third version"
-and "fourth version").
+Prints a table and writes JSON (docs/BENCHMARKS.md, "optimizer.step() on the CPU", "Where the
+time goes").
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ world size 2: DeepSpeed ZeRO-2, ZeRO-3 and FSDP2, on the CPU (gloo) or GPUs.
 
     python bench/end_to_end.py                                   # configs/50m.json, 12 steps each
     python bench/end_to_end.py --model tiny --steps 6 --out /tmp/e2e.json
-    python bench/end_to_end.py --engines zero2 --rounds 3        # the issue-7 target, alternating
+    python bench/end_to_end.py --engines zero2 --rounds 3        # ZeRO-2 only, 3 alternating rounds
 
 Each pair runs the same model, data, batch and engine; the table gives the median step time
 over the steps after --skip warm-up steps, tokens/s, and the MLorc / AdamW ratio. The AdamW
