@@ -20,6 +20,7 @@ newest complete one, also at another world size), export/ (a plain HF model dire
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -530,8 +531,8 @@ def export_hf(trainer, tokenizer, args, rank) -> None:
     state = trainer.full_state_dict()
     if rank == 0:
         target = Path(args.out) / "export"
-        model = trainer.model
-        config = model.config
+        config = copy.deepcopy(trainer.model.config)
+        config.use_cache = True         # for generation; activation checkpointing only trains without it
         from transformers import AutoModelForCausalLM
         with torch.device("meta"):
             plain = AutoModelForCausalLM.from_config(config)
