@@ -7,8 +7,9 @@ world size 2: DeepSpeed ZeRO-2, ZeRO-3 and FSDP2, on the CPU (gloo) or GPUs.
 
 Each pair runs the same model, data, batch and engine; the table gives the median step time
 over the steps after --skip warm-up steps, tokens/s, and the MLorc / AdamW ratio. The AdamW
-baselines: DeepSpeed's own optimizer for ZeRO (ds_configs/adamw.json, stage set per row) and
-torch.optim-style dense AdamW through the same pieces for FSDP2 (`--optimizer adamw`).
+baselines: DeepSpeed's own torch AdamW for ZeRO (ds_configs/adamw.json's settings with its
+optimizer block replaced, stage set per row) and dense AdamW through the same pieces for FSDP2
+(`--optimizer adamw`). No run writes a checkpoint (--no-final-checkpoint).
 """
 from __future__ import annotations
 
