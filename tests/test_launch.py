@@ -195,7 +195,8 @@ def test_bad_input_gives_clear_errors_and_overwrites_nothing(tmp_path):
     ok([sys.executable, TRAIN, *TINY, "--steps", "2", "--save-every", "2", "--out", str(out)])
     before = tree_digest(out / "checkpoints")
     other = run([sys.executable, TRAIN, "--model", "demo", "--seq-len", "32", "--global-batch", "4",
-                 "--threads", "1", "--steps", "4", "--save-every", "2", "--resume", "--out", str(out)])
+                 "--threads", "1", "--warmup-steps", "2", "--steps", "2", "--save-every", "2", "--resume",
+                 "--out", str(out)])
     assert other.returncode != 0 and "checkpoint of another model" in other.stderr
     assert tree_digest(out / "checkpoints") == before
     fresh = run([sys.executable, TRAIN, *TINY, "--steps", "2", "--save-every", "2", "--out", str(out)])
@@ -264,8 +265,11 @@ def test_mofasgd_deepspeed_resumes_bitwise_and_fsdp2_refuses_another_world_size(
                                           ("galore", ["--rank", "8", "--galore-interval", "2"])])
 def test_fsdp2_trains_the_peer_methods(tmp_path, method, extra):
     out = tmp_path / method
-    ok(torchrun(2, 29818, *TINY, "--fsdp", "--optimizer", method, *extra, "--steps", "8",
-                "--out", str(out)))
+    result = ok(torchrun(2, 29818, *TINY, "--fsdp", "--optimizer", method, *extra, "--steps", "8",
+                         "--out", str(out)))
+    log = result.stdout + result.stderr       # one summary naming the method in use
+    assert log.count({"lora": "fsdp2 x2: LoRA (peft) rank 4", "galore": "fsdp2 x2: GaLore-AdamW rank 8"}[method]) == 1
+    assert "MLorc-AdamW" not in log
     losses = [m["loss"] for m in metrics(out)]
     assert len(losses) == 8 and all(l == l for l in losses)
     assert sum(losses[-3:]) / 3 < losses[0]
@@ -276,7 +280,8 @@ def test_deepspeed_lora_config_trains_only_the_adapters(tmp_path):
     result = ok([DEEPSPEED, "--num_accelerators", "2", "--master_port", "29819", TRAIN, "--deepspeed",
                  str(ROOT / "ds_configs" / "lora.json"), *TINY, "--steps", "4", "--out", str(out)])
     log = result.stdout + result.stderr
-    assert "LoRA (peft) rank 8" in log and "dense (group lowrank=False): 14 params" in log
+    # 14 adapted layers, A and B each: 28 adapter tensors, summed over both ranks' partitions
+    assert log.count("deepspeed x2: LoRA (peft) rank 8") == 1 and "dense (group lowrank=False): 28 params" in log
     assert len(metrics(out)) == 4
 
 
