@@ -5,7 +5,9 @@ CPU/gloo, the "tiny" Llama, 2 steps per run) writes a MemoryProfiler report per 
 run here on the meta device, must reproduce every rank's weights / grads / master / optimizer
 state bytes exactly, the activations within 25% (they are measured with saved-tensor hooks: the
 bytes of every distinct storage autograd saves for backward, parameters excluded, plus the
-logits the output holds), and the 2-rank totals. The rest runs in this process: activation
+logits the output holds), and the 2-rank totals. A second launch does the same for the adapter
+methods (LoRA at ZeRO-1/2/3 and FSDP2, SwitchLoRA at ZeRO-1/2, fp32 and bf16: frozen base weights,
+adapter state, activations exact). The rest runs in this process: both adapters single-process, activation
 checkpointing, the planner's MLorc state vs a real optimizer, the published anchors (APOLLO's
 LLaMA-7B breakdown, GaLore's Table 1 formula), the CLI, and the profiler without GPU/NVML.
 
@@ -25,7 +27,8 @@ import torch
 import mlorc_dist
 from mlorc_dist.memory import MemoryProfiler, PlanSettings, plan
 from mlorc_dist.memory.activations import ActivationTracker, activation_bytes
-from mlorc_dist.memory.planner import EXACT_CATEGORIES, build_meta_model, load_config, plan_model
+from mlorc_dist.memory.planner import (EXACT_CATEGORIES, build_meta_model, format_plan, load_config, peak_line,
+                                       plan_for_run, plan_model)
 from mlorc_dist.memory.report import reference_sample
 from mlorc_dist.models import build_model, llama_config
 
@@ -153,6 +156,49 @@ def test_report_has_both_ranks_and_totals_match_the_plan(reports, spec):
     assert (reports / f"{spec.replace(':', '_')}.png").read_bytes()[:4] == b"\x89PNG"
 
 
+# Adapters: LoRA on every engine, SwitchLoRA at ZeRO-1/2 (it refuses ZeRO-3 and FSDP2). A vocabulary
+# of 1601 makes the frozen embedding and lm_head (1601 x 64 = 102,464 elements) larger than ZeRO-3's
+# persistence threshold (partitioned, not kept whole, while the frozen layer weights stay whole)
+# and shards them unevenly under FSDP2 (801 / 800 rows).
+ADAPTER_VOCAB = 1601
+ADAPTER_RUNS = ["zero3:lora", "zero2:lora", "zero1:lora", "fsdp2:lora", "zero2:switchlora", "zero1:switchlora",
+                "zero3:lora:bf16", "zero2:lora:bf16", "fsdp2:lora:bf16", "zero2:switchlora:bf16"]
+
+
+@pytest.fixture(scope="module")
+def adapter_reports(tmp_path_factory):
+    out = tmp_path_factory.mktemp("memory_adapters")
+    launch(out, ADAPTER_RUNS, 29734, "--model", "tiny", "--vocab", str(ADAPTER_VOCAB), "--micro-batch",
+           str(MICRO), "--seq", str(SEQ), "--rank", str(RANK), "--steps", "2")
+    return out
+
+
+@pytest.mark.parametrize("spec", ADAPTER_RUNS)
+def test_planner_equals_measured_with_adapters(adapter_reports, spec):
+    """Frozen base weights (whole under ZeRO-1/2, partitioned under ZeRO-3 and FSDP2), adapter
+    grads / master / state, engine buffers, grad staging and activations, all exact."""
+    planned = plan("tiny", settings_for(spec), vocab_size=ADAPTER_VOCAB)
+    report = load_report(adapter_reports, spec)
+    check_exact(report, planned)
+    for r, rank_report in enumerate(report["ranks"]):
+        assert rank_report["peaks"]["activations"] == planned.activations["saved"]
+        assert reference_sample(rank_report)["tensors"]["engine_buffers"] == planned.ranks[r]["engine_buffers"]
+        if spec.startswith(("zero1", "zero2")):
+            after_backward = [s for s in rank_report["samples"] if s["name"] == "after_backward"][-1]
+            assert after_backward["tensors"]["grad_staging"] == planned.ranks[r]["staging"]
+    named = list(build_meta_model(llama_config("tiny", ADAPTER_VOCAB)).named_parameters())
+    base = sum(p.numel() for _, p in named)
+    model_bytes = 2 if ":bf16" in spec and not spec.startswith("fsdp2") else 4   # FSDP2 shards stay fp32
+    frozen = planned.ranks[0]["frozen_weights"]
+    if spec.startswith(("zero1", "zero2")):       # whole on every rank
+        projections = sum(p.numel() for name, p in named if name.endswith("_proj.weight"))
+        assert frozen == (base if spec.split(":")[1] == "lora" else projections) * model_bytes
+    else:                                         # partitioned: about half (ZeRO-3 also keeps small ones whole)
+        assert 0.5 * base * model_bytes <= frozen <= 0.75 * base * model_bytes
+    if spec.split(":")[1] == "lora":              # gradients of the adapters only
+        assert planned.ranks[0]["grads"] < 0.1 * frozen
+
+
 @pytest.mark.skipif(os.environ.get("MLORC_MEMORY_100M") != "1", reason="set MLORC_MEMORY_100M=1 (~1 min)")
 def test_100m_model_world_size_2(tmp_path):
     runs = ["zero2:mlorc-adamw", "zero3:mlorc-adamw", "fsdp2:mlorc-adamw"]
@@ -199,6 +245,99 @@ def test_planned_mlorc_state_equals_a_real_optimizer(scope):
     row = planned.ranks[0]
     assert row["state_factors"] + row["state_dense"] + row["state_scalars"] == optimizer.state_bytes()
     assert row["weights"] == sum(p.numel() * 4 for p in model.parameters())
+
+
+@pytest.mark.parametrize("method,checkpointing", [("lora", False), ("lora", True), ("switchlora", False),
+                                                  ("switchlora", True)])
+def test_adapters_single_process(method, checkpointing):
+    """One process, the adapters as launch/train.py builds them (methods.prepare_model and
+    build_optimizer): every exact category and the activations against the profiler's tensors."""
+    from mlorc_dist.methods import build_optimizer, prepare_model
+    from mlorc_dist.switchlora import switchlora_summary
+    config = llama_config("tiny", VOCAB)
+    model = build_model(config, seed=0)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    model = prepare_model(method, model, rank=RANK)
+    model.train()
+    optimizer = build_optimizer(method, model, lr=1e-3, rank=RANK)
+    prof = MemoryProfiler("single", model, optimizer, "cpu")
+    ids = torch.randint(0, VOCAB, (MICRO, SEQ), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        with prof.track_activations() as acts:
+            out = model(input_ids=ids, labels=ids)
+            acts.hold(out.logits)
+        prof.sample("after_forward")
+        out.loss.backward()
+        del out
+        prof.sample("after_backward")
+        optimizer.step()
+        optimizer.zero_grad()
+        prof.sample("after_step")
+    prof.close()
+    report = prof.to_dict()
+    planned = plan_model(build_meta_model(config), config,
+                         PlanSettings(engine="single", optimizer=method, rank=RANK, micro_batch=MICRO, seq=SEQ,
+                                      activation_checkpointing=checkpointing), "tiny")
+    measured = reference_sample(report)["tensors"]
+    for category in EXACT_CATEGORIES:
+        assert measured[category] == planned.ranks[0][category], category
+    assert report["peaks"]["activations"] == planned.activations["saved"]
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert planned.ranks[0]["frozen_weights"] == 4 * frozen
+    if method == "switchlora":        # pools and slot indices: host memory, not in the GPU peak
+        summary = switchlora_summary(model)
+        host = planned.host["SwitchLoRA candidate pools + slot indices"]
+        assert host == 4 * summary["pool_numbers"] + 3 * 8 * RANK * summary["layers"]
+        assert "host memory per process" in peak_line(planned)
+    else:
+        assert planned.host == {}
+
+
+def test_adapter_plans_at_scale_and_refusals():
+    """LLaMA-2 7B with peft LoRA r=8 on the seven projections: 19,988,480 adapter parameters;
+    the frozen base is whole per rank at ZeRO-2, an eighth at ZeRO-3 / FSDP2. SwitchLoRA
+    refuses the sharding engines as a run does. plan_model leaves the caller's model alone."""
+    config = load_config("llama-7b")
+    meta = build_meta_model(config)
+    n = 6_738_415_616
+    plans = {engine: plan_model(meta, config, PlanSettings(engine=engine, world_size=8, optimizer="lora", rank=8,
+                                                          bf16=True), "llama-7b")
+             for engine in ("zero2", "zero3", "fsdp2")}
+    assert all(p.n_params == n + 19_988_480 for p in plans.values())
+    assert sum(p.numel() for p in meta.parameters()) == n and all(p.requires_grad for p in meta.parameters())
+    assert plans["zero2"].ranks[0]["frozen_weights"] == 2 * n
+    assert abs(plans["zero3"].ranks[0]["frozen_weights"] - 2 * n / 8) < 1e-3 * n
+    assert abs(plans["fsdp2"].ranks[0]["frozen_weights"] - 4 * n / 8) < 1e-3 * n
+    for p in plans.values():        # 2 fp32 moments per adapter element, an eighth each
+        assert abs(p.ranks[0]["state_dense"] - 8 * 19_988_480 / 8) < 8 * 64 * 8
+        assert p.ranks[0]["state_factors"] == 0
+    for engine in ("zero3", "fsdp2"):
+        with pytest.raises(ValueError, match="SwitchLoRA needs whole W, A and B"):
+            plan("tiny", PlanSettings(engine=engine, world_size=2, optimizer="switchlora"), vocab_size=VOCAB)
+
+
+def test_plan_for_run_and_peak_line():
+    config = llama_config("tiny", VOCAB)
+    for spec in ("zero2:lora", "zero2:switchlora", "fsdp2:mlorc-adamw", "zero3:adamw"):
+        engine, optimizer = spec.split(":")
+        p = plan_for_run(config, engine=engine, world_size=2, optimizer=optimizer, rank=RANK, micro_batch=MICRO,
+                         seq=SEQ, bf16=False, activation_checkpointing=False, scope="local", fused=False,
+                         compress_embeddings=False)
+        same = plan("tiny", settings_for(spec), vocab_size=VOCAB)
+        assert p.ranks == same.ranks and p.peak == same.peak and p.host == same.host
+        line = peak_line(p)
+        assert line.startswith(f"per-GPU peak {p.peak['peak'] / 1e9:.2f} GB (worst rank; fits: "
+                               "24/40/80/141 GB: yes/yes/yes/yes)")
+        assert line in format_plan(p)
+    big = plan_for_run(load_config("llama-7b"), engine="single", world_size=1, optimizer="adamw", rank=4,
+                       micro_batch=1, seq=4096, bf16=True, activation_checkpointing=False, scope="local",
+                       fused=False, compress_embeddings=False)
+    assert "fits: 24/40/80/141 GB: no/no/" in peak_line(big)
+    with pytest.raises(ValueError, match="SwitchLoRA needs whole W, A and B"):
+        plan_for_run(config, engine="fsdp2", world_size=2, optimizer="switchlora", rank=RANK, micro_batch=1,
+                     seq=8, bf16=False, activation_checkpointing=False, scope="local", fused=False,
+                     compress_embeddings=False)
 
 
 def test_apollo_anchor_llama7b_adamw():
@@ -258,6 +397,15 @@ def test_cli_with_hf_config_json(tmp_path, capsys):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "llama-70b" in out.stdout and "fits on:" in out.stdout
+    # the adapter methods; --lora-rank is --rank
+    lora = main(["--model", str(path), "--engine", "zero2", "--world-size", "2", "--optimizer", "lora",
+                 "--lora-rank", "4", "--micro-batch", "2", "--seq", "32"])
+    text = capsys.readouterr().out
+    assert lora.ranks == plan("tiny", settings_for("zero2:lora"), vocab_size=VOCAB).ranks
+    assert "weights (frozen base" in text and "per-GPU peak" in text
+    switch = main(["--model", str(path), "--engine", "single", "--optimizer", "switchlora", "--rank", "4",
+                   "--micro-batch", "2", "--seq", "32"])
+    assert switch.host and "SwitchLoRA candidate pools" in capsys.readouterr().out
 
 
 def test_profiler_without_gpu_or_nvml(tmp_path, monkeypatch):
@@ -318,6 +466,20 @@ def test_mofasgd_step_workspace_is_within_the_planned_bound(dtype):
     measured = measure_step_workspace(lambda ps: mlorc_dist.MoFaSGD(ps, lr=1e-2, rank=4), 512, 256, dtype)
     bound = MOFASGD_STEP_WORKSPACE[2 if dtype == torch.bfloat16 else 4]["unbatched"]
     assert measured <= bound, f"measured {measured:.4f}x, planned {bound}x"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("count", [1, 4])
+def test_switchlora_step_workspace_is_within_the_planned_bound(dtype, count):
+    """SwitchLoRAAdamW's per-element AdamW works one piece at a time: its workspace is a
+    multiple of the largest piece, whatever the number of tensors."""
+    from mlorc_dist.memory.planner import SWITCHLORA_STEP_WORKSPACE
+    from mlorc_dist.memory.workspace import measure_step_workspace
+    from mlorc_dist.switchlora import SwitchLoRAAdamW
+    measured = measure_step_workspace(lambda ps: SwitchLoRAAdamW([{"params": ps, "lowrank": False}], lr=1e-3),
+                                      512, 256, dtype, count=count)
+    bound = SWITCHLORA_STEP_WORKSPACE[2 if dtype == torch.bfloat16 else 4]["dense"]
+    assert 0.9 * bound < measured <= bound + 0.01, f"measured {measured:.4f}x, planned {bound}x"
 
 
 def _meta_blocks(shapes) -> torch.nn.Module:

@@ -24,6 +24,17 @@ the final RMSNorm (4h + 4 + 2ph per token), the fp32 log-softmax of the loss (4 
 the shifted labels (8 b s; 8 (s + 1) when b = 1, a view of the padded labels), the logits held
 by the output (p V per token).
 
+Adapters (`adapter=`, rank r, T adapted linears per layer: 7 for the q/k/v/o/gate/up/down
+targets). Each adapted linear adds its r-wide A x (p r per token, saved by B); its input is
+saved by A as the base linear would save it. SwitchLoRA changes nothing else (embeddings,
+lm_head and norms stay trainable). LoRA freezes everything else, so autograd keeps less: no
+token ids (the embedding needs no gradient), no `weight *` input in any RMSNorm (its weight is
+frozen: 4h + 4 + p h a norm), nothing of the first layer's first RMSNorm but its output (its
+input, the embedding output, needs no gradient: p h), and of the final RMSNorm only 4h + 4 (the
+frozen lm_head does not keep its input), unless ZeRO-3's linear (`linear_saves_input`: DeepSpeed
+replaces torch.nn.functional.linear by one that always saves its input) keeps it (+ p h). With
+checkpointing, LoRA keeps no token ids, the inputs of layers 2..L only, and the same final norm.
+
 Assumptions, said once: sdpa runs a flash-style kernel (the CPU kernel and the CUDA flash /
 memory-efficient kernels save q, k, v, out and the log-sum-exp; the math fallback, used when an
 explicit attention mask is passed, would add a b a s s probability tensor per layer); no dropout
@@ -57,22 +68,44 @@ def _dims(config):
 
 
 def llama_activation_items(config, micro_batch: int, seq: int, dtype_bytes: int,
-                           checkpointing: bool = False) -> tuple[list[ActivationItem], int]:
-    """(items saved at the end of forward, extra bytes at the backward peak) for one micro-batch."""
+                           checkpointing: bool = False, *, adapter: str | None = None,
+                           adapter_rank: int = 0, adapter_targets: int = 7,
+                           linear_saves_input: bool = False) -> tuple[list[ActivationItem], int]:
+    """(items saved at the end of forward, extra bytes at the backward peak) for one micro-batch.
+
+    adapter: None, "lora" (only the adapters train) or "switchlora" (the adapted linears' W
+    frozen), with rank `adapter_rank` on `adapter_targets` linears per layer; linear_saves_input:
+    ZeRO-3's replacement of torch.nn.functional.linear (see the module docstring)."""
+    if adapter not in (None, "lora", "switchlora"):
+        raise ValueError(f"adapter must be None, 'lora' or 'switchlora', got {adapter!r}")
     h, a, kv, q_width, d, f, layers, vocab = _dims(config)
     p, t = dtype_bytes, micro_batch * seq
+    lora = adapter == "lora"
     norm = 4 * h + 4 + 2 * p * h
-    per_layer = 2 * norm + p * (2 * q_width + 2 * kv) + 4 * a + 4 * p * f
-    items = [ActivationItem("token ids", 8 * t, "8 b s")]
+    layer_norm = 4 * h + 4 + p * h if lora else norm
+    adapters = adapter_targets * adapter_rank * p if adapter else 0
+    per_layer = 2 * layer_norm + p * (2 * q_width + 2 * kv) + 4 * a + 4 * p * f + adapters
+    norm_text = "4h + 4 + ph" if lora else "4h + 4 + 2ph"
+    adapter_text = f" + {adapter_targets} r p" if adapter else ""
+    items = [] if lora else [ActivationItem("token ids", 8 * t, "8 b s")]
     if checkpointing:
-        items.append(ActivationItem(f"layer inputs x {layers} (checkpointed)", layers * p * h * t,
-                                    "L p h b s"))
+        kept = layers - 1 if lora else layers
+        items.append(ActivationItem(f"layer inputs x {kept} (checkpointed)", kept * p * h * t,
+                                    "(L - 1) p h b s (LoRA: the first is the frozen embedding's output)"
+                                    if lora else "L p h b s"))
     else:
         items.append(ActivationItem("rotary cos, sin", 2 * seq * d * p, "2 s d p"))
-        items.append(ActivationItem(f"decoder layers x {layers}", layers * per_layer * t,
-                                    "L b s [2(4h + 4 + 2ph) + p(2h + 2kv) + 4a + 4pf]"))
+        first = (4 * h + 4) * t if lora else 0        # LoRA: layer 1's first norm keeps its output only
+        items.append(ActivationItem(f"decoder layers x {layers}", layers * per_layer * t - first,
+                                    f"L b s [2({norm_text}) + p(2h + 2kv) + 4a + 4pf{adapter_text}]"
+                                    + (" - b s (4h + 4)" if lora else "")))
+    if lora:
+        final = 4 * h + 4 + (p * h if linear_saves_input else 0)
+        final_text = "b s (4h + 4" + (" + ph, kept by ZeRO-3's linear)" if linear_saves_input else ")")
+    else:
+        final, final_text = norm, "b s (4h + 4 + 2ph)"
     items += [
-        ActivationItem("final RMSNorm", norm * t, "b s (4h + 4 + 2ph)"),
+        ActivationItem("final RMSNorm", final * t, final_text),
         # labels: padded by one position and shifted; with b > 1 the shifted view is copied
         # (b s), with b = 1 it stays a view of the padded (s + 1) labels
         ActivationItem("loss: fp32 log-softmax + labels", 4 * vocab * t + 4
@@ -88,9 +121,10 @@ def llama_activation_items(config, micro_batch: int, seq: int, dtype_bytes: int,
 
 
 def activation_bytes(config, micro_batch: int, seq: int, dtype_bytes: int,
-                     checkpointing: bool = False) -> tuple[int, int]:
-    """(bytes saved at the end of forward, estimated backward peak) for one micro-batch."""
-    items, extra = llama_activation_items(config, micro_batch, seq, dtype_bytes, checkpointing)
+                     checkpointing: bool = False, **adapter) -> tuple[int, int]:
+    """(bytes saved at the end of forward, estimated backward peak) for one micro-batch
+    (`adapter` keywords: those of llama_activation_items)."""
+    items, extra = llama_activation_items(config, micro_batch, seq, dtype_bytes, checkpointing, **adapter)
     saved = sum(i.bytes for i in items)
     return saved, saved + extra
 
@@ -118,6 +152,10 @@ class ActivationTracker:
 
     def _pack(self, tensor):
         if isinstance(tensor, torch.nn.Parameter) or (tensor.is_leaf and tensor.requires_grad):
+            return tensor
+        if isinstance(tensor._base, torch.nn.Parameter):
+            # a view of a parameter (mm saves W.t() of a frozen W); FSDP2's unsharded parameters
+            # are not among those the tracker was given, and their storage is freed at reshard
             return tensor
         self._add(tensor)
         return tensor

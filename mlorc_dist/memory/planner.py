@@ -3,6 +3,11 @@
     python -m mlorc_dist.plan --model llama-7b --engine zero2 --world-size 8 \
         --optimizer mlorc-adamw --rank 4 --micro-batch 1 --seq 4096 --bf16
 
+--optimizer is any method launch/train.py runs: mlorc-adamw, mlorc-lion, mofasgd, adamw, galore,
+lora, switchlora; --rank (alias --lora-rank) is the method's rank r, the adapters' for lora and
+switchlora. A launcher's dry run calls plan_for_run(config, engine=..., ...) with the HF config it
+would build the model from, and prints peak_line(plan) (or format_plan(plan)).
+
 The model is built on the meta device (nothing is allocated) from a named shape
 (`mlorc_dist.models.LLAMA_SHAPES`) or an HF config JSON. Every rank is then planned with the
 partition rules the engines really use:
@@ -27,9 +32,35 @@ holds + a 4-byte fp32 step tensor per tensor (torch.optim.AdamW). GaLore: m r + 
 projected matrix (m <= n, else swapped; the attention and MLP matrices), AdamW on everything
 else; GaLore has no shard-aware implementation, so sharded engines get total / world (ideal).
 
+Adapters. The meta model gets the run's own adapters (adapt_meta_model: mlorc_dist.lora.apply_lora,
+mlorc_dist.switchlora.apply_switchlora, run inside a meta device context, so A, B and SwitchLoRA's
+candidate pools are meta tensors too), so the targets, names and parameter order are the run's.
+    lora        peft A (r x n), B (m x r) on q/k/v/o/gate/up/down; every other parameter frozen.
+                AdamW on the adapters through MLorcAdamW with every group dense (as
+                methods.build_optimizer and the DeepSpeed "dense" key build it): its own
+                new_state, 2 moments per adapter element
+    switchlora  A and B on the same linears, whose W and b are frozen; embeddings, lm_head and
+                norms keep training. SwitchLoRAAdamW on switchlora_param_groups (lora, matrices,
+                vectors: the order DeepSpeed flattens), its own new_state: exp_avg, exp_avg_sq
+                and the per-element step count and freeze countdown (4 numbers per element).
+                Single process or ZeRO-1/2 only: zero3 / fsdp2 raise ValueError, as a run does.
+                Its candidate pools (K = min(m, n) candidates a side per layer, fp32, replicated
+                in every process) live in host memory: Plan.host, not the GPU peak
+Frozen parameters (requires_grad False) have weights only, no grads, master or state:
+    zero1/zero2  whole, in the model dtype, in every rank's module (DeepSpeed flattens and
+                 partitions only what the optimizer's groups hold)
+    zero3        partitioned like the others: ceil(numel / world) elements per rank in their own
+                 ds_tensor (outside the flat buffers), plus whole copies under the persistence
+                 threshold
+    fsdp2        sharded like the others (padded Shard(0) rows, fp32)
+    single       whole
+Activations follow the adapters too (memory.activations: LoRA's frozen embeddings, norms and
+lm_head keep less; every adapter adds its r-wide A x; ZeRO-3's linear keeps lm_head's input).
+
 Categories (bytes per rank):
     weights         parameter storage the rank keeps (DeepSpeed bf16/fp32 flat buffers or
-                    partitions, FSDP2 padded shards)
+                    partitions, FSDP2 padded shards), frozen parameters included (shown on their
+                    own as frozen_weights, a part of weights)
     grads           gradients the optimizer is handed when it steps, numel x element size
                     (DeepSpeed: the fp32 flat partition's .grad, per group / sub-group; FSDP2:
                     the local shards of the sharded grads, which live in a padded buffer)
@@ -42,7 +73,9 @@ Categories (bytes per rank):
     engine_buffers  buffers the engine keeps for the whole run (ZeRO-3 gradient partition buffer
                     and reduce bucket)
 The first six are exact: tests/test_memory.py compares them with the tensors of real 2-process
-jobs. Activations, transients and the peak are estimates; every assumption is printed with -v.
+jobs (LoRA at ZeRO-1/2/3 and FSDP2, SwitchLoRA at ZeRO-1/2, fp32 and bf16) and of one process
+(both adapters). Activations, transients and the peak are estimates (the activations are exact on
+CPU in those runs); every assumption is printed with -v.
 """
 from __future__ import annotations
 
@@ -64,11 +97,13 @@ from ..pieces import Layout, MatrixSpec, Piece
 from .activations import llama_activation_items
 from .profiler import add_state_bytes
 
-__all__ = ["PlanSettings", "Plan", "plan", "plan_model", "load_config", "build_meta_model",
-           "GPU_SIZES_GB", "EXACT_CATEGORIES", "main"]
+__all__ = ["PlanSettings", "Plan", "plan", "plan_model", "plan_for_run", "load_config", "build_meta_model",
+           "adapt_meta_model", "format_plan", "peak_line", "GPU_SIZES_GB", "EXACT_CATEGORIES", "main"]
 
 ENGINES = ("single", "zero1", "zero2", "zero3", "fsdp2")
-OPTIMIZERS = ("mlorc-adamw", "mlorc-lion", "mofasgd", "adamw", "galore")
+OPTIMIZERS = ("mlorc-adamw", "mlorc-lion", "mofasgd", "adamw", "galore", "lora", "switchlora")
+ADAPTERS = ("lora", "switchlora")
+SWITCHLORA_ENGINES = ("single", "zero1", "zero2")
 EXACT_CATEGORIES = ("weights", "grads", "master", "state_factors", "state_dense", "state_scalars")
 GPU_SIZES_GB = (24, 40, 80, 141)
 GB = 1e9
@@ -109,6 +144,13 @@ MOFASGD_STEP_WORKSPACE = {
     4: {"batch": 0.0, "block": 0.0, "unbatched": 0.25, "global": 3.0, "global_block": 0.0, "dense": 1.0},
     2: {"batch": 0.0, "block": 0.0, "unbatched": 4.25, "global": 3.0, "global_block": 0.0, "dense": 3.5},
 }
+# SwitchLoRAAdamW (per_element_adamw_ on each dense piece: its masks, where() results, bias
+# corrections and denominator), measured the same way (512 x 256, one or four tensors): fp32
+# 7.25 copies of the piece, bf16 params 9.25 (plus the gradient and value cast to fp32).
+SWITCHLORA_STEP_WORKSPACE = {
+    4: {"batch": 0.0, "block": 0.0, "unbatched": 0.0, "global": 0.0, "global_block": 0.0, "dense": 7.25},
+    2: {"batch": 0.0, "block": 0.0, "unbatched": 0.0, "global": 0.0, "global_block": 0.0, "dense": 9.25},
+}
 # torch AdamW: foreach (the CUDA default) materialises one temporary per tensor of a param group
 # at once (1.00x the group); the single-tensor loop 2.00x the largest tensor.
 ADAMW_FOREACH_WORKSPACE = 1.0
@@ -147,6 +189,9 @@ class PlanSettings:
         if self.fused and (self.optimizer not in ("mlorc-adamw", "mlorc-lion") or self.scope != "local"):
             raise ValueError("fused applies to mlorc-adamw and mlorc-lion in local scope, got "
                              f"{self.optimizer} with scope {self.scope!r}")
+        if self.optimizer == "switchlora" and self.engine not in SWITCHLORA_ENGINES:
+            raise ValueError(f"SwitchLoRA needs whole W, A and B on every rank, which {self.engine} shards: "
+                             f"plan it with engine {', '.join(SWITCHLORA_ENGINES)}")
 
 
 @dataclass
@@ -159,6 +204,7 @@ class Plan:
     transients: dict                   # name -> bytes (estimates)
     peak: dict                         # per phase, worst rank
     assumptions: list[str] = field(default_factory=list)
+    host: dict = field(default_factory=dict)    # name -> bytes in each process's host memory
 
     def worst(self, category: str) -> int:
         return max(r[category] for r in self.ranks)
@@ -172,7 +218,7 @@ class Plan:
     def to_dict(self) -> dict:
         return {"model": self.model, "n_params": self.n_params, "settings": asdict(self.settings),
                 "ranks": self.ranks, "activations": self.activations, "transients": self.transients,
-                "peak": self.peak, "fits": self.fits(), "assumptions": self.assumptions}
+                "peak": self.peak, "fits": self.fits(), "host": self.host, "assumptions": self.assumptions}
 
 
 # --------------------------------------------------------------------------- model
@@ -206,6 +252,40 @@ def build_meta_model(config) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
+def _adapted(model: torch.nn.Module, method: str) -> bool:
+    if method == "lora":
+        return hasattr(model, "peft_config")
+    from ..switchlora import SwitchLoRALinear
+    return any(isinstance(m, SwitchLoRALinear) for m in model.modules())
+
+
+def adapt_meta_model(model: torch.nn.Module, method: str, rank: int) -> torch.nn.Module:
+    """A copy of a meta-device model with the adapters of `method` ("lora", "switchlora") of
+    `rank`, built by the project's own apply_lora / apply_switchlora (the targets, names and
+    order a run gets) inside a meta device context, so that the adapters and SwitchLoRA's
+    candidate pools are meta tensors too (nothing allocated). The model itself is left as it is."""
+    import copy
+    import logging
+    if method not in ADAPTERS:
+        raise ValueError(f"method must be one of {ADAPTERS}, got {method!r}")
+    if any(p.device.type != "meta" for p in model.parameters()):
+        raise ValueError("adapt_meta_model needs a model on the meta device (build_meta_model)")
+    model = copy.deepcopy(model)
+    log = logging.getLogger("mlorc_dist")
+    level = log.level
+    log.setLevel(logging.WARNING)            # apply_* log their parameter counts at INFO
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SwitchLoRA: rank = min(m, n) leaves a layer plain LoRA
+            if method == "lora":
+                from ..lora import apply_lora
+                return apply_lora(model, rank)
+            from ..switchlora import apply_switchlora
+            return apply_switchlora(model, rank)
+    finally:
+        log.setLevel(level)
+
+
 @dataclass(frozen=True)
 class _Param:
     name: str
@@ -218,10 +298,19 @@ class _Param:
         return math.prod(self.shape)
 
 
-def _describe(model: torch.nn.Module, compress_embeddings: bool):
-    """Param groups exactly as mlorc_dist.param_groups builds them (the order DeepSpeed flattens)."""
-    from ..groups import param_groups
-    groups = param_groups(model, compress_embeddings=compress_embeddings)
+def _describe(model: torch.nn.Module, compress_embeddings: bool, optimizer: str = "mlorc-adamw"):
+    """Param groups exactly as the method builds them (the order DeepSpeed flattens):
+    mlorc_dist.param_groups (LoRA: every group dense, as methods.build_optimizer and the
+    DeepSpeed "dense" key make it), switchlora_param_groups for SwitchLoRA. Frozen parameters
+    are in no group."""
+    if optimizer == "switchlora":
+        from ..switchlora import switchlora_param_groups
+        groups = [dict(g, lowrank=False) for g in switchlora_param_groups(model)]
+    else:
+        from ..groups import param_groups
+        groups = param_groups(model, compress_embeddings=compress_embeddings)
+        if optimizer == "lora":
+            groups = [dict(g, lowrank=False) for g in groups]
     described = []
     for gi, group in enumerate(groups):
         described.append([_Param(name, tuple(int(d) for d in getattr(p, "ds_shape", p.shape)), gi,
@@ -239,10 +328,14 @@ class _MLorcStatePlanner:
 
     def __init__(self, settings: PlanSettings, lowrank_of_group: list[bool]):
         import mlorc_dist
-        cls = {"mlorc-adamw": mlorc_dist.MLorcAdamW, "mlorc-lion": mlorc_dist.MLorcLion,
-               "mofasgd": mlorc_dist.MoFaSGD}[settings.optimizer]
         groups = [{"params": [torch.empty(2, 2, device="meta")], "lowrank": lowrank}
                   for lowrank in lowrank_of_group]
+        if settings.optimizer == "switchlora":
+            from ..switchlora import SwitchLoRAAdamW
+            self.optimizer = SwitchLoRAAdamW(groups, scope=settings.scope)
+            return
+        cls = {"mlorc-adamw": mlorc_dist.MLorcAdamW, "mlorc-lion": mlorc_dist.MLorcLion,
+               "mofasgd": mlorc_dist.MoFaSGD, "lora": mlorc_dist.MLorcAdamW}[settings.optimizer]
         extra = {} if cls is mlorc_dist.MoFaSGD else {"batched": settings.batched, "fused": settings.fused}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -405,13 +498,44 @@ def _single(params_by_group, settings, model_bytes, model_dtype):
 
 
 # --------------------------------------------------------------------------- the plan
+def _frozen_bytes(frozen: list[_Param], engine: str, world: int, model_bytes: int) -> int:
+    """Bytes per rank of the parameters no optimizer holds (the same on every rank)."""
+    if engine in ("single", "zero1", "zero2"):       # ZeRO-1/2 flatten trainable params only
+        return sum(p.numel for p in frozen) * model_bytes
+    if engine == "zero3":                            # each its own partition (ds_tensor)
+        return sum(-(-p.numel // world) for p in frozen) * model_bytes
+    total = 0                                        # fsdp2: padded Shard(0), fp32
+    for p in frozen:
+        row_elems = math.prod(p.shape[1:]) if len(p.shape) > 1 else 1
+        total += -(-p.shape[0] // world) * row_elems * 4
+    return total
+
+
+def _switchlora_host_bytes(model: torch.nn.Module) -> int:
+    """Candidate pools (fp32, as built on the fp32 model before any engine casts it) and the
+    per-layer slot / busy indices (int64) of every SwitchLoRA layer: host memory of each process."""
+    from ..switchlora import switchlora_layers
+    total = 0
+    for _, layer in switchlora_layers(model):
+        total += (layer.cand_A.numel() + layer.cand_B.numel()) * 4
+        total += (layer.selected_A.numel() + layer.selected_B.numel() + layer.busy_until.numel()) * 8
+    return total
+
+
 def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_name: str = "?") -> Plan:
+    """Plan `model` (on the meta device). For lora / switchlora a model without those adapters
+    is adapted first (adapt_meta_model, on a copy)."""
     settings.validate()
     world = settings.world_size
     engine = settings.engine
-    params_by_group, lowrank_of_group = _describe(model, settings.compress_embeddings)
+    adapter = settings.optimizer if settings.optimizer in ADAPTERS else None
+    if adapter and not _adapted(model, adapter):
+        model = adapt_meta_model(model, adapter, settings.rank)
+    params_by_group, lowrank_of_group = _describe(model, settings.compress_embeddings, settings.optimizer)
     all_params = [_Param(n, tuple(p.shape), -1, False) for n, p in model.named_parameters()]
+    frozen = [_Param(n, tuple(p.shape), -1, False) for n, p in model.named_parameters() if not p.requires_grad]
     n_params = sum(p.numel for p in all_params)
+    n_trainable = n_params - sum(p.numel for p in frozen)
     model_dtype = torch.bfloat16 if settings.bf16 else torch.float32
     model_bytes = _dtype_bytes(model_dtype)
     assumptions = []
@@ -424,14 +548,32 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
         rows = _fsdp2(params_by_group, settings, world)
     else:
         rows = _single(params_by_group, settings, model_bytes, model_dtype)
+    if frozen:
+        frozen_bytes = _frozen_bytes(frozen, engine, world, model_bytes)
+        for row in rows:
+            row["weights"] += frozen_bytes
+            row["frozen_weights"] = frozen_bytes      # a part of weights, shown on its own
+        assumptions.append(
+            "frozen parameters (%s elements; requires_grad False) are in weights, with no gradient, "
+            "master or state: %s" % (f"{sum(p.numel for p in frozen):,}", {
+                "single": "whole, model dtype",
+                "zero1": "whole in every rank's module, model dtype (ZeRO-1/2 flatten and partition "
+                         "trainable parameters only)",
+                "zero2": "whole in every rank's module, model dtype (ZeRO-1/2 flatten and partition "
+                         "trainable parameters only)",
+                "zero3": "partitioned like the others, ceil(numel / world) elements each (their own "
+                         "ds_tensor, outside the flat buffers), plus whole copies of those <= the "
+                         "persistence threshold",
+                "fsdp2": "sharded like the others (padded Shard(0) rows, fp32)"}[engine]))
 
     # ---- optimizer state, per rank
     largest_held = 0
     held_bytes = rows[0]["held"][0][0].element_size() if rows[0]["held"] else 4
     mlorc_workspace = 0       # elements (fp32 copies of one element) of the worst step() call
-    if settings.optimizer.startswith("mlorc") or settings.optimizer == "mofasgd":
+    if settings.optimizer.startswith("mlorc") or settings.optimizer in ("mofasgd", "lora", "switchlora"):
         planner = _MLorcStatePlanner(settings, lowrank_of_group)
-        table = MOFASGD_STEP_WORKSPACE if settings.optimizer == "mofasgd" else MLORC_STEP_WORKSPACE
+        table = {"mofasgd": MOFASGD_STEP_WORKSPACE,
+                 "switchlora": SWITCHLORA_STEP_WORKSPACE}.get(settings.optimizer, MLORC_STEP_WORKSPACE)
         ws = (FUSED_STEP_WORKSPACE if settings.fused else table)[2 if held_bytes == 2 else 4]
         batched = settings.batched and settings.optimizer != "mofasgd"
         for row in rows:
@@ -498,8 +640,13 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
 
     # ---- activations (one micro-batch per rank)
     act_bytes = 2 if settings.bf16 else 4
-    items, extra = llama_activation_items(config, settings.micro_batch, settings.seq, act_bytes,
-                                          settings.activation_checkpointing)
+    targets = sum(1 for p in all_params if p.name.endswith(".lora_A") or ".lora_A." in p.name)
+    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    items, extra = llama_activation_items(
+        config, settings.micro_batch, settings.seq, act_bytes, settings.activation_checkpointing,
+        adapter=adapter, adapter_rank=settings.rank,
+        adapter_targets=targets // layers if adapter and layers else 0,
+        linear_saves_input=engine == "zero3")
     saved = sum(i.bytes for i in items)
     activations = {"saved": saved, "peak": saved + extra, "extra_at_backward_peak": extra,
                    "items": [asdict(i) for i in items]}
@@ -507,22 +654,23 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
     # ---- transients (estimates) and the peak
     transients = {}
     layer_numel = _largest_layer_numel(model)
+    layer_grads = _largest_layer_numel(model, trainable=True)
     root_numel = n_params - layer_numel * int(getattr(config, "num_hidden_layers", 0) or 0)
     if engine == "zero2" or engine == "zero1":
         overlap = settings.overlap_comm if settings.overlap_comm is not None else False
         transients["reduce bucket(s)"] = settings.reduce_bucket_size * model_bytes * (2 if overlap else 1)
     if engine == "zero1":
-        transients["full gradients before the reduction (ZeRO-1)"] = n_params * model_bytes
+        transients["full gradients before the reduction (ZeRO-1)"] = n_trainable * model_bytes
     if engine == "zero3":
         prefetch = min(50_000_000, layer_numel)      # stage3_prefetch_bucket_size default
         transients["gathered params (one layer + prefetch bucket)"] = \
             (layer_numel + prefetch) * model_bytes
-        transients["unsharded layer grads before the reduce"] = layer_numel * model_bytes
+        transients["unsharded layer grads before the reduce"] = layer_grads * model_bytes
     if engine == "fsdp2":
         transients["unsharded root (embeddings, lm_head, norm)"] = root_numel * model_bytes
         transients["unsharded layer params (current + prefetch)"] = 2 * layer_numel * model_bytes
         transients["unsharded layer grads + fp32 reduce-scatter in/out"] = int(
-            layer_numel * (model_bytes + 4 + 4 / world))
+            layer_grads * (model_bytes + 4 + 4 / world))
     if settings.optimizer.startswith("mlorc") and settings.fused:
         transients["step workspace (MLorc fused: factors and sketches; bf16: fp32 gradient copies)"] = \
             int(mlorc_workspace * 4)
@@ -531,6 +679,10 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
             int(mlorc_workspace * 4)
     elif settings.optimizer == "mofasgd":
         transients["step workspace (MoFaSGD: one block's factor update; bf16: its fp32 casts)"] = int(mlorc_workspace * 4)
+    elif settings.optimizer == "lora":
+        transients["step workspace (AdamW on the adapters, dense: one piece at a time)"] = int(mlorc_workspace * 4)
+    elif settings.optimizer == "switchlora":
+        transients["step workspace (SwitchLoRA per-element AdamW: one piece at a time)"] = int(mlorc_workspace * 4)
     elif settings.optimizer == "adamw":
         transients["step workspace (AdamW foreach: 1x the largest param group)"] = \
             int(ADAMW_FOREACH_WORKSPACE * largest_held)
@@ -592,15 +744,41 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
     if engine == "single" and settings.bf16:
         assumptions.append("single --bf16: pure bf16 (weights, grads and torch AdamW state in bf16, "
                            "no master copy); MLorc keeps fp32 factors and dense state")
+    host = {}
+    if adapter == "lora":
+        assumptions.append(
+            f"LoRA (peft, mlorc_dist.lora.apply_lora): rank {settings.rank} adapters A (r x n) and B "
+            f"(m x r) on {targets} linears (q/k/v/o/gate/up/down), everything else frozen; AdamW on the "
+            "adapters through MLorcAdamW with every group dense (methods.build_optimizer, the DeepSpeed "
+            "'dense' key): 2 fp32 moments per adapter element; adapters in the model dtype (DeepSpeed "
+            "and FSDP2 cast them with the model); step workspace: MLorcAdamW's dense regions, "
+            "%.2f (bf16 params %.2f) fp32 copies of the largest piece"
+            % (MLORC_STEP_WORKSPACE[4]["dense"], MLORC_STEP_WORKSPACE[2]["dense"]))
+    if adapter == "switchlora":
+        host["SwitchLoRA candidate pools + slot indices"] = _switchlora_host_bytes(model)
+        assumptions.append(
+            f"SwitchLoRA (mlorc_dist.switchlora): rank {settings.rank} A and B on {targets} linears whose "
+            "W and b are frozen; embeddings, lm_head and norms keep training; SwitchLoRAAdamW holds 4 "
+            "fp32 numbers per trainable element (exp_avg, exp_avg_sq, the per-element step count "
+            "and freeze countdown); its candidate pools (K = min(m, n) candidates a side per layer, "
+            "fp32) and slot indices live in host memory, replicated in every process: not in the GPU "
+            "peak, shown under 'host'; step workspace (per_element_adamw_, measured with memory.workspace): "
+            "%.2f (bf16 params %.2f) fp32 copies of the largest piece"
+            % (SWITCHLORA_STEP_WORKSPACE[4]["dense"], SWITCHLORA_STEP_WORKSPACE[2]["dense"]))
     ranks = [{k: int(v) for k, v in row.items() if k not in ("held", "largest_sub_group")} for row in rows]
-    return Plan(settings, model_name, n_params, ranks, activations, transients, peak, assumptions)
+    return Plan(settings, model_name, n_params, ranks, activations, transients, peak, assumptions, host)
 
 
-def _largest_layer_numel(model) -> int:
-    layers = getattr(getattr(model, "model", model), "layers", None)
+def _largest_layer_numel(model, trainable: bool = False) -> int:
+    """Elements of the largest decoder layer (found by class name, so that adapter wrappers
+    such as peft's PeftModel do not hide them); trainable=True: its trainable ones only."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not layers:
+        layers = getattr(getattr(model, "model", model), "layers", None)
     if not layers:
         return 0
-    return max(sum(p.numel() for p in layer.parameters()) for layer in layers)
+    return max(sum(p.numel() for p in layer.parameters() if p.requires_grad or not trainable)
+               for layer in layers)
 
 
 def plan(model: str, settings: PlanSettings, vocab_size: int | None = None) -> Plan:
@@ -610,14 +788,48 @@ def plan(model: str, settings: PlanSettings, vocab_size: int | None = None) -> P
     return plan_model(meta, config, settings, model)
 
 
+def plan_for_run(config, *, engine: str, world_size: int, optimizer: str, rank: int, micro_batch: int,
+                 seq: int, bf16: bool = False, activation_checkpointing: bool = False, scope: str = "local",
+                 fused: bool = False, compress_embeddings: bool = False, model_name: str | None = None) -> Plan:
+    """The plan of one training run, for a launcher's dry run: `config` is an HF config object
+    (what the run builds its model from), the model is built from it on the meta device as plan()
+    does (adapters too, for lora / switchlora, with `rank`). engine: single, zero1, zero2, zero3 or
+    fsdp2; optimizer: one of OPTIMIZERS. Everything else is PlanSettings' defaults (DeepSpeed's
+    bucket and threshold defaults). ValueError for a combination the run refuses too (SwitchLoRA
+    with zero3 / fsdp2, fused with another optimizer or global scope)."""
+    settings = PlanSettings(engine=engine, world_size=world_size, optimizer=optimizer, rank=rank,
+                            micro_batch=micro_batch, seq=seq, bf16=bf16,
+                            activation_checkpointing=activation_checkpointing, scope=scope, fused=fused,
+                            compress_embeddings=compress_embeddings)
+    settings.validate()                 # before building anything
+    name = model_name or getattr(config, "_name_or_path", None) or getattr(config, "model_type", "?")
+    return plan_model(build_meta_model(config), config, settings, name)
+
+
 # --------------------------------------------------------------------------- CLI
 def _gb(n: float) -> str:
     return f"{n / GB:.2f}"
 
 
+def _fits_text(p: Plan) -> str:
+    fits = p.fits()
+    return "/".join(str(g) for g in GPU_SIZES_GB) + " GB: " + "/".join(
+        "yes" if fits[f"{g}GB"] else "no" for g in GPU_SIZES_GB)
+
+
+def peak_line(p: Plan) -> str:
+    """One line: 'per-GPU peak X GB (worst rank; fits: 24/40/80/141 GB: no/yes/yes/yes)', with
+    the host memory each process needs on top where the method keeps some (SwitchLoRA's pools)."""
+    line = f"per-GPU peak {_gb(p.peak['peak'])} GB (worst rank; fits: {_fits_text(p)})"
+    if p.host:
+        line += f"; host memory per process {_gb(sum(p.host.values()))} GB (" + ", ".join(p.host) + ")"
+    return line
+
+
 def format_plan(p: Plan, verbose: bool = False) -> str:
     s = p.settings
-    worst_rank = max(range(len(p.ranks)), key=lambda r: sum(p.ranks[r].values()))
+    worst_rank = max(range(len(p.ranks)), key=lambda r: sum(v for k, v in p.ranks[r].items()
+                                                             if k != "frozen_weights"))
     row = p.ranks[worst_rank]
     lines = [f"{p.model}: {p.n_params / 1e9:.3f}B parameters | engine {s.engine}, world {s.world_size}, "
              f"{s.optimizer}" + (f" r={s.rank}" if s.optimizer != "adamw" else "")
@@ -625,7 +837,9 @@ def format_plan(p: Plan, verbose: bool = False) -> str:
              + (", activation checkpointing" if s.activation_checkpointing else ""),
              f"per GPU (GB = 1e9 bytes; rank {worst_rank}, the largest):"]
     state = row["state_factors"] + row["state_dense"] + row["state_scalars"]
-    table = [("weights", row["weights"]), ("gradients (optimizer view)", row["grads"]),
+    weights_name = (f"weights (frozen base {_gb(row['frozen_weights'])})" if "frozen_weights" in row
+                    else "weights")
+    table = [(weights_name, row["weights"]), ("gradients (optimizer view)", row["grads"]),
              ("fp32 master", row["master"]),
              (f"optimizer state (factors {_gb(row['state_factors'])}, "
               f"dense {_gb(row['state_dense'] + row['state_scalars'])})", state),
@@ -641,6 +855,9 @@ def format_plan(p: Plan, verbose: bool = False) -> str:
     lines.append(f"  {'PEAK':<{width}}  {_gb(p.peak['peak']):>9}   (forward/backward "
                  f"{_gb(p.peak['forward_backward'])}, step {_gb(p.peak['step'])})")
     lines.append("fits on: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in p.fits().items()))
+    for k, v in p.host.items():
+        lines.append(f"host memory, every process (not GPU): {k} {_gb(v)} GB")
+    lines.append(peak_line(p))
     if verbose:
         lines.append("activation items:")
         lines += [f"  {i['name']}: {_gb(i['bytes'])} GB ({i['formula']})" for i in p.activations["items"]]
@@ -656,8 +873,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--vocab-size", type=int, default=None, help="named shapes: default 32000")
     ap.add_argument("--engine", choices=ENGINES, default="zero2")
     ap.add_argument("--world-size", type=int, default=1)
-    ap.add_argument("--optimizer", choices=OPTIMIZERS, default="mlorc-adamw")
-    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--optimizer", choices=OPTIMIZERS, default="mlorc-adamw",
+                    help="the method, as launch/train.py names it (lora, switchlora: adapters)")
+    ap.add_argument("--rank", "--lora-rank", dest="rank", type=int, default=4,
+                    help="rank r of the method: of the momentum factors (MLorc, MoFaSGD), the "
+                    "projection (GaLore) or the adapters (lora, switchlora; --lora-rank is the same)")
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--bf16", action="store_true")

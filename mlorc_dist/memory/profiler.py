@@ -20,7 +20,10 @@ this becomes a sample named "step", recorded before the next named sample.
 
 Categories (bytes; each storage is counted once, in the first category that claims it):
     weights          parameter storage the rank keeps (ZeRO-1/2 flat bit16/fp32 buffers; ZeRO-3
-                     partition buffer + persistent whole params; FSDP2 padded local shards)
+                     partition buffer + persistent whole params; FSDP2 padded local shards), and
+                     frozen parameters (requires_grad False: LoRA / SwitchLoRA base weights),
+                     which no optimizer holds (ZeRO-1/2 and single: whole, in the module; ZeRO-3:
+                     their own partitions, ds_tensor; FSDP2: their sharded DTensors)
     gathered_weights parameters gathered / unsharded right now (transient)
     master           fp32 master partition (DeepSpeed), when it is not the weights' own storage
     grads            gradients the optimizer holds (.grad of the tensors in its param groups; in
@@ -243,9 +246,11 @@ class MemoryProfiler:
                     add(category, t)
 
         module_params = list(self.module.parameters()) if self.module is not None else []
+        frozen = [p for p in module_params if not p.requires_grad]
         z = self.zero
         if self.kind in ("zero1", "zero2"):
             add_all("weights", z.bit16_groups_flat)
+            add_all("weights", [p.data for p in frozen])     # not flattened: whole on every rank
             add_all("master", z.single_partition_of_fp32_groups)
             add_all("grads", [f.grad for f in z.single_partition_of_fp32_groups])
             add_all("grad_staging", [p.grad for p in module_params])
@@ -257,6 +262,7 @@ class MemoryProfiler:
             add("weights", getattr(z, "lp_param_buffer", None))
             add_all("weights", z.fp16_partitioned_groups_flat)
             add_all("weights", [p.data for p in module_params if getattr(p, "ds_persist", False)])
+            add_all("weights", [getattr(p, "ds_tensor", None) for p in frozen])   # outside the flat buffers
             add_all("gathered_weights", [p.data for p in module_params])
             add_all("master", z.fp32_partitioned_groups_flat)
             add_all("grads", [f.grad for f in z.fp32_partitioned_groups_flat])
@@ -267,6 +273,9 @@ class MemoryProfiler:
         else:   # fsdp2, single: the optimizer holds the (sharded) parameters themselves
             held = list(self._param_tensors()) or module_params
             add_all("weights", held)
+            # frozen params: FSDP2 keeps them sharded (DTensors) like the others; a plain tensor
+            # there is unsharded right now
+            add_all("weights", [p for p in frozen if self.kind == "single" or hasattr(p, "to_local")])
             add_all("gathered_weights", module_params)      # FSDP2: unsharded right now
             add_all("grads", [p.grad for p in held])
             add_all("grad_staging", [p.grad for p in module_params])

@@ -3,12 +3,17 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/dist/memory_worker.py --out DIR \
         --model tiny --runs zero2:mlorc-adamw zero3:adamw fsdp2:mlorc-adamw:bf16 ...
 
-A run is engine:optimizer[:precision[:scope]]. Each trains a Llama of the named shape
-(mlorc_dist.models.llama_config, vocabulary --vocab) or of an HF config JSON for --steps steps with MemoryProfiler
-sampling after forward, backward and step (activations measured with saved-tensor hooks), and
-writes DIR/<run>.json (+ .txt, .png) through MemoryProfiler.gather_and_write on rank 0.
+A run is engine:optimizer[:precision[:scope]], the optimizer one of mlorc-adamw, adamw, lora
+(peft adapters of rank --rank, MLorcAdamW with every group dense, as mlorc_dist.methods builds
+it) or switchlora (SwitchLoRA layers of rank --rank, SwitchLoRAAdamW; ZeRO-1/2 only). Each
+trains a Llama of the named shape (mlorc_dist.models.llama_config, vocabulary --vocab) or of
+an HF config JSON for --steps steps with MemoryProfiler sampling after forward, backward and
+step (activations measured with saved-tensor hooks), and writes DIR/<run>.json (+ .txt, .png)
+through MemoryProfiler.gather_and_write on rank 0.
 Param groups are mlorc_dist.param_groups(model) for every optimizer (AdamW included), as the
-planner assumes. DeepSpeed configs are the defaults apart from batch sizes and bf16.
+planner assumes; the adapter methods get theirs from mlorc_dist.methods.build_optimizer (FSDP2)
+or mlorc_dist.deepspeed.initialize with an "adapter" block (DeepSpeed), as launch/train.py
+builds them. DeepSpeed configs are the defaults apart from batch sizes and bf16.
 
 DeepSpeed's CPU backend would JIT-compile a shared-memory comm op (60-70 s) on first use; every
 collective here runs on gloo, so the worker replaces its builder with a no-op before
@@ -47,6 +52,10 @@ def run(spec: str, args) -> None:
     model = build_model(load_config(args.model, args.vocab), seed=1234)
     micro = args.micro_batch
     lr = 1e-3
+    adapter = opt_name in ("lora", "switchlora")
+    if adapter and engine_name == "fsdp2":
+        from mlorc_dist.methods import prepare_model
+        model = prepare_model(opt_name, model, rank=args.rank, seed=0)
 
     if engine_name == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
@@ -55,11 +64,14 @@ def run(spec: str, args) -> None:
         bf16 = precision == "bf16"
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                                       reduce_dtype=torch.float32 if bf16 else None)
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        for layer in [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]:
+            fully_shard(layer, mesh=mesh, mp_policy=policy)    # found by class name: peft wraps the model
         fully_shard(model, mesh=mesh, mp_policy=policy)
         groups = mlorc_dist.param_groups(model)
-        if opt_name == "adamw":
+        if adapter:
+            from mlorc_dist.methods import build_optimizer
+            optimizer = build_optimizer(opt_name, model, lr=lr, rank=args.rank, scope=scope)
+        elif opt_name == "adamw":
             optimizer = torch.optim.AdamW(groups, lr=lr)
         else:
             optimizer = mlorc_dist.MLorcAdamW(groups, lr=lr, rank=args.rank, scope=scope)
@@ -87,6 +99,13 @@ def run(spec: str, args) -> None:
             optimizer = torch.optim.AdamW(mlorc_dist.param_groups(model), lr=lr)
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
             client = optimizer
+        elif adapter:
+            config["optimizer"] = {"type": "SwitchLoRAAdamW" if opt_name == "switchlora" else "MLorcAdamW",
+                                   "params": {"lr": lr}}
+            config["adapter"] = {"type": opt_name, "rank": args.rank, "seed": 0}
+            engine, _, _, _ = mds.initialize(model=model, config=config,
+                                             mlorc={"dense": True} if opt_name == "lora" else {})
+            client = engine.mlorc_optimizer
         else:
             config["optimizer"] = {"type": "MLorcAdamW", "params": {"lr": lr}}
             engine, _, _, _ = mds.initialize(model=model, config=config,
@@ -115,6 +134,13 @@ def run(spec: str, args) -> None:
         profiler.sample("after_backward")
         step()
         profiler.sample("after_step")
+    if engine_name == "zero3":
+        # ZeRO-3 replaces torch.nn.functional.linear by its own (which saves the input of every
+        # linear, frozen ones included) and leaves it so; later runs of this process get the
+        # plain one back
+        from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+        torch.nn.functional.linear = getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk",
+                                             torch.nn.functional.linear)
     name = spec.replace(":", "_")
     profiler.gather_and_write(args.out / f"{name}.json", args.out / f"{name}.png")
     profiler.close()
