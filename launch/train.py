@@ -192,10 +192,11 @@ def batch_sources(args, tokenizer):
         raise ValueError("--task sft needs --data with prompt/response records")
     fields = corpus.Fields(args.task, args.text_field, args.prompt_field, args.response_field)
     distributed = dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    logging.getLogger("mlorc_dist.corpus").setLevel(logging.INFO if rank == 0 else logging.WARNING)  # progress
     shards = corpus.open_training_data(args.data or default_corpus_path(), tokenizer, fields=fields,
                                        cache=cache_root(), workers=args.data_workers,
-                                       rank=dist.get_rank() if distributed else 0,
-                                       barrier=dist.barrier if distributed else None)
+                                       rank=rank, barrier=dist.barrier if distributed else None)
     held_out = args.eval_batches * args.global_batch
     if args.task == "pretrain":
         windows = corpus.eval_windows(shards, args.seq_len, held_out)

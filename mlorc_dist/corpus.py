@@ -65,6 +65,7 @@ DEFAULT_CHUNK_CHARS = 1 << 18             # characters per message to a worker (
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 RECORD_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 EVAL_FRACTION = 0.05
+PROGRESS_EVERY_S = 30.0
 SFT_EVAL_DIVISOR = 20
 IGNORE_INDEX = -100
 TOKEN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
@@ -478,11 +479,16 @@ def prepare(data: str | os.PathLike | list[Path], tokenizer, out: str | os.PathL
         pool = WorkerPool(tokenizer, workers)
         try:
             checked = not check_wrapper
+            reported = started
             for job, lengths, ids in tokenised_jobs(iter_jobs(files, fields, chunk_chars), pool):
                 if not checked and job.texts:
                     check_same_ids(tokenizer, job, lengths, ids)
                     checked = True
                 writer.add(job, lengths, ids, tokenizer.eos_token_id)
+                if time.perf_counter() - reported > PROGRESS_EVERY_S:
+                    reported = time.perf_counter()
+                    logger.info("preparing %s: %d tokens so far (%.0f tokens/s), now in %s", out.name,
+                                writer.num_tokens, writer.num_tokens / (reported - started), job.origin)
         finally:
             pool.close()
             writer.close()
