@@ -170,7 +170,7 @@ def test_dry_run_builds_llama_7b_on_meta_without_gpus():
     summary = json.loads(result.stdout[result.stdout.index("{"):])
     assert abs(summary["parameters"] - 6.74e9) < 0.05e9
     assert summary["world_size"] == 64 and summary["gradient_accumulation"] == 1
-    bad = run([sys.executable, TRAIN, "--model", "tiny", "--world-size", "3", "--global-batch", "8", "--dry-run"])
+    bad = run([sys.executable, TRAIN, "--fsdp", "--model", "tiny", "--world-size", "3", "--global-batch", "8", "--dry-run"])
     assert bad.returncode != 0 and "not a multiple" in bad.stderr
 
 
