@@ -299,8 +299,13 @@ class WorkerPool:
         code = self.procs[worker].poll()
         raise RuntimeError(f"tokenising worker {worker} {what} (exit code {code})")
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Let every worker finish and exit; with ``abort`` (after an error), kill them: their
+        unread answers could keep them blocked on a full pipe."""
         for proc in self.procs:
+            if abort:
+                proc.kill()
+                continue
             try:
                 protocol.write_message(proc.stdin, None)
                 proc.stdin.close()
@@ -313,6 +318,8 @@ class WorkerPool:
                 proc.kill()
                 proc.wait()
             proc.stdout.close()
+            if not proc.stdin.closed:
+                proc.stdin.close()
 
 
 def tokenised_jobs(jobs: Iterator[Job], pool: WorkerPool, depth: int = 2):
@@ -477,6 +484,7 @@ def prepare(data: str | os.PathLike | list[Path], tokenizer, out: str | os.PathL
         sources = [{"path": str(f), "bytes": f.stat().st_size, "sha256": content_digest(f, memo_dir)} for f in files]
         writer = ShardWriter(staging, dtype_name, shard_tokens, sft=fields.task == "sft")
         pool = WorkerPool(tokenizer, workers)
+        failed = True
         try:
             checked = not check_wrapper
             reported = started
@@ -489,8 +497,9 @@ def prepare(data: str | os.PathLike | list[Path], tokenizer, out: str | os.PathL
                     reported = time.perf_counter()
                     logger.info("preparing %s: %d tokens so far (%.0f tokens/s), now in %s", out.name,
                                 writer.num_tokens, writer.num_tokens / (reported - started), job.origin)
+            failed = False
         finally:
-            pool.close()
+            pool.close(abort=failed)
             writer.close()
         if writer.num_tokens == 0:
             raise ValueError(f"empty corpus: no tokens in {', '.join(str(f) for f in files)}")
@@ -698,8 +707,9 @@ def cached_corpus_dir(path: Path, tokenizer, fields: Fields, cache: Path) -> Pat
     """Where ``path`` prepared with ``tokenizer`` lives in the cache: keyed by the file's
     content, its type, the tokenizer and the fields read."""
     digest = content_digest(path, cache / "content-digests")
+    read_fields = None if path.suffix in TEXT_SUFFIXES else fields.describe()   # a text file has none
     key = json.dumps({"version": FORMAT_VERSION, "content": digest, "suffix": path.suffix,
-                      "tokenizer": tokenizer_hash(tokenizer), "fields": fields.describe(), "task": fields.task},
+                      "tokenizer": tokenizer_hash(tokenizer), "fields": read_fields, "task": fields.task},
                      sort_keys=True)
     return cache / "corpora" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 

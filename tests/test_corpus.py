@@ -238,10 +238,12 @@ def test_an_empty_corpus_is_refused_and_leaves_nothing(files, tmp_path):
 def test_a_failed_prepare_leaves_no_directory(files, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    (data / "a.jsonl").write_bytes(files["jsonl"].read_bytes())
+    (data / "a.jsonl").write_bytes(files["jsonl"].read_bytes() * 400)     # answers in flight at the error
     (data / "b.jsonl").write_text('{"text": "fine"}\n{"text": null}\n')
+    started = time.monotonic()
     with pytest.raises(ValueError, match=r"b\.jsonl: record 1 has no 'text' text"):
         corpus.prepare(data, files["tokenizer"], tmp_path / "out", workers=2)
+    assert time.monotonic() - started < 25          # workers blocked on unread answers are killed, not awaited
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
     with pytest.raises(ValueError, match=r"lack field\(s\) \['body'\]"):
         corpus.prepare(data, files["tokenizer"], tmp_path / "out", fields=corpus.Fields(text="body"), workers=1)
