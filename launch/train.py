@@ -164,20 +164,26 @@ def build_model(args, config):
 
 def load_tokenizer(args, rank: int):
     """--tokenizer, else --init-from's, else the one saved with a prepared --data directory,
-    else a byte-level BPE trained locally (on a --data text file, or the demo corpus), cached."""
+    else a byte-level BPE trained locally on the --data text or records (or the demo corpus), cached."""
     from mlorc_dist.corpus import TokenShards, load_hf_tokenizer
-    from mlorc_dist.data import cache_root, default_corpus_path, train_tokenizer
+    from mlorc_dist.data import cache_root, default_corpus_path, records_text_file, train_tokenizer
     if args.tokenizer or args.init_from:
         return load_hf_tokenizer(args.tokenizer or args.init_from)
     if args.data and Path(args.data).is_dir():
         return TokenShards(args.data).load_tokenizer()
-    text = Path(args.data) if args.data and Path(args.data).suffix in (".txt", ".text", ".md") else default_corpus_path()
+    def text():     # what the tokenizer learns from: the user's text, else the demo corpus
+        if not args.data:
+            return default_corpus_path()
+        if Path(args.data).suffix in (".txt", ".text", ".md"):
+            return Path(args.data)
+        fields = [args.prompt_field, args.response_field] if args.task == "sft" else [args.text_field]
+        return records_text_file(args.data, fields, cache_root())
     if rank == 0:   # rank 0 trains (or finds cached) first; the others then read the cache
-        tokenizer = train_tokenizer([str(text)], args.vocab_size or TOKENIZER_VOCAB, cache_root() / "tokenizers")
+        tokenizer = train_tokenizer([str(text())], args.vocab_size or TOKENIZER_VOCAB, cache_root() / "tokenizers")
     if dist.is_initialized():
         dist.barrier()
     if rank != 0:
-        tokenizer = train_tokenizer([str(text)], args.vocab_size or TOKENIZER_VOCAB, cache_root() / "tokenizers")
+        tokenizer = train_tokenizer([str(text())], args.vocab_size or TOKENIZER_VOCAB, cache_root() / "tokenizers")
     return tokenizer
 
 

@@ -342,3 +342,33 @@ if __name__ == "__main__":   # python -m mlorc_dist.data prepare ...: see mlorc_
     from mlorc_dist.corpus import main
 
     sys.exit(main())
+
+
+def records_text_file(path: str | os.PathLike, fields: list[str], cache_dir: str | os.PathLike | None = None) -> Path:
+    """The text of `fields` of every record of a .jsonl / .json / .parquet file, one field value
+    after another, as a text file in the cache (keyed by the file and the fields): what a
+    tokenizer trained for these records learns from. Streams the records (never all at once)."""
+    from datasets import load_dataset
+
+    source = _existing_text_file(path)
+    kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+    if source.suffix not in kinds:
+        raise ValueError(f"{source}: records are read from .jsonl, .json or .parquet, not {source.suffix!r}")
+    cache = Path(cache_dir) if cache_dir is not None else cache_root()
+    target = cache / "record_text" / f"{source.stem}-{_fingerprint([source], fields=fields)}.txt"
+    if target.is_file():
+        return target
+
+    def write(tmp: Path) -> None:
+        records = load_dataset(kinds[source.suffix], data_files=str(source), split="train", streaming=True)
+        with tmp.open("w") as out:
+            for record in records:
+                for field in fields:
+                    if field not in record:
+                        raise ValueError(f"{source}: a record lacks field {field!r}; it has {sorted(record)}")
+                    out.write(f"{record[field]}\n")
+        if tmp.stat().st_size == 0:
+            raise ValueError(f"{source} holds no records")
+
+    _atomic_write(target, write)
+    return target

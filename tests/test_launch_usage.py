@@ -285,3 +285,22 @@ def test_resume_keeps_the_schedule_and_writes_each_step_once(tmp_path):
     none = tmp_path / "none"
     ok([sys.executable, TRAIN, *TINY, "--steps", "2", "--no-final-checkpoint", "--out", str(none)])
     assert not (none / "checkpoints").exists()
+
+
+def test_sft_trains_its_tokenizer_on_the_records(tmp_path):
+    """With --task sft and no tokenizer, the locally trained tokenizer learns from the prompts and
+    responses (a word only they use becomes one token), not from the demo corpus."""
+    data = tmp_path / "sft.jsonl"
+    records = [{"prompt": f"Question {i}: who is Quokkafrabble?", "response": f"Quokkafrabble is friend {i}."}
+               for i in range(200)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "sft"
+    ok([sys.executable, TRAIN, "--task", "sft", "--data", str(data), *TINY, "--steps", "2", "--eval-every", "2",
+        "--export", "--out", str(out)])
+    from transformers import AutoTokenizer
+    from mlorc_dist.data import default_corpus_path, train_tokenizer
+    learned = AutoTokenizer.from_pretrained(out / "export", local_files_only=True)
+    demo = train_tokenizer([str(default_corpus_path())], 2048, tmp_path / "tok")
+    word = " Quokkafrabble"
+    assert len(learned(word, add_special_tokens=False)["input_ids"]) == 1
+    assert len(demo(word, add_special_tokens=False)["input_ids"]) > 1
