@@ -27,22 +27,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def children_peak_rss_mb(stop: threading.Event, peaks: dict) -> None:
-    """Until ``stop``: the high-water RSS (VmHWM) of each child process, by pid. Read from /proc
-    after their exec: rusage's ru_maxrss would count the pages a child shares with this
-    process between fork and exec."""
+def watch_children(stop: threading.Event, peaks: dict, cpu: dict) -> None:
+    """Until ``stop``: the high-water RSS (VmHWM, MB) and the CPU seconds of each child process,
+    by pid. Read from /proc after their exec: rusage's ru_maxrss would count the pages a child
+    shares with this process between fork and exec."""
     me = str(os.getpid())
+    tick = os.sysconf("SC_CLK_TCK")
     while not stop.wait(0.1):
         for pid in os.listdir("/proc"):
             if not pid.isdigit():
                 continue
             try:
                 status = Path(f"/proc/{pid}/status").read_text()
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
             fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
             if fields.get("PPid", "").strip() == me and "VmHWM" in fields:
                 peaks[pid] = max(peaks.get(pid, 0), int(fields["VmHWM"].split()[0]) / 1024)
+                cpu[pid] = (int(stat[11]) + int(stat[12])) / tick        # utime + stime
 
 
 def one_run(args) -> dict:
@@ -50,8 +53,9 @@ def one_run(args) -> dict:
     from mlorc_dist.corpus import prepare, load_hf_tokenizer, TokenShards
     tokenizer = load_hf_tokenizer(args.tokenizer)
     peaks: dict = {}
+    cpu: dict = {}
     stop = threading.Event()
-    sampler = threading.Thread(target=children_peak_rss_mb, args=(stop, peaks), daemon=True)
+    sampler = threading.Thread(target=watch_children, args=(stop, peaks, cpu), daemon=True)
     sampler.start()
     started = time.perf_counter()
     cpu_self = time.process_time()
@@ -72,7 +76,8 @@ def one_run(args) -> dict:
             "tokens_per_s": shards.num_tokens / wall, "cpu_parent_s": cpu_self, "cpu_workers_s": cpu_workers,
             "cores_busy": (cpu_self + cpu_workers) / wall,
             "peak_rss_parent_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_rss_worker_mb": max(peaks.values(), default=0.0), "shards_sha256": digest.hexdigest()}
+            "peak_rss_worker_mb": max(peaks.values(), default=0.0),
+            "cpu_per_worker_s": sorted(cpu.values(), reverse=True), "shards_sha256": digest.hexdigest()}
 
 
 def build_corpus(args, workdir: Path) -> tuple[Path, Path]:
@@ -129,10 +134,11 @@ def main() -> int:
     print(f"corpus {corpus} ({corpus.stat().st_size / 1e6:.1f} MB), {rows[0]['tokens']:,} tokens, "
           f"{os.cpu_count()} CPUs, load average before {os.getloadavg()[0]:.1f}")
     print(f"{'workers':>7} {'seconds':>8} {'tokens/s':>10} {'cores busy':>10} {'CPU parent s':>12} "
-          f"{'CPU workers s':>13} {'RSS parent MB':>13} {'RSS worker MB':>13}")
+          f"{'CPU workers s':>13} {'CPU per worker s':>16} {'RSS parent MB':>13} {'RSS worker MB':>13}")
     for r in rows:
         print(f"{r['workers']:>7} {r['seconds']:>8.1f} {r['tokens_per_s']:>10,.0f} {r['cores_busy']:>10.2f} "
-              f"{r['cpu_parent_s']:>12.1f} {r['cpu_workers_s']:>13.1f} {r['peak_rss_parent_mb']:>13.0f} "
+              f"{r['cpu_parent_s']:>12.1f} {r['cpu_workers_s']:>13.1f} "
+              f"{' + '.join(f'{c:.1f}' for c in r['cpu_per_worker_s']):>16} {r['peak_rss_parent_mb']:>13.0f} "
               f"{r['peak_rss_worker_mb']:>13.0f}")
     print(f"shards byte-identical across worker counts: {identical}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

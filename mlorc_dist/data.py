@@ -12,6 +12,10 @@ Expensive results (tokenizer, token ids) are cached on disk, keyed by a hash of 
 were computed from, so the second call is instant. Every cache write is atomic
 (temporary file + ``os.replace``), so an interrupted run never leaves half a file behind.
 
+At scale, ``python -m mlorc_dist.data prepare --data FILE|DIR|GLOB --tokenizer DIR --out DIR``
+tokenises a corpus once, in parallel, into memory-mapped token shards (mlorc_dist.corpus), the
+form launch/train.py trains from.
+
 Typical use::
 
     corpus = default_corpus_path()
