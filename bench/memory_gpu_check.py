@@ -42,7 +42,7 @@ def run_case(shape, vocab, optimizer, bf16, micro, seq, ckpt):
     if bf16:
         model.to(torch.bfloat16)
     if ckpt:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     model.train()
     groups = mlorc_dist.param_groups(model)
     if optimizer == "adamw":

@@ -158,7 +158,7 @@ def build_model(args, config):
         torch.manual_seed(args.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if args.activation_checkpointing:
-        model.gradient_checkpointing_enable()   # the forward turns the KV cache off while it recomputes
+        model.activation_checkpointing_enable()   # the forward turns the KV cache off while it recomputes
     return model
 
 

@@ -218,7 +218,7 @@ def test_activation_estimate_single_process(dtype, checkpointing):
     config = llama_config("tiny", VOCAB)
     model = build_model(config, seed=0, dtype=dtype)
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     model.train()
     ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(0))
     with ActivationTracker(model.parameters()) as acts:
@@ -257,7 +257,7 @@ def test_adapters_single_process(method, checkpointing):
     config = llama_config("tiny", VOCAB)
     model = build_model(config, seed=0)
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     model = prepare_model(method, model, rank=RANK)
     model.train()
     optimizer = build_optimizer(method, model, lr=1e-3, rank=RANK)
