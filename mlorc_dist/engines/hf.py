@@ -12,6 +12,16 @@ or neither)::
                            optimizer_type="MLorcAdamW", mlorc={"rank": 4})
     trainer.train()          # trainer.mlorc_report: what every rank's optimizer compresses
 
+TRL (the same hooks: MLorcTrainerMixin in front of trl.SFTTrainer / trl.DPOTrainer; any other
+Trainer subclass through `trainer_class(base)`)::
+
+    from trl import SFTConfig
+    from mlorc_dist.engines.hf import MLorcSFTTrainer, training_arguments
+    args = training_arguments(args_class=SFTConfig, output_dir="out", fsdp=True,
+                              fsdp_config={"version": 2}, learning_rate=1e-3)
+    trainer = MLorcSFTTrainer(model=model, args=args, train_dataset=records,
+                              processing_class=tokenizer, mlorc={"rank": 4})
+
 accelerate (`accelerate launch --config_file examples/accelerate_configs/... script.py`)::
 
     from mlorc_dist.engines import hf
@@ -42,7 +52,7 @@ What this module does, and why (each of these goes wrong *silently* without it):
 After attaching, `attach` checks and logs, over all ranks, how many 2-D parameters there are and
 how many got low-rank momentum on some piece (`report`), and raises if the optimizer the engine
 steps is not the MLorc optimizer, or if an engine was asked for and the tensors are not sharded.
-MLorcTrainer also puts the counts in the training log (mlorc_lowrank_params, ...).
+MLorcTrainer (and the TRL trainers) also put the counts in the training log (mlorc_lowrank_params, ...).
 
 Limits: FSDP1 and ZeRO optimizer offload are refused. Trainer checkpoints resume exactly under
 DeepSpeed; under FSDP2 Trainer saves the optimizer through torch.distributed.checkpoint, which
@@ -59,7 +69,8 @@ import torch
 
 from ..optim.base import LowRankMomentumOptimizer
 
-__all__ = ["MLorcTrainer", "training_arguments", "distributed_state", "create_optimizer",
+__all__ = ["MLorcTrainer", "MLorcSFTTrainer", "MLorcDPOTrainer", "MLorcTrainerMixin", "trainer_class",
+           "training_arguments", "distributed_state", "create_optimizer",
            "make_accelerator", "enable_fsdp", "prepare", "attach", "report", "find_mlorc"]
 
 logger = logging.getLogger("mlorc_dist")
@@ -131,11 +142,13 @@ def distributed_state(deepspeed: bool | None = None):
     return state
 
 
-def training_arguments(**kwargs):
-    """`transformers.TrainingArguments(**kwargs)`, made to see every process of a multi-process
-    launch on a machine without a GPU (a gloo PartialState, `use_configured_state`). On a GPU
-    machine, or in a single process, it is plain TrainingArguments."""
-    from transformers import TrainingArguments
+def training_arguments(args_class=None, **kwargs):
+    """`transformers.TrainingArguments(**kwargs)` (or `args_class(**kwargs)`: a subclass such as
+    trl.SFTConfig or trl.DPOConfig), made to see every process of a multi-process launch on a
+    machine without a GPU (a gloo PartialState, `use_configured_state`). On a GPU machine, or in
+    a single process, it is the plain class."""
+    if args_class is None:
+        from transformers import TrainingArguments as args_class
 
     if _launched() and _no_gpu():
         distributed_state(deepspeed=bool(kwargs.get("deepspeed")))
@@ -144,7 +157,7 @@ def training_arguments(**kwargs):
             config = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
         kwargs["accelerator_config"] = dict(config, use_configured_state=True)
         kwargs.setdefault("ddp_backend", "gloo")
-    return TrainingArguments(**kwargs)
+    return args_class(**kwargs)
 
 
 def enable_fsdp(accelerator, plugin=None) -> bool:
@@ -196,25 +209,24 @@ def make_accelerator(**kwargs):
 # --------------------------------------------------------------------------- optimizer
 def create_optimizer(model: torch.nn.Module, args=None, *, optimizer_type: str = "MLorcAdamW",
                      mlorc: dict | None = None, **params) -> LowRankMomentumOptimizer:
-    """MLorc-AdamW or MLorc-Lion on `model`'s parameter groups (mlorc_dist.param_groups: 2-D
-    weights compressed; embeddings and lm_head dense unless mlorc={"compress_embeddings": True};
-    1-D tensors dense, no weight decay).
+    """MLorc-AdamW or MLorc-Lion (or a peer: MoFaSGD, GaLoreAdamW) on `model`'s trainable
+    parameters (mlorc_dist.param_groups: 2-D weights compressed; embeddings and lm_head dense
+    unless mlorc={"compress_embeddings": True}; 1-D tensors dense, no weight decay;
+    mlorc={"dense": True}: every tensor dense, AdamW, as for LoRA's adapters).
 
     Hyperparameters, later ones winning: the optimizer's defaults; `args` (TrainingArguments:
-    learning_rate, weight_decay, and for AdamW adam_beta1/2 and adam_epsilon); `params` (lr,
-    betas, eps, weight_decay). `mlorc` takes the keys of a DeepSpeed config's "mlorc" block
-    (rank, scope, seed, oversample, niter, factor_dtype, nonfinite, compress_embeddings, decay_1d,
-    dense_when_no_saving, correct_bias)."""
-    from ..deepspeed import build_optimizer, optimizer_class
-    from ..optim import MLorcAdamW
+    learning_rate, weight_decay, and for the optimizers with Adam moments adam_beta1/2 and
+    adam_epsilon); `params` (lr, betas, eps, weight_decay; MoFaSGD: momentum). `mlorc` takes the
+    keys of a DeepSpeed config's "mlorc" block (rank, scope, seed, oversample, niter,
+    factor_dtype, nonfinite, compress_embeddings, decay_1d, dense_when_no_saving, correct_bias,
+    dense, dense_lr, and the peers' phi, max_value, update_interval, scale)."""
+    from ..deepspeed import OPTIMIZER_PARAM_KEYS, build_optimizer
 
-    cls = optimizer_class(optimizer_type)
-    if cls is None:
-        raise ValueError(f"optimizer_type must be MLorcAdamW or MLorcLion, got {optimizer_type!r}")
+    cls = _trainer_optimizer_class(optimizer_type)
     kwargs: dict = {}
     if args is not None:
         kwargs.update(lr=args.learning_rate, weight_decay=args.weight_decay)
-        if cls is MLorcAdamW:
+        if "eps" in OPTIMIZER_PARAM_KEYS.get(cls, ()):
             kwargs.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     kwargs.update(params)
     return build_optimizer(model, optimizer_type, kwargs, dict(mlorc or {}))
@@ -347,157 +359,202 @@ def prepare(accelerator, *objects):
     return result
 
 
-# --------------------------------------------------------------------------- Trainer
-def _trainer_classes():
-    from transformers import Trainer, TrainerCallback
+# --------------------------------------------------------------------------- Trainer, TRL
+def _attach_callback(trainer):
+    """A TrainerCallback whose on_train_begin (after Trainer has built the DeepSpeed engine /
+    sharded the model, before the first step) attaches if create_scheduler has not already."""
+    from transformers import TrainerCallback
 
     class _AttachCallback(TrainerCallback):
-        """on_train_begin runs after Trainer has built the DeepSpeed engine / sharded the model,
-        before the first step: attach there if create_scheduler has not already."""
-
-        def __init__(self, trainer):
-            self.trainer = trainer
-
         def on_train_begin(self, args, state, control, **kwargs):
-            if self.trainer.mlorc_report is None:
-                self.trainer._mlorc_attach()
+            if trainer.mlorc_report is None:
+                trainer._mlorc_attach()
+    return _AttachCallback()
 
-    class MLorcTrainer(Trainer):
-        """transformers.Trainer that trains with MLorc-AdamW / MLorc-Lion, under DeepSpeed ZeRO
-        (TrainingArguments(deepspeed=...)), FSDP2 (fsdp=..., fsdp_config={"version": 2}) or
-        neither.
 
-        Arguments besides Trainer's: `optimizer_type` ("MLorcAdamW" or "MLorcLion"), `mlorc` (the
-        keys of a DeepSpeed config's "mlorc" block: rank, scope, seed, compress_embeddings, ...),
-        `optimizer_params` (lr, betas, eps, weight_decay; default: from TrainingArguments). A
-        DeepSpeed config may name the optimizer instead ("optimizer": {"type": "MLorcAdamW",
-        "params": {...}} and an "mlorc" block; "auto" values come from TrainingArguments);
-        arguments given here win over it.
+class MLorcTrainerMixin:
+    """What makes a transformers.Trainer (or any subclass of it: TRL's SFTTrainer, DPOTrainer,
+    ...) train with an mlorc_dist optimizer, under DeepSpeed ZeRO (deepspeed=...), FSDP2
+    (fsdp=..., fsdp_config={"version": 2}) or neither. Put it first among the bases, or use
+    `trainer_class(base)`: MLorcTrainer, MLorcSFTTrainer and MLorcDPOTrainer are made that way.
 
-        After `train()` has set up the engine, `trainer.mlorc_report` holds what `attach`
-        reported (low-rank parameters and pieces over all ranks) and `trainer.mlorc_optimizer`
-        the optimizer itself. Build TrainingArguments with `training_arguments(...)` so that a
-        CPU launch sees all its processes."""
+    Arguments besides the base trainer's: `optimizer_type` (MLorcAdamW, MLorcLion, or a peer:
+    MoFaSGD, GaLoreAdamW), `mlorc` (the keys of a DeepSpeed config's "mlorc" block: rank, scope,
+    seed, compress_embeddings, dense, dense_lr, ...), `optimizer_params` (lr, betas, eps,
+    weight_decay, momentum; default: from TrainingArguments). A DeepSpeed config may name the
+    optimizer instead ("optimizer": {"type": "MLorcAdamW", "params": {...}} and an "mlorc" block;
+    "auto" values come from TrainingArguments); arguments given here win over it. LoRA: hand
+    the trainer a peft model (TRL: peft_config=...) and mlorc={"dense": True} for AdamW on the
+    adapters.
 
-        def __init__(self, *args, optimizer_type: str | None = None, mlorc: dict | None = None,
-                     optimizer_params: dict | None = None, **kwargs):
-            optimizers = kwargs.get("optimizers") or (None, None)
-            if optimizers[0] is not None:
-                raise ValueError("MLorcTrainer builds its optimizer itself (Trainer's DeepSpeed path would "
-                                 "silently replace a ready one): pass optimizer_type=, mlorc=, optimizer_params=")
-            if kwargs.get("optimizer_cls_and_kwargs") is not None:
-                raise ValueError("MLorcTrainer builds its optimizer itself: do not pass optimizer_cls_and_kwargs")
-            self.mlorc_optimizer = None
-            self.mlorc_report = None
-            super().__init__(*args, **kwargs)
-            world = int(os.environ.get("WORLD_SIZE", "1"))
-            if self.accelerator.num_processes != world:
-                raise ValueError(f"accelerate sees {self.accelerator.num_processes} of the {world} processes "
-                                 "of this launch (on a machine without a GPU): build TrainingArguments with "
-                                 "mlorc_dist.engines.hf.training_arguments(...)")
-            if self.args.deepspeed and not self.is_deepspeed_enabled:
-                raise ValueError("TrainingArguments name a DeepSpeed config but Trainer did not enable DeepSpeed")
-            fsdp_args = self.args.fsdp_plugin_args
-            if fsdp_args is not None and int(fsdp_args.get("fsdp_version", 2)) != 2:
-                raise ValueError("MLorcTrainer supports FSDP2 only (fsdp_config={'version': 2}): FSDP1 hands "
-                                 "the optimizer flattened 1-D views it would train as dense vectors")
-            if fsdp_args is not None and self.args.save_strategy != "no" and not self.args.save_only_model:
-                warnings.warn("MLorcTrainer under FSDP2: Trainer saves the optimizer through "
-                              "torch.distributed.checkpoint, which does not keep MLorc's per-piece state; "
-                              "resuming from such a checkpoint raises ValueError. Save the model only "
-                              "(save_only_model=True) or use launch/train.py for resumable FSDP2 runs.",
-                              stacklevel=2)
-            block_type, block_params, block_mlorc = self._take_deepspeed_optimizer_block()
-            self.mlorc_optimizer_type = optimizer_type or block_type or "MLorcAdamW"
-            self.mlorc_settings = {**block_mlorc, **(mlorc or {})}
-            self.mlorc_optimizer_params = {**block_params, **(optimizer_params or {})}
-            from ..deepspeed import optimizer_class
-            if optimizer_class(self.mlorc_optimizer_type) is None:
-                raise ValueError(f"optimizer_type must be MLorcAdamW or MLorcLion, got {self.mlorc_optimizer_type!r}")
-            self.add_callback(_AttachCallback(self))
+    The optimizer is built in `create_optimizer`, the hook Trainer's DeepSpeed and FSDP paths
+    call; a ready optimizer (optimizers=(opt, None), optimizer_cls_and_kwargs=) is refused, since
+    the DeepSpeed path would silently replace it. After `train()` has set up the engine,
+    `trainer.mlorc_report` holds what `attach` reported (low-rank parameters and pieces over all
+    ranks; a ValueError if the optimizer about to step is not the one built here) and
+    `trainer.mlorc_optimizer` the optimizer itself. Build the arguments with
+    `training_arguments(...)` (`args_class=trl.SFTConfig` for TRL) so that a CPU launch sees all
+    its processes."""
 
-        # ---- the engine
-        def create_accelerator_and_postprocess(self) -> None:
-            super().create_accelerator_and_postprocess()
-            if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
-                from accelerate.utils import FullyShardedDataParallelPlugin
-                plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
-                self.is_fsdp_enabled = enable_fsdp(self.accelerator, plugin)
+    def __init__(self, *args, optimizer_type: str | None = None, mlorc: dict | None = None,
+                 optimizer_params: dict | None = None, **kwargs):
+        name = type(self).__name__
+        optimizers = kwargs.get("optimizers") or (None, None)
+        if optimizers[0] is not None:
+            raise ValueError(f"{name} builds its optimizer itself (Trainer's DeepSpeed path would "
+                             "silently replace a ready one): pass optimizer_type=, mlorc=, optimizer_params=")
+        if kwargs.get("optimizer_cls_and_kwargs") is not None:
+            raise ValueError(f"{name} builds its optimizer itself: do not pass optimizer_cls_and_kwargs")
+        self.mlorc_optimizer = None
+        self.mlorc_report = None
+        super().__init__(*args, **kwargs)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.accelerator.num_processes != world:
+            raise ValueError(f"accelerate sees {self.accelerator.num_processes} of the {world} processes "
+                             "of this launch (on a machine without a GPU): build the training arguments with "
+                             "mlorc_dist.engines.hf.training_arguments(...)")
+        if self.args.deepspeed and not self.is_deepspeed_enabled:
+            raise ValueError("the training arguments name a DeepSpeed config but Trainer did not enable DeepSpeed")
+        fsdp_args = self.args.fsdp_plugin_args
+        if fsdp_args is not None and int(fsdp_args.get("fsdp_version", 2)) != 2:
+            raise ValueError(f"{name} supports FSDP2 only (fsdp_config={{'version': 2}}): FSDP1 hands "
+                             "the optimizer flattened 1-D views it would train as dense vectors")
+        if fsdp_args is not None and self.args.save_strategy != "no" and not self.args.save_only_model:
+            warnings.warn(f"{name} under FSDP2: Trainer saves the optimizer through "
+                          "torch.distributed.checkpoint, which does not keep MLorc's per-piece state; "
+                          "resuming from such a checkpoint raises ValueError. Save the model only "
+                          "(save_only_model=True) or use launch/train.py for resumable FSDP2 runs.",
+                          stacklevel=2)
+        block_type, block_params, block_mlorc = self._take_deepspeed_optimizer_block()
+        self.mlorc_optimizer_type = optimizer_type or block_type or "MLorcAdamW"
+        self.mlorc_settings = {**block_mlorc, **(mlorc or {})}
+        self.mlorc_optimizer_params = {**block_params, **(optimizer_params or {})}
+        _trainer_optimizer_class(self.mlorc_optimizer_type)
+        self.add_callback(_attach_callback(self))
 
-        def _take_deepspeed_optimizer_block(self) -> tuple[str | None, dict, dict]:
-            """Move an MLorc "optimizer" block and the "mlorc" block out of the DeepSpeed config
-            (DeepSpeed would try to build the optimizer itself)."""
-            if not self.is_deepspeed_enabled:
-                return None, {}, {}
-            config = self.accelerator.state.deepspeed_plugin.hf_ds_config.config
-            block = config.get("optimizer")
-            settings = dict(config.pop("mlorc", None) or {})
-            if block is None:
-                return None, {}, settings
-            from ..deepspeed import optimizer_class
-            if optimizer_class(block.get("type", "")) is None:
-                raise ValueError(f"the DeepSpeed config names optimizer {block.get('type')!r}: MLorcTrainer "
-                                 "trains with MLorcAdamW or MLorcLion (remove the block or name one of them)")
-            config.pop("optimizer")
-            params = {k: v for k, v in (block.get("params") or {}).items() if v != "auto"}
-            if "betas" in params:
-                params["betas"] = tuple(params["betas"])
-            return block["type"], params, settings
+    # ---- the engine
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
+            from accelerate.utils import FullyShardedDataParallelPlugin
+            plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            self.is_fsdp_enabled = enable_fsdp(self.accelerator, plugin)
 
-        # ---- the optimizer
-        def create_optimizer(self, model=None):
-            if self.optimizer is None:
-                model = self.model if model is None else model
-                self.optimizer = create_optimizer(model, self.args, optimizer_type=self.mlorc_optimizer_type,
-                                                  mlorc=self.mlorc_settings, **self.mlorc_optimizer_params)
-                self.mlorc_optimizer = self.optimizer
-                self.mlorc_report = None          # a new optimizer: attach again once the engine exists
-            return self.optimizer
+    def _take_deepspeed_optimizer_block(self) -> tuple[str | None, dict, dict]:
+        """Move an mlorc_dist "optimizer" block and the "mlorc" block out of the DeepSpeed config
+        (DeepSpeed would try to build the optimizer itself)."""
+        if not self.is_deepspeed_enabled:
+            return None, {}, {}
+        config = self.accelerator.state.deepspeed_plugin.hf_ds_config.config
+        block = config.get("optimizer")
+        settings = dict(config.pop("mlorc", None) or {})
+        if block is None:
+            return None, {}, settings
+        from ..deepspeed import optimizer_class
+        if optimizer_class(block.get("type", "")) is None:
+            raise ValueError(f"the DeepSpeed config names optimizer {block.get('type')!r}: {type(self).__name__} "
+                             f"trains with {TRAINER_OPTIMIZERS_TEXT} (remove the block or name one of them)")
+        config.pop("optimizer")
+        params = {k: v for k, v in (block.get("params") or {}).items() if v != "auto"}
+        if "betas" in params:
+            params["betas"] = tuple(params["betas"])
+        return block["type"], params, settings
 
-        def create_scheduler(self, num_training_steps: int, optimizer=None):
-            # Trainer calls this right after accelerator.prepare has built the DeepSpeed engine /
-            # sharded the model, and before it loads a checkpoint into the engine (resume): the
-            # ZeRO layouts must be attached by then.
-            scheduler = super().create_scheduler(num_training_steps, optimizer)
-            if self.mlorc_report is None and self._mlorc_engine_ready():
-                self._mlorc_attach()
-            return scheduler
+    # ---- the optimizer
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            self.optimizer = create_optimizer(model, self.args, optimizer_type=self.mlorc_optimizer_type,
+                                              mlorc=self.mlorc_settings, **self.mlorc_optimizer_params)
+            self.mlorc_optimizer = self.optimizer
+            self.mlorc_report = None          # a new optimizer: attach again once the engine exists
+        return self.optimizer
 
-        def _mlorc_expect(self) -> str | None:
-            # what was asked for, not what accelerate enabled: asking for FSDP and getting DDP is the trap
-            if self.is_deepspeed_enabled or bool(self.args.deepspeed):
-                return "deepspeed"
-            if self.is_fsdp_enabled or self.args.fsdp_plugin_args is not None:
-                return "fsdp"
-            return None
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        # Trainer calls this right after accelerator.prepare has built the DeepSpeed engine /
+        # sharded the model, and before it loads a checkpoint into the engine (resume): the
+        # ZeRO layouts must be attached by then.
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self.mlorc_report is None and self._mlorc_engine_ready():
+            self._mlorc_attach()
+        return scheduler
 
-        def _mlorc_engine_ready(self) -> bool:
-            mlorc, zero = find_mlorc(self.optimizer)
-            if mlorc is None:
-                return False
-            if self._mlorc_expect() == "deepspeed":
-                return zero is not None
-            if self._mlorc_expect() == "fsdp":
-                return any(type(p).__name__ == "DTensor" for g in mlorc.param_groups for p in g["params"])
+    def _mlorc_expect(self) -> str | None:
+        # what was asked for, not what accelerate enabled: asking for FSDP and getting DDP is the trap
+        if self.is_deepspeed_enabled or bool(self.args.deepspeed):
+            return "deepspeed"
+        if self.is_fsdp_enabled or self.args.fsdp_plugin_args is not None:
+            return "fsdp"
+        return None
+
+    def _mlorc_engine_ready(self) -> bool:
+        mlorc, zero = find_mlorc(self.optimizer)
+        if mlorc is None:
             return False
+        if self._mlorc_expect() == "deepspeed":
+            return zero is not None
+        if self._mlorc_expect() == "fsdp":
+            return any(type(p).__name__ == "DTensor" for g in mlorc.param_groups for p in g["params"])
+        return False
 
-        def _mlorc_attach(self) -> None:
-            mlorc, _ = find_mlorc(self.optimizer)
-            if mlorc is None or mlorc is not self.mlorc_optimizer:
-                raise ValueError(f"Trainer is about to step {type(self.optimizer).__name__}, not the MLorc "
-                                 "optimizer MLorcTrainer built")
-            self.mlorc_report = attach(self.optimizer, self.model, expect=self._mlorc_expect())
-            # the counts also go to the training log (console, log_history, report_to integrations)
-            self.log({f"mlorc_{key}": self.mlorc_report[key]
-                      for key in ("params_2d", "lowrank_params", "pieces_2d", "lowrank_pieces")})
+    def _mlorc_attach(self) -> None:
+        mlorc, _ = find_mlorc(self.optimizer)
+        if mlorc is None or mlorc is not self.mlorc_optimizer:
+            raise ValueError(f"Trainer is about to step {type(self.optimizer).__name__}, not the "
+                             f"{self.mlorc_optimizer_type} optimizer {type(self).__name__} built")
+        self.mlorc_report = attach(self.optimizer, self.model, expect=self._mlorc_expect())
+        # the counts also go to the training log (console, log_history, report_to integrations)
+        self.log({f"mlorc_{key}": self.mlorc_report[key]
+                  for key in ("params_2d", "lowrank_params", "pieces_2d", "lowrank_pieces")})
 
-    MLorcTrainer.__module__, MLorcTrainer.__qualname__ = __name__, "MLorcTrainer"
-    return MLorcTrainer
+
+TRAINER_OPTIMIZERS = ("MLorcAdamW", "MLorcLion", "MoFaSGD", "GaLoreAdamW")
+TRAINER_OPTIMIZERS_TEXT = "MLorcAdamW or MLorcLion, or a peer: MoFaSGD or GaLoreAdamW"
+
+
+def _trainer_optimizer_class(optimizer_type: str):
+    """The optimizer class a trainer builds for `optimizer_type`; ValueError for any other type
+    (SwitchLoRA needs its own layers and switching between steps: launch/train.py runs it)."""
+    from ..deepspeed import optimizer_class
+    try:
+        cls = optimizer_class(optimizer_type)
+    except ValueError:
+        cls = None
+    if cls is None or cls.__name__ not in TRAINER_OPTIMIZERS:
+        raise ValueError(f"optimizer_type must be {TRAINER_OPTIMIZERS_TEXT}, got {optimizer_type!r}")
+    return cls
+
+
+_TRAINER_CLASSES: dict = {}
+
+
+def trainer_class(base: type, name: str | None = None) -> type:
+    """`base` (transformers.Trainer or a subclass: trl.SFTTrainer, trl.DPOTrainer, your own)
+    with MLorcTrainerMixin in front: the same optimizer hooks, checks and report for every
+    trainer. One class per base (cached); `name` defaults to "MLorc" + the base's name."""
+    if base not in _TRAINER_CLASSES:
+        name = name or f"MLorc{base.__name__}"
+        cls = type(name, (MLorcTrainerMixin, base), {"__module__": __name__, "__qualname__": name,
+                                                      "__doc__": f"{base.__name__} with MLorcTrainerMixin: "
+                                                                 f"{MLorcTrainerMixin.__doc__}"})
+        _TRAINER_CLASSES[base] = cls
+    return _TRAINER_CLASSES[base]
+
+
+def _lazy_trainer(name: str) -> type:
+    if name == "MLorcTrainer":           # subclasses transformers.Trainer: defined on first use
+        from transformers import Trainer
+        return trainer_class(Trainer, "MLorcTrainer")
+    try:
+        import trl
+    except ImportError as error:
+        raise ImportError(f"{name} needs TRL: pip install 'mlorc-dist[integrations]' (or trl)") from error
+    return trainer_class({"MLorcSFTTrainer": trl.SFTTrainer, "MLorcDPOTrainer": trl.DPOTrainer}[name])
 
 
 def __getattr__(name: str):
-    if name == "MLorcTrainer":           # defined on first use: it subclasses transformers.Trainer
-        cls = _trainer_classes()
-        globals()["MLorcTrainer"] = cls
+    if name in ("MLorcTrainer", "MLorcSFTTrainer", "MLorcDPOTrainer"):
+        cls = _lazy_trainer(name)
+        globals()[name] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
