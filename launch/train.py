@@ -34,6 +34,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlorc_dist import checkpoint as ckpt  # noqa: E402
+from mlorc_dist.flops import mfu_fields  # noqa: E402
+from mlorc_dist.reporting import open_reporters  # noqa: E402
 from mlorc_dist.launch_checks import check_args, explicit_flags, planned_schedule, report_error  # noqa: E402
 from mlorc_dist.training import (IGNORE_INDEX, CheckpointDir, GlobalBatches, MetricsWriter,  # noqa: E402
                                  exit_without_teardown, load_pretraining_ids, load_sft_records, model_signature,
@@ -127,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sample memory per rank (after backward, after step; tensor bytes by category, "
                           "RSS, CUDA allocator, NVML) and write memory.json / memory.png in --out")
     out.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (None: torch's)")
+    out.add_argument("--report-to", nargs="+", default=["none"], choices=("tensorboard", "wandb", "none"),
+                     help="also send each step's metrics to TensorBoard (--out/tensorboard) and / or Weights & "
+                          "Biases (WANDB_MODE=offline: --out/wandb), from rank 0 (mlorc_dist.reporting)")
     return p
 
 
@@ -695,6 +700,7 @@ def run(args, given: set[str]) -> int:
     batches = GlobalBatches(train_source, args.global_batch, args.micro_batch, world, rank, args.seed)
     start = load_checkpoint(trainer, batches, args, rank, signature) if args.resume else 0
     metrics = open_metrics(args, rank, start)
+    reporter = open_reporters(args, rank, world, start, trainer.optimizer, device)
     profiler = None
     if args.profile_memory:
         from mlorc_dist.memory import MemoryProfiler
@@ -729,11 +735,13 @@ def run(args, given: set[str]) -> int:
         record = {"step": step, "loss": float(loss), "lr": lr, "step_time": elapsed,
                   "optimizer_time": optimizer_time,
                   "tokens_per_s": args.global_batch * args.seq_len / elapsed, **done}
+        record.update(mfu_fields(config, args.seq_len, record["tokens_per_s"], world, device, args.bf16))
         if torch.cuda.is_available():
             record["max_allocated"] = torch.cuda.max_memory_allocated()
         if args.eval_every and step % args.eval_every == 0:
             record["eval_loss"] = evaluate(trainer, eval_batches, rank, world, device)
         metrics.write(record)
+        reporter.log(record)
         if progress:
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.3f}")
@@ -742,6 +750,7 @@ def run(args, given: set[str]) -> int:
             saved = step
     if progress:
         progress.close()
+    reporter.close()
     if saved < args.steps and not args.no_final_checkpoint:
         save_checkpoint(trainer, batches, args.steps, args, rank, signature, schedule)
     if profiler:   # collective: every rank's samples reach rank 0, which writes the report

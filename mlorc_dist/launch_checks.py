@@ -108,6 +108,8 @@ def check_args(args, given: set[str], world: int) -> dict | None:
              f"--fused is MLorc's fused step (mlorc-adamw, mlorc-lion), not {args.optimizer}'s")
     _check_model(args)
     _check_data(args)
+    from .reporting import check_report_to
+    check_report_to(args)              # --report-to's packages are installed
     if args.deepspeed:
         for dest, (flag, _) in METHOD_FLAGS.items():
             if dest in given:
