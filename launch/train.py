@@ -434,15 +434,19 @@ class Trainer:
             for sub_group in range(len(wrapper.fp32_partitioned_groups_flat)):
                 wrapper._reassign_or_swap_out_partitioned_parameters(sub_group)
 
-    def full_state_dict(self) -> dict:
-        """Full weights on every rank (collective under ZeRO-3 and FSDP2)."""
-        if self.kind == "fsdp2":
-            return {n: p.full_tensor().detach().cpu() for n, p in self.model.named_parameters()}
-        if self.kind == "deepspeed" and self.zero_stage == 3:
-            import deepspeed
-            with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
-                return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()}
-        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()}
+    def full_parameters(self):
+        """(name, whole tensor) one parameter at a time; under FSDP2 and ZeRO-3 each is gathered
+        as it is reached (a collective: every rank iterates to the end)."""
+        for name, param in self.model.named_parameters():
+            if self.kind == "fsdp2":
+                yield name, param.full_tensor()
+            elif self.kind == "deepspeed" and self.zero_stage == 3:
+                import deepspeed
+                with deepspeed.zero.GatheredParameters([param]):
+                    full = param.detach().clone()       # the gathered storage is freed on exit
+                yield name, full
+            else:
+                yield name, param
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -515,8 +519,8 @@ def load_checkpoint(trainer, batches, args, rank, signature) -> int:
     if optimizer is None or meta["algorithm"] != optimizer.algorithm or meta["scope"] != optimizer.scope:
         raise ValueError(f"{path} was written by {meta['algorithm']} (scope {meta['scope']}); this run uses "
                          f"{getattr(optimizer, 'algorithm', None)} (scope {getattr(optimizer, 'scope', None)})")
-    common = torch.load(path / "common.pt", weights_only=True)
-    shards = [torch.load(path / f"rank{r}.pt", weights_only=True) for r in range(meta["world_size"])]
+    common = ckpt.read_file(path / "common.pt")
+    shards = [ckpt.read_file(path / f"rank{r}.pt") for r in range(meta["world_size"])]   # memory-mapped
     ckpt.load_master_records(optimizer, [rec for s in shards for rec in s["master"]])
     counts = ckpt.load_optimizer_records(optimizer, [rec for s in shards for rec in s["optimizer"]])
     trainer.sync_master_to_model()
@@ -540,17 +544,13 @@ def load_checkpoint(trainer, batches, args, rank, signature) -> int:
 
 
 def export_hf(trainer, tokenizer, args, rank) -> None:
-    state = trainer.full_state_dict()
-    if rank == 0:
-        target = Path(args.out) / "export"
-        config = copy.deepcopy(trainer.model.config)
-        config.use_cache = True         # for generation; activation checkpointing only trains without it
-        from transformers import AutoModelForCausalLM
-        with torch.device("meta"):
-            plain = AutoModelForCausalLM.from_config(config)
-        plain.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
-        plain.save_pretrained(target)
-        tokenizer.save_pretrained(target)
+    """A plain HF model directory in --out/export, one parameter in flight at a time."""
+    from mlorc_dist.export import write_hf_model
+    config = copy.deepcopy(trainer.model.config)
+    config.use_cache = True         # for generation; activation checkpointing only trains without it
+    target = write_hf_model(trainer.full_parameters(), config, Path(args.out) / "export", tokenizer,
+                            writer=rank == 0)
+    if target is not None:
         logger.info("exported a plain HF model to %s", target)
 
 

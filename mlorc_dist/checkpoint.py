@@ -26,7 +26,23 @@ from .lowrank import compute_dtype_for, randomized_svd, rebuild, sketch_seed
 from .optim.base import LowRankMomentumOptimizer, _flat
 from .pieces import Piece
 
-__all__ = ["master_records", "load_master_records", "optimizer_records", "load_optimizer_records"]
+__all__ = ["master_records", "load_master_records", "optimizer_records", "load_optimizer_records", "read_file"]
+
+
+def read_file(path) -> dict:
+    """One checkpoint file, memory-mapped: a rank loading it reads from disk only the records
+    that overlap its own pieces (the others' bytes are never paged in), so a resume at any
+    world size holds O(its shard), not every rank's file. A missing, truncated or foreign file
+    is a ValueError naming it."""
+    from pathlib import Path
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: missing from the checkpoint (written by fewer ranks, or deleted)")
+    try:
+        return torch.load(path, weights_only=True, mmap=True)
+    except Exception as error:      # torch's zip reader and unpickler raise several types
+        raise ValueError(f"{path}: not a readable checkpoint file, truncated or corrupt "
+                         f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
 
 
 def _pieces(optimizer: LowRankMomentumOptimizer):

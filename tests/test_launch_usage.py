@@ -304,3 +304,14 @@ def test_sft_trains_its_tokenizer_on_the_records(tmp_path):
     word = " Quokkafrabble"
     assert len(learned(word, add_special_tokens=False)["input_ids"]) == 1
     assert len(demo(word, add_special_tokens=False)["input_ids"]) > 1
+
+
+def test_a_truncated_checkpoint_file_is_named_and_nothing_is_overwritten(tmp_path):
+    out = tmp_path / "run"
+    ok([sys.executable, TRAIN, *TINY, "--steps", "2", "--out", str(out)])
+    shard = out / "checkpoints" / "step_00000002" / "rank0.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    result = run([sys.executable, TRAIN, *TINY, "--steps", "2", "--resume", "--out", str(out)])
+    assert result.returncode == 2 and f"{shard}: not a readable checkpoint file, truncated or corrupt" in result.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
