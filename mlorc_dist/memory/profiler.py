@@ -47,7 +47,7 @@ import warnings
 
 import torch
 
-__all__ = ["MemoryProfiler", "TENSOR_CATEGORIES", "rss_bytes", "nvml_memory"]
+__all__ = ["MemoryProfiler", "TENSOR_CATEGORIES", "rss_bytes", "nvml_memory", "node_rank"]
 
 TENSOR_CATEGORIES = ("weights", "gathered_weights", "master", "grads", "grad_staging", "state_factors",
                      "state_dense", "state_scalars", "engine_buffers")
@@ -111,6 +111,20 @@ def nvml_memory(local_rank: int) -> dict | None:
     except Exception as exc:                           # noqa: BLE001
         _NVML["state"], _NVML["error"] = False, f"{type(exc).__name__}: {exc}"
         return None
+
+
+def node_rank(rank: int) -> int | None:
+    """This process's node index from the launcher: torchrun's GROUP_RANK, DeepSpeed's
+    CROSS_RANK, else rank // LOCAL_WORLD_SIZE (torchrun) or LOCAL_SIZE (DeepSpeed); None when
+    the launcher says none of these."""
+    for name in ("GROUP_RANK", "CROSS_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return rank // int(value)
+    return None
 
 
 def add_state_bytes(state, out: dict) -> None:
@@ -361,7 +375,7 @@ class MemoryProfiler:
             self.samples.append(self._pending_step)
             self._pending_step = None
         return {"rank": self.rank, "local_rank": self.local_rank, "world_size": self.world_size,
-                "host": self.host, "engine": self.kind, "device": str(self.device),
+                "host": self.host, "node_rank": node_rank(self.rank), "engine": self.kind, "device": str(self.device),
                 "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
                 "notes": list(self.notes), "samples": self.samples, "peaks": self.peaks()}
 
