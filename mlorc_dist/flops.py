@@ -108,7 +108,9 @@ def model_flops_per_token(config, seq_len: int) -> float:
 
 
 def _matmul_precision_is_tf32() -> bool:
-    return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+    """Whether fp32 matmuls may run as TF32 (torch.backends.cuda.matmul.allow_tf32 = True sets this
+    precision to "high" too)."""
+    return torch.get_float32_matmul_precision() != "highest"
 
 
 def peak_flops(device, bf16: bool) -> float | None:
