@@ -22,7 +22,8 @@ the achieved FLOP/s are reported.
 """
 from __future__ import annotations
 
-import functools
+import copy
+import logging
 import os
 
 import torch
@@ -88,23 +89,21 @@ def matmul_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.dim() == 2 and id(p) not in embeddings)
 
 
-@functools.lru_cache(maxsize=16)
-def _flops_per_token(config_json: str, seq_len: int) -> tuple[float, int]:
-    from transformers import AutoConfig
-
-    from .memory.planner import build_meta_model
-    import json
-    data = json.loads(config_json)
-    config = AutoConfig.for_model(**data)
-    n = matmul_params(build_meta_model(config))
-    layers, width = _attention_width(config)
-    return 6.0 * n + 12.0 * layers * width * seq_len, n
+_PER_TOKEN: dict[tuple[str, int], float] = {}
+_FAILED: set[str] = set()
+logger = logging.getLogger("mlorc_dist")
 
 
 def model_flops_per_token(config, seq_len: int) -> float:
     """Training FLOPs per token of a model of this transformers config on sequences of
-    `seq_len` tokens: 6 N + 12 L d_attn seq (module docstring)."""
-    return _flops_per_token(config.to_json_string(use_diff=False), int(seq_len))[0]
+    `seq_len` tokens: 6 N + 12 L d_attn seq (module docstring). Cached per config and length."""
+    key = (config.to_json_string(use_diff=False), int(seq_len))
+    if key not in _PER_TOKEN:
+        from .memory.planner import build_meta_model
+        n = matmul_params(build_meta_model(copy.deepcopy(config)))
+        layers, width = _attention_width(config)
+        _PER_TOKEN[key] = 6.0 * n + 12.0 * layers * width * int(seq_len)
+    return _PER_TOKEN[key]
 
 
 def _matmul_precision_is_tf32() -> bool:
@@ -132,8 +131,16 @@ def peak_flops(device, bf16: bool) -> float | None:
 def mfu_fields(config, seq_len: int, tokens_per_s: float, world_size: int, device, bf16: bool) -> dict:
     """The fields of one metrics record: model_flops_per_token, model_flops_per_s (achieved,
     all ranks together) and, where the device's peak is known, mfu (a fraction of world size x
-    peak)."""
-    per_token = model_flops_per_token(config, seq_len)
+    peak). Empty, with one warning, where the model cannot be built on the meta device."""
+    try:
+        per_token = model_flops_per_token(config, seq_len)
+    except Exception as error:       # noqa: BLE001  (an architecture the meta build cannot make)
+        name = type(config).__name__
+        if name not in _FAILED:
+            _FAILED.add(name)
+            logger.warning("model FLOPs not counted for %s (%s: %s): no MFU fields", name,
+                           type(error).__name__, error)
+        return {}
     achieved = per_token * tokens_per_s
     fields = {"model_flops_per_token": per_token, "model_flops_per_s": achieved}
     peak = peak_flops(device, bf16)
