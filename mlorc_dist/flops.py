@@ -28,7 +28,7 @@ import os
 
 import torch
 
-__all__ = ["model_flops_per_token", "peak_flops", "mfu_fields", "PEAK_TFLOPS"]
+__all__ = ["model_flops_per_token", "matmul_params", "peak_flops", "mfu_fields", "PEAK_TFLOPS"]
 
 # Dense (no sparsity) peak TFLOP/s per device: (bf16 tensor cores, TF32 tensor cores, fp32).
 # Matched in this order against torch.cuda.get_device_name(), case-insensitively.
