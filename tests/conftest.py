@@ -9,6 +9,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# torch.compile's FX graph cache does not key its entries on ATEN_CPU_CAPABILITY, which sets the
+# vector ISA of inductor's C++: code generated for AVX-512 and cached is then compiled without
+# AVX-512 under ATEN_CPU_CAPABILITY=default, a C++ compile error ("at::vec has not been
+# declared"). A run that sets the capability keeps a cache of its own.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}_aten_{os.environ['ATEN_CPU_CAPABILITY']}"
 # One thread per process: the suite runs multi-process engines on 2 cores, and OpenMP threads
 # that outnumber the cores spin-wait (a 30-step test went from 2 s to 130 s when oversubscribed).
 torch.set_num_threads(1)

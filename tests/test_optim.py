@@ -52,17 +52,31 @@ class ReferenceLion(torch.optim.Optimizer):
                 p.mul_(1 - group["lr"] * group["weight_decay"])
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-3)])
+# Two code paths that compute the same numbers, compared in float64 over many steps (exact up to
+# float64 rounding), and in float32 over two steps only: over more steps float32 rounding, which
+# differs between BLAS/LAPACK code paths (MKL's AVX2 and AVX-512 kernels sum in other orders),
+# is carried through the training and amplified where a moment entry crosses a threshold (the
+# negative-entry fix, the noise floor) or the rank-r truncation is ill-conditioned, so no fixed
+# float32 bound over many steps holds on every CPU. The second step is the first to rebuild the
+# moments from their factors.
+PATHS_AGREE = [(torch.float64, 30, 1e-10), (torch.float32, 2, 1e-5)]     # dtype, steps, bound
+
+
+# measured under MKL's default, COMPATIBLE, AVX2 and AVX-512 code paths and ATen's default
+# capability: float64 4e-15 after 30 steps, float32 2.1e-7 to 3.5e-7 after 2
+@pytest.mark.parametrize("dtype,steps,tol", PATHS_AGREE)
 @pytest.mark.parametrize("scope", ["local", "global"])
-def test_full_rank_mlorc_adamw_is_adamw(dtype, tol, scope, rel_diff):
+def test_full_rank_mlorc_adamw_is_adamw(dtype, steps, tol, scope, rel_diff):
     model, reference = make_mlp(dtype), make_mlp(dtype)
     opt = MLorcAdamW(model.parameters(), lr=3e-3, eps=0.0, weight_decay=0.0, rank=64,
                      dense_when_no_saving=False, scope=scope)
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=3e-3, eps=0.0, weight_decay=0.0)
-    data = batches(dtype, 30)
+    data = batches(dtype, steps)
     losses = train(model, opt, data)
-    ref_losses = train(reference, ref_opt, data)
-    assert losses[-1] < losses[0] * 0.9              # it trains
+    train(reference, ref_opt, data)
+    if steps >= 30:
+        assert losses[-1] < losses[0] * 0.9                                # it trains
+    assert rel_diff(list(model.parameters()), list(make_mlp(dtype).parameters())) > 1e-3   # it moved
     assert rel_diff(list(model.parameters()), list(reference.parameters())) <= tol
     # the low-rank path really ran: matrices hold factors, not dense moments
     matrix_state = opt.state[model[0].weight]["pieces"][0]
@@ -86,48 +100,60 @@ def test_eps_difference_is_the_documented_one(rel_diff):
     assert rel_diff(list(model.parameters()), list(reference.parameters())) <= 1e-10
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-3)])
-def test_full_rank_mlorc_lion_is_lion(dtype, tol, rel_diff):
+# measured: 0 (bitwise) in both dtypes; a float32 rounding difference can flip a sign, so the
+# float32 run is short too
+@pytest.mark.parametrize("dtype,steps,tol", PATHS_AGREE)
+def test_full_rank_mlorc_lion_is_lion(dtype, steps, tol, rel_diff):
     model, reference = make_mlp(dtype), make_mlp(dtype)
     opt = MLorcLion(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, rank=64,
                     dense_when_no_saving=False)
     ref_opt = ReferenceLion(reference.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
-    data = batches(dtype, 30)
+    data = batches(dtype, steps)
     train(model, opt, data)
     train(reference, ref_opt, data)
     assert rel_diff(list(model.parameters()), list(reference.parameters())) <= tol
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device (the lent GPU machine runs it; CI has none)"))])
-@pytest.mark.parametrize("fused", [False, True])     # True: the fused step (optim/fused.py)
-def test_full_rank_oracle_on_tiny_llama(rel_diff, fused, device):
+def _full_rank_oracle_on_tiny_llama(rel_diff, fused, device, dtype, steps, tol):
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device)
-    reference = LlamaForCausalLM(config).to(device)
+    model = LlamaForCausalLM(config).to(device, dtype)
+    reference = LlamaForCausalLM(config).to(device, dtype)
     reference.load_state_dict(model.state_dict())
     opt = MLorcAdamW(mlorc_dist.param_groups(model), lr=1e-3, eps=1e-30, weight_decay=0.0,
                      rank=97, dense_when_no_saving=False, fused=fused)
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3, eps=1e-30, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
-    for _ in range(30):
+    for _ in range(steps):
         ids = torch.randint(0, 97, (4, 16), generator=g).to(device)
         for mod, o in ((model, opt), (reference, ref_opt)):
             o.zero_grad()
             mod(input_ids=ids, labels=ids).loss.backward()
             o.step()
-    assert rel_diff(list(model.parameters()), list(reference.parameters())) <= 1e-3
+    assert rel_diff(list(model.parameters()), list(reference.parameters())) <= tol
+
+
+# measured on the CPU (the five code paths above): float64 1e-15 to 1.6e-15 after 30 steps,
+# float32 1.4e-7 to 4.6e-7 after 2
+@pytest.mark.parametrize("dtype,steps,tol", PATHS_AGREE)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (the lent GPU machine runs it; CI has none)"))])
+@pytest.mark.parametrize("fused", [False, True])     # True: the fused step (optim/fused.py)
+def test_full_rank_oracle_on_tiny_llama(rel_diff, fused, device, dtype, steps, tol):
+    _full_rank_oracle_on_tiny_llama(rel_diff, fused, device, dtype, steps, tol)
 
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_full_rank_oracle_with_the_gpu_rule_algebra(monkeypatch, rel_diff, fused):
-    """Cholesky QR and the Gram-eigh SVD (float32 on a GPU; forced here on the CPU): still AdamW."""
+    """Cholesky QR and the Gram-eigh SVD (float32 on a GPU; forced here on the CPU): still AdamW.
+    float32 only, two steps (PATHS_AGREE; measured 1e-7 to 1.4e-7): the rule is for float32 blocks, and
+    its algebra is exact only to float32 rounding by design (singular values under 1e-7 s_max
+    are dropped, the Cholesky QR is shifted), so a float64 run of it is not exact either."""
     from mlorc_dist import lowrank
     monkeypatch.setattr(lowrank, "uses_gram_algebra", lambda t: t.dtype == torch.float32)
-    test_full_rank_oracle_on_tiny_llama(rel_diff, fused, "cpu")
+    _full_rank_oracle_on_tiny_llama(rel_diff, fused, "cpu", torch.float32, 2, 1e-5)
 
 
 @pytest.mark.parametrize("cls,moments", [(MLorcAdamW, 2), (MLorcLion, 1)])
@@ -277,8 +303,12 @@ def test_startup_log_counts_treatments(caplog):
     assert "low-rank (local body): 14 params" in caplog.text
 
 
+# measured on an AVX-512 Xeon: float64 3e-16 after 10 steps; float32 1.8e-8 after one step and
+# 3.5e-5 after ten under MKL's AVX2 and AVX-512 code paths (the rank-4 truncation amplified the
+# rounding difference about 4x per step). On an AMD EPYC the two paths are bitwise equal.
+@pytest.mark.parametrize("dtype,steps,tol", [(torch.float64, 10, 1e-10), (torch.float32, 2, 1e-5)])
 @pytest.mark.parametrize("cls", [MLorcAdamW, MLorcLion])
-def test_batched_fast_path_equals_the_reference_path(cls, rel_diff, monkeypatch):
+def test_batched_fast_path_equals_the_reference_path(cls, dtype, steps, tol, rel_diff, monkeypatch):
     """Same-shaped bodies are compressed in one batched call; the result must equal the plain
     per-body path (batched=False) to rounding, and batching must really happen."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -286,7 +316,7 @@ def test_batched_fast_path_equals_the_reference_path(cls, rel_diff, monkeypatch)
     config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=56, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)
-    fast, plain = LlamaForCausalLM(config), LlamaForCausalLM(config)
+    fast, plain = LlamaForCausalLM(config).to(dtype), LlamaForCausalLM(config).to(dtype)
     plain.load_state_dict(fast.state_dict())
     kwargs = dict(lr=1e-2, rank=4, weight_decay=0.0)
     fast_opt = cls(mlorc_dist.param_groups(fast), **kwargs)
@@ -296,14 +326,14 @@ def test_batched_fast_path_equals_the_reference_path(cls, rel_diff, monkeypatch)
     monkeypatch.setattr(lowrank, "compress",
                         lambda a, *args: batch_sizes.append(a.shape[0] if a.dim() == 3 else 1) or real_compress(a, *args))
     g = torch.Generator().manual_seed(0)
-    for _ in range(10):
+    for _ in range(steps):
         ids = torch.randint(0, 97, (4, 16), generator=g)
         for model, opt in ((fast, fast_opt), (plain, plain_opt)):
             opt.zero_grad()
             model(input_ids=ids, labels=ids).loss.backward()
             opt.step()
     assert max(batch_sizes) >= 3                          # the 3 layers' q_proj (etc.) together
-    assert rel_diff(list(fast.parameters()), list(plain.parameters())) <= 1e-5
+    assert rel_diff(list(fast.parameters()), list(plain.parameters())) <= tol
 
 
 def test_rebind_parameters_after_a_swap_and_refused_with_state():
