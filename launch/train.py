@@ -155,13 +155,20 @@ def build_config(args):
     return llama_config(args.model, vocab)
 
 
-def build_model(args, config):
+def build_model(args, config, kind: str):
+    """The model in fp32. Under FSDP2 (no adapters) its parameters are left on the meta device,
+    and each rank fills only its shard after fully_shard (Trainer); elsewhere it is built whole.
+    Either way its initial weights are mlorc_dist.build's: the same at every world size."""
     from transformers import AutoModelForCausalLM
+    from mlorc_dist.build import init_weights, meta_model
+    torch.manual_seed(args.seed)
     if args.init_from:
         model = AutoModelForCausalLM.from_pretrained(args.init_from, local_files_only=True, dtype=torch.float32)
+    elif kind == "fsdp2" and args.optimizer not in ("lora", "switchlora"):
+        model = meta_model(config)
     else:
-        torch.manual_seed(args.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        init_weights(model, args.seed)
     if args.activation_checkpointing:
         model.activation_checkpointing_enable()   # the forward turns the KV cache off while it recomputes
     return model
@@ -339,7 +346,9 @@ class Trainer:
             self.zero_stage = config.get("zero_optimization", {}).get("stage", 0)
             self.peak_lr = args.lr        # the JSON's optimizer.params.lr where it sets one
         else:
-            model.to(device)
+            on_meta = any(p.is_meta for p in model.parameters())
+            if not on_meta:
+                model.to(device)
             if kind == "fsdp2":
                 from torch.distributed.device_mesh import init_device_mesh
                 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -349,6 +358,9 @@ class Trainer:
                 for layer in decoder_layers(model):
                     fully_shard(layer, mesh=mesh, mp_policy=policy)
                 fully_shard(model, mesh=mesh, mp_policy=policy)
+            if on_meta:
+                from mlorc_dist.build import materialize
+                materialize(model, args.seed, device)      # this rank's rows only
             self.model = model
             self.optimizer = make_torch_optimizer(args, model)
             self.lr_groups = self.optimizer.param_groups
@@ -689,7 +701,7 @@ def run(args, given: set[str]) -> int:
     config = build_config(args)
     if config.vocab_size < len(tokenizer):
         raise ValueError(f"model vocab {config.vocab_size} < tokenizer vocab {len(tokenizer)}")
-    model = build_model(args, config)
+    model = build_model(args, config, kind)
     if not args.deepspeed:      # under DeepSpeed the config's "adapter" block says (mlorc_dist.deepspeed)
         from mlorc_dist.methods import prepare_model
         model = prepare_model(args.optimizer, model, rank=args.rank, seed=args.seed,

@@ -87,6 +87,23 @@ def test_evaluation_meets_on_every_rank_at_any_held_out_size(tmp_path, one_proce
     assert model.config.use_cache is True
 
 
+def test_initial_weights_are_the_same_at_every_world_size(tmp_path):
+    """One process, FSDP2 at 1, 2 and 3 ranks (parameters built on the meta device, each rank
+    filling only its rows) and ZeRO-3 at 2 ranks: bitwise the same initial model."""
+    flags = ["--model", "tiny", "--seq-len", "16", "--global-batch", "6", "--micro-batch", "1", "--export", *TIMEOUT]
+    runs = {"single": [sys.executable, EVAL_WORKER, str(tmp_path / "r.json"), "0", *flags]}
+    for world in (1, 2, 3):
+        runs[f"fsdp2x{world}"] = torchrun(world, 29610 + world, EVAL_WORKER, str(tmp_path / "r.json"), "0", "--fsdp",
+                                          *flags)
+    runs["zero3x2"] = [DEEPSPEED, "--num_accelerators", "2", "--master_port", "29614", EVAL_WORKER,
+                       str(tmp_path / "r.json"), "0", "--deepspeed", str(ROOT / "ds_configs" / "mlorc_zero3.json"), *flags]
+    digests = {}
+    for name, cmd in runs.items():
+        ok(cmd + ["--out", str(tmp_path / name)])
+        digests[name] = (tmp_path / name / "export" / "model.safetensors").read_bytes()
+    assert all(d == digests["single"] for d in digests.values()), [n for n, d in digests.items() if d != digests["single"]]
+
+
 def test_fsdp2_evaluating_at_the_last_step_then_exporting(tmp_path):
     """The reported case: 400 lines of text, eval every 3 of 6 steps (the held-out set's last
     chunk leaves rank 1 empty), --export after an evaluation; the logs are one summary, no

@@ -8,6 +8,7 @@ Builds the engine exactly as launch/train.py does (its own functions), then for 
 size n = 1 .. LARGEST: evaluates; then takes one training step (which must
 find the modules in the state it expects after evaluations), evaluates again, and exports with
 train.py's export_hf. Rank 0 writes {"eval": {n: loss, "after_step": loss}, ...} to OUT.json.
+LARGEST = 0 exports the initial weights and does nothing else.
 """
 from __future__ import annotations
 
@@ -40,11 +41,16 @@ def main() -> None:
     device = train.device_for(kind)
     torch.manual_seed(0)
     config = train.build_config(args)
-    trainer = train.Trainer(args, kind, train.build_model(args, config), world, device, ds_config)
+    trainer = train.Trainer(args, kind, train.build_model(args, config, kind), world, device, ds_config)
     generator = torch.Generator().manual_seed(1)
     inputs = torch.randint(3, config.vocab_size, (max(largest, args.global_batch), args.seq_len), generator=generator)
     labels = inputs.clone()
     labels[:, : args.seq_len // 4] = train.IGNORE_INDEX        # some ignored tokens, as in SFT
+    if largest == 0:                      # the initial weights, exported as built
+        train.export_hf(trainer, train.load_tokenizer(args, rank), args, rank)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return
     results = {size: train.evaluate(trainer, (inputs[:size], labels[:size]), rank, world, device)
                for size in range(1, largest + 1)}
     losses = []                           # one training step right after the evaluations (one global batch)
