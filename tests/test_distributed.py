@@ -21,6 +21,14 @@ from mlorc_dist.pieces import Layout, MatrixSpec, Piece, row_split
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist" / "worker.py"
 STEPS = 20
+# Runs that compute the same numbers by other code paths (world sizes, engines, the fused step)
+# are compared over all STEPS in float64 (FSDP2; DeepSpeed trains in float32 whatever the model's
+# dtype) and in float32 after EARLY_STEPS steps: over more steps float32 rounding, which differs
+# between the paths and between BLAS/LAPACK code paths of the CPU, is amplified where a rank-4
+# truncation or a threshold of the negative-entry fix is sensitive to it, so no fixed float32
+# bound over many steps holds on every CPU. The second step is the first to rebuild the moments
+# from their factors.
+EARLY_STEPS = 2
 ENGINES = ["zero1", "zero2", "zero2rr", "zero3", "fsdp2"]
 WS3_ENGINES = ["zero1", "zero3", "fsdp2"]
 BF16_RUNS = ["zero2:mlorc-adamw:local:4:bf16", "zero1:mlorc-adamw:global:4:bf16",
@@ -40,6 +48,8 @@ FUSED_RUNS = {"zero2:mlorc-adamw-fused:local:4": "zero2:mlorc-adamw:local:4",
               "zero3:mlorc-lion-fused:local:4": "zero3:mlorc-lion:local:4",
               "zero3:mlorc-adamw-fused:local:4": "zero3:mlorc-adamw:local:4",
               "zero2:mlorc-adamw-fused:local:full": "zero2:adamw"}
+FUSED_FP64_RUNS = {"fsdp2:mlorc-adamw-fused:local:4:fp64": "fsdp2:mlorc-adamw:local:4:fp64",
+                   "fsdp2:mlorc-lion-fused:local:4:fp64": "fsdp2:mlorc-lion:local:4:fp64"}
 
 
 def _load_worker():
@@ -53,7 +63,7 @@ def launch(world: int, runs: list[str], out: Path, port: int) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
            "--master_port", str(port), str(WORKER), "--out", str(out), "--steps", str(STEPS),
-           "--runs", *runs]
+           "--early-steps", str(EARLY_STEPS), "--runs", *runs]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         raise RuntimeError(f"world size {world} job failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
@@ -69,6 +79,7 @@ def results(tmp_path_factory):
             "fsdp2:mlorc-adamw:global:4:fp64", "zero2:mlorc-lion:global:4", "fsdp2:mlorc-lion:global:4",
             "zero3:mlorc-lion:local:4", "zero3init:adamw", "zero3init:mlorc-adamw:local:full"]
     ws2 += BF16_RUNS + ["zero2raw:mlorc-adamw"] + PEER_RUNS + PEER_GLOBAL_RUNS + list(FUSED_RUNS)
+    ws2 += [run for pair in FUSED_FP64_RUNS.items() for run in pair]
     ws1 = [f"{e}:mlorc-adamw:global:4" for e in ("zero1", "zero2", "zero3", "fsdp2")]
     ws1 += ["fsdp2:mlorc-adamw:global:4:fp64", "zero2:mlorc-lion:global:4", "fsdp2:mlorc-lion:global:4"]
     ws1 += PEER_GLOBAL_RUNS
@@ -93,23 +104,31 @@ def rel(a: dict, b: dict) -> float:
 
 
 # --------------------------------------------------------------------------- oracles
+def assert_full_rank_is_adamw(mlorc: dict, adamw: dict) -> None:
+    """Full-rank MLorc against AdamW through the same engine, float32 (DeepSpeed trains in
+    float32; float64 under FSDP2 below). The gap is not rounding carried through the training
+    but each step's own: the full-rank rebuild of V is exact to ~eps ||V||, a large relative
+    error at the entries far below ||V||, where Adam divides by sqrt(v) (eps ~ 0 here so that the
+    two rules coincide); in float32 those entries are clamped to the noise floor, so each step's
+    error stays bounded instead of growing. Measured 3.6e-5 after 2 steps and 3.6e-5 to 1.8e-4
+    after 20 under MKL's default, AVX2 and AVX-512 code paths (float64: 1e-12 and 3.8e-9)."""
+    assert rel(adamw["final"], adamw["initial"]) > 1e-2          # training moved the weights
+    assert rel(mlorc["final"], adamw["final"]) <= 1e-3
+
+
 @pytest.mark.parametrize("world,engine", [(2, e) for e in ENGINES] + [(3, e) for e in WS3_ENGINES])
 @pytest.mark.parametrize("scope", ["local", "global"])
 def test_full_rank_sharded_mlorc_is_adamw_through_the_same_engine(results, world, engine, scope):
     if world == 3 and scope == "global":
         pytest.skip("world size 3 runs the global scope at rank 4 only (time budget)")
-    mlorc = load(results, world, f"{engine}:mlorc-adamw:{scope}:full")
-    adamw = load(results, world, f"{engine}:adamw")
-    assert rel(adamw["final"], adamw["initial"]) > 1e-2          # training moved the weights
-    assert rel(mlorc["final"], adamw["final"]) <= 1e-3
+    assert_full_rank_is_adamw(load(results, world, f"{engine}:mlorc-adamw:{scope}:full"),
+                              load(results, world, f"{engine}:adamw"))
 
 
 def test_full_rank_oracle_zero3_under_zero_init(results):
     """Parameters created partitioned (shape (0,), true shape in ds_shape)."""
-    mlorc = load(results, 2, "zero3init:mlorc-adamw:local:full")
-    adamw = load(results, 2, "zero3init:adamw")
-    assert rel(adamw["final"], adamw["initial"]) > 1e-2
-    assert rel(mlorc["final"], adamw["final"]) <= 1e-3
+    assert_full_rank_is_adamw(load(results, 2, "zero3init:mlorc-adamw:local:full"),
+                              load(results, 2, "zero3init:adamw"))
 
 
 @pytest.mark.parametrize("spec", BF16_RUNS)
@@ -128,29 +147,36 @@ def test_bf16_engines_train_with_fp32_factors(results, spec):
 def test_full_rank_oracle_float64_fsdp2(results):
     mlorc = load(results, 2, "fsdp2:mlorc-adamw:local:full:fp64")
     adamw = load(results, 2, "fsdp2:adamw:local:full:fp64")
-    # Measured 3.4e-9 after 20 steps: rounding of the full-rank rebuild, amplified where
-    # Adam divides by a tiny second moment (eps ~ 0 here so that the two rules coincide).
+    # Measured 3.5e-9 to 3.8e-9 after 20 steps under MKL's default, AVX2 and AVX-512 code paths:
+    # each step's rebuild error at second moment entries far below ||V|| (assert_full_rank_is_adamw),
+    # whose size is set by the spread of V's entries, not carried rounding.
     assert rel(mlorc["final"], adamw["final"]) <= 1e-8
 
 
 @pytest.mark.parametrize("engine", ["zero1", "zero2", "zero3", "fsdp2"])
 @pytest.mark.parametrize("world", [2, 3])
 def test_global_scope_does_not_depend_on_world_size(results, engine, world):
+    """float32, after EARLY_STEPS steps (measured 6e-8 to 2.1e-7; after all STEPS 2.4e-7 to
+    1.3e-6); all STEPS in float64 below."""
     if world == 3 and engine not in WS3_ENGINES:
         pytest.skip("not run at world size 3")
     one = load(results, 1, f"{engine}:mlorc-adamw:global:4")
     many = load(results, world, f"{engine}:mlorc-adamw:global:4")
     assert rel(one["final"], one["initial"]) > 1e-2
-    assert rel(many["final"], one["final"]) <= 1e-3        # measured ~5e-7
+    assert rel(many["early"], one["early"]) <= 1e-5
 
 
+# float64 over all STEPS (measured 2.4e-16 to 4.3e-16); Lion in float32 after EARLY_STEPS steps
+# (measured 0: its update is a sign, which rounding changes only where its argument is within
+# rounding of 0, by 2 lr in that entry, 1.2e-5 of the weights' norm each)
 @pytest.mark.parametrize("spec,tol", [("fsdp2:mlorc-adamw:global:4:fp64", 1e-9),
-                                      ("zero2:mlorc-lion:global:4", 1e-3),
-                                      ("fsdp2:mlorc-lion:global:4", 1e-3)])
+                                      ("zero2:mlorc-lion:global:4", 1e-4),
+                                      ("fsdp2:mlorc-lion:global:4", 1e-4)])
 def test_global_scope_world_size_invariance_float64_and_lion(results, spec, tol):
     one, two = load(results, 1, spec), load(results, 2, spec)
     assert rel(one["final"], one["initial"]) > 1e-3
-    assert rel(two["final"], one["final"]) <= tol
+    at = "final" if spec.endswith("fp64") else "early"
+    assert rel(two[at], one[at]) <= tol
 
 
 # --------------------------------------------------------------------------- plumbing: replay
@@ -204,6 +230,13 @@ def test_local_scope_equals_single_process_handed_the_same_cuts(results, world, 
 
 def test_local_scope_lion_replay_zero3(results):
     assert replay(results, 2, "zero3:mlorc-lion:local:4") <= 1e-6
+
+
+@pytest.mark.parametrize("spec", [s for s in FUSED_RUNS if not s.endswith("full")])
+def test_fused_local_scope_equals_single_process_handed_the_same_cuts(results, spec):
+    """The fused step on an engine's pieces is the fused step on whole parameters: the same
+    float32 arithmetic on the same gradients, over all STEPS."""
+    assert replay(results, 2, spec) <= 1e-6
 
 
 # --------------------------------------------------------------------------- collectives
@@ -322,11 +355,16 @@ def test_peers_local_scope_equal_single_process_handed_the_same_cuts(results, sp
         assert load(results, 2, spec, r)["calls"] == {}       # per shard: no collective at all
 
 
-@pytest.mark.parametrize("spec,tol", [(s, 1e-9 if s.endswith("fp64") else 1e-4) for s in PEER_GLOBAL_RUNS])
-def test_mofasgd_global_scope_world_size_2_is_world_size_1(results, spec, tol):
+@pytest.mark.parametrize("spec", PEER_GLOBAL_RUNS)
+def test_mofasgd_global_scope_world_size_2_is_world_size_1(results, spec):
+    """float64 over all STEPS (measured 1.3e-15), float32 after EARLY_STEPS steps (measured
+    1.4e-8 to 6.2e-8; after all STEPS 1.5e-7 to 5.8e-7)."""
     one, two = load(results, 1, spec), load(results, 2, spec)
     assert rel(one["final"], one["initial"]) > 1e-3
-    assert rel(two["final"], one["final"]) <= tol
+    if spec.endswith("fp64"):
+        assert rel(two["final"], one["final"]) <= 1e-9
+    else:
+        assert rel(two["early"], one["early"]) <= 1e-5
 
 
 def test_mofasgd_global_scope_collectives(results):
@@ -340,7 +378,20 @@ def test_mofasgd_global_scope_collectives(results):
 @pytest.mark.parametrize("spec", list(FUSED_RUNS))
 def test_fused_step_under_real_engines_equals_the_reference_path(results, spec):
     """fused=True in real ZeRO-2 / ZeRO-3 / FSDP2 jobs: the same training as the reference path
-    (rank 4), and at full rank the same as AdamW through the same engine."""
+    (rank 4; float32 after EARLY_STEPS steps, measured 1.1e-7 to 1.3e-7, and up to 1.4e-6 after
+    all STEPS; over all STEPS the replay test above and the float64 runs below), and at full
+    rank the same as AdamW through the same engine."""
     fused, reference = load(results, 2, spec), load(results, 2, FUSED_RUNS[spec])
-    assert rel(fused["final"], reference["final"]) <= (1e-3 if spec.endswith("full") else 1e-5)
     assert rel(fused["final"], fused["initial"]) > 1e-4              # it trained
+    if spec.endswith("full"):
+        assert_full_rank_is_adamw(fused, reference)
+    else:
+        assert rel(fused["early"], reference["early"]) <= 1e-5
+
+
+@pytest.mark.parametrize("spec", list(FUSED_FP64_RUNS))
+def test_fused_step_under_fsdp2_equals_the_reference_path_in_float64(results, spec):
+    """Over all STEPS: the same numbers to float64 rounding (measured 5.4e-16 to 6.1e-16; Lion 0)."""
+    fused, reference = load(results, 2, spec), load(results, 2, FUSED_FP64_RUNS[spec])
+    assert rel(fused["final"], fused["initial"]) > 1e-4
+    assert rel(fused["final"], reference["final"]) <= 1e-10

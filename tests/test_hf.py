@@ -219,7 +219,12 @@ def test_trainer_full_rank_mlorc_is_trainer_adamw(trainer_runs, engine):
     assert adamw["optimizer"] == "AdamW"
     assert [s[0] for s in adamw["stepped"]] == [s[0] for s in mlorc["stepped"]]   # the same engine
     assert rel(adamw["final"], adamw["initial"]) > 1e-2                            # training moved the weights
-    assert rel(mlorc["final"], adamw["final"]) <= 1e-3                             # measured ~1.3e-4
+    # float32 (Trainer under DeepSpeed trains in float32): the gap is each step's rebuild error at
+    # second moment entries far below ||V||, where Adam divides by sqrt(v) with eps ~ 0, clamped
+    # to the noise floor, not rounding carried and amplified through the steps (see
+    # test_distributed.assert_full_rank_is_adamw); measured 1.2e-4 to 1.3e-4 under MKL's default,
+    # AVX2 and AVX-512 code paths
+    assert rel(mlorc["final"], adamw["final"]) <= 1e-3
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -6,9 +6,10 @@
 A run is engine:optimizer[:scope:rank[:dtype]]. Each run trains the same tiny Llama (shapes
 chosen so that ZeRO cuts matrices mid-row and FSDP2 shards are uneven) for --steps steps on the
 same global batches, each rank taking its slice. Rank 0 writes DIR/<run>.pt with the initial and
-final full parameters and the losses; every rank writes DIR/<run>.rank<r>.pt with its pieces,
-state bytes, the torch.distributed calls made inside optimizer.step(), and (local scope) the
-gradient each piece received at every step, so that a test can replay the run single-process.
+final full parameters, those after --early-steps steps, and the losses; every rank writes
+DIR/<run>.rank<r>.pt with its pieces, state bytes, the torch.distributed calls made inside
+optimizer.step(), and (local scope) the gradient each piece received at every step, so that a
+test can replay the run single-process.
 
 DeepSpeed's CPU backend would JIT-compile a shared-memory comm op (60-70 s) on first use; we
 use gloo for every collective, so the worker replaces its builder with a no-op before
@@ -125,7 +126,7 @@ def full_params(model, engine_name):
     return {n: p.detach().double().clone() for n, p in model.named_parameters()}
 
 
-def run(spec: str, steps: int, out: Path, counter: CollectiveCounter):
+def run(spec: str, steps: int, early_steps: int, out: Path, counter: CollectiveCounter):
     parts = spec.split(":")
     engine_name, opt_name = parts[0], parts[1]
     scope, rank_arg = (parts[2], parts[3]) if len(parts) > 3 else ("local", "full")
@@ -223,14 +224,16 @@ def run(spec: str, steps: int, out: Path, counter: CollectiveCounter):
     if mlorc_opt is not None:
         wrap_step(mlorc_opt, counter, grad_log)
 
-    losses = []
-    for ids in batches(steps):
+    losses, early = [], None
+    for step, ids in enumerate(batches(steps), start=1):
         loss = train_step(ids[rank * micro:(rank + 1) * micro])
         losses.append(float(loss.detach()))
+        if step == early_steps:
+            early = full_params(model, engine_name)
     final = full_params(model, engine_name)
     name = spec.replace(":", "_")
     if rank == 0:
-        torch.save({"initial": initial, "final": final, "losses": losses, "world": world},
+        torch.save({"initial": initial, "early": early, "final": final, "losses": losses, "world": world},
                    out / f"{name}.pt")
     if mlorc_opt is not None:
         layouts = []
@@ -257,6 +260,7 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--runs", nargs="+", required=True)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--early-steps", type=int, default=2)
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -266,7 +270,7 @@ def main():
     counter = CollectiveCounter()
     args.out.mkdir(parents=True, exist_ok=True)
     for spec in args.runs:
-        run(spec, args.steps, args.out, counter)
+        run(spec, args.steps, args.early_steps, args.out, counter)
     dist.destroy_process_group()
 
 
