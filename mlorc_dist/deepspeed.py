@@ -1,7 +1,7 @@
 """DeepSpeed entry point: `mlorc_dist.deepspeed.initialize`, same arguments and return value as
 `deepspeed.initialize`.
 
-    engine, optimizer, _, _ = mlorc_dist.deepspeed.initialize(model=model, config="ds_configs/mlorc.json")
+    engine, optimizer, _, _ = mlorc_dist.deepspeed.initialize(model=model, config="ds_zero2.json")
 
 The config names the optimizer and its usual hyperparameters in DeepSpeed's own block, and the
 MLorc settings in a block of their own:
