@@ -119,6 +119,7 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     corpus, tokenizer_dir = build_corpus(args, workdir)
     rows = []
+    load_before = os.getloadavg()[0]
     for workers in args.workers:
         out = workdir / f"shards_w{workers}"
         shutil.rmtree(out, ignore_errors=True)
@@ -132,7 +133,7 @@ def main() -> int:
         shutil.rmtree(out, ignore_errors=True)
     identical = len({r["shards_sha256"] for r in rows}) == 1
     print(f"corpus {corpus} ({corpus.stat().st_size / 1e6:.1f} MB), {rows[0]['tokens']:,} tokens, "
-          f"{os.cpu_count()} CPUs, load average before {os.getloadavg()[0]:.1f}")
+          f"{os.cpu_count()} CPUs, load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     print(f"{'workers':>7} {'seconds':>8} {'tokens/s':>10} {'cores busy':>10} {'CPU parent s':>12} "
           f"{'CPU workers s':>13} {'CPU per worker s':>16} {'RSS parent MB':>13} {'RSS worker MB':>13}")
     for r in rows:
@@ -144,6 +145,7 @@ def main() -> int:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"corpus": str(corpus), "bytes": corpus.stat().st_size,
                                            "cpus": os.cpu_count(), "chunk_chars": args.chunk_chars,
+                                           "load_average": [load_before, os.getloadavg()[0]],
                                            "identical": identical, "runs": rows}, indent=1) + "\n")
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)

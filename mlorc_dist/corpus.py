@@ -261,9 +261,7 @@ class WorkerPool:
     answers come back in the order the texts were sent."""
 
     def __init__(self, tokenizer, workers: int):
-        from tokenizers import Tokenizer
-        backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-        setup = {"tokenizer": backend.to_str(),
+        setup = {"tokenizer": tokenizer.backend_tokenizer.to_str(),
                  "encode_special_tokens": bool(getattr(tokenizer, "split_special_tokens", False))}
         script = str(Path(protocol.__file__).resolve())
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", RAYON_NUM_THREADS="1", OMP_NUM_THREADS="1")
