@@ -7,7 +7,9 @@ The corpus is --copies copies of the demo corpus (mlorc_dist.data.default_corpus
 --vocab-size tokens trained on the demo corpus (or --tokenizer DIR). Each worker count runs in
 a fresh process, which prepares into a new directory and reports wall time, tokens/s, the CPU
 seconds of itself and of its workers (cores busy = CPU seconds / wall seconds), and peak RSS
-of itself and of the largest worker. Every run must write byte-identical shards.
+of itself and of the largest worker; "available" is the CPUs that as many busy loops (at least
+2) get just before and just after the run (mean), the ceiling on a machine shared with other jobs. Every
+run must write byte-identical shards.
 """
 from __future__ import annotations
 
@@ -80,6 +82,17 @@ def one_run(args) -> dict:
             "cpu_per_worker_s": sorted(cpu.values(), reverse=True), "shards_sha256": digest.hexdigest()}
 
 
+SPIN = "import time\nend = time.time() + {seconds}\nwhile time.time() < end: pass\nprint(time.process_time())"
+
+
+def cores_available(processes: int = 2, seconds: float = 3.0) -> float:
+    """CPUs that ``processes`` busy loops started together get (CPU seconds / wall seconds): on
+    a machine shared with other jobs, the most a run with that many busy processes can reach."""
+    procs = [subprocess.Popen([sys.executable, "-c", SPIN.format(seconds=seconds)], stdout=subprocess.PIPE, text=True)
+             for _ in range(processes)]
+    return sum(float(proc.communicate()[0]) for proc in procs) / seconds
+
+
 def build_corpus(args, workdir: Path) -> tuple[Path, Path]:
     from mlorc_dist.data import default_corpus_path, train_tokenizer
     demo = default_corpus_path()
@@ -125,19 +138,22 @@ def main() -> int:
         shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, __file__, "--data", str(corpus), "--tokenizer", str(tokenizer_dir),
                "--workers", str(workers), "--chunk-chars", str(args.chunk_chars), "--out", str(out)]
+        available = cores_available(max(2, workers))
         result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
         if result.returncode:
             print(result.stderr[-4000:], file=sys.stderr)
             return result.returncode
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        rows[-1]["cores_available"] = (available + cores_available(max(2, workers))) / 2
         shutil.rmtree(out, ignore_errors=True)
     identical = len({r["shards_sha256"] for r in rows}) == 1
     print(f"corpus {corpus} ({corpus.stat().st_size / 1e6:.1f} MB), {rows[0]['tokens']:,} tokens, "
           f"{os.cpu_count()} CPUs, load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
-    print(f"{'workers':>7} {'seconds':>8} {'tokens/s':>10} {'cores busy':>10} {'CPU parent s':>12} "
+    print(f"{'workers':>7} {'seconds':>8} {'tokens/s':>10} {'cores busy':>10} {'available':>9} {'CPU parent s':>12} "
           f"{'CPU workers s':>13} {'CPU per worker s':>16} {'RSS parent MB':>13} {'RSS worker MB':>13}")
     for r in rows:
         print(f"{r['workers']:>7} {r['seconds']:>8.1f} {r['tokens_per_s']:>10,.0f} {r['cores_busy']:>10.2f} "
+              f"{r['cores_available']:>9.2f} "
               f"{r['cpu_parent_s']:>12.1f} {r['cpu_workers_s']:>13.1f} "
               f"{' + '.join(f'{c:.1f}' for c in r['cpu_per_worker_s']):>16} {r['peak_rss_parent_mb']:>13.0f} "
               f"{r['peak_rss_worker_mb']:>13.0f}")
