@@ -1,15 +1,15 @@
 """Throughput of token-shard preparation (mlorc_dist.corpus.prepare) with 1 and 2 workers.
 
-    python bench/data_prepare.py --copies 60 --json runs/bench_data_prepare.json
+    python bench/data_prepare.py --copies 100 --json docs/bench/data_prepare.json
 
 The corpus is --copies copies of the demo corpus (mlorc_dist.data.default_corpus_path(),
 ~466 kB each) written to --workdir, or --data FILE; the tokenizer is a byte-level BPE of
 --vocab-size tokens trained on the demo corpus (or --tokenizer DIR). Each worker count runs in
 a fresh process, which prepares into a new directory and reports wall time, tokens/s, the CPU
 seconds of itself and of its workers (cores busy = CPU seconds / wall seconds), and peak RSS
-of itself and of the largest worker; "available" is the CPUs that as many busy loops (at least
-2) get just before and just after the run (mean), the ceiling on a machine shared with other jobs. Every
-run must write byte-identical shards.
+of itself and of the largest worker. "available" is the CPUs that as many busy loops (at least
+2) get just before and just after the run (mean): the ceiling on a machine shared with other
+jobs. Every run must write byte-identical shards.
 """
 from __future__ import annotations
 
