@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -38,13 +39,14 @@ from mlorc_dist.flops import mfu_fields  # noqa: E402
 from mlorc_dist.reporting import open_reporters  # noqa: E402
 from mlorc_dist.launch_checks import check_args, explicit_flags, planned_schedule, report_error  # noqa: E402
 from mlorc_dist.training import (IGNORE_INDEX, CheckpointDir, GlobalBatches, MetricsWriter,  # noqa: E402
-                                 exit_without_teardown, load_pretraining_ids, load_sft_records, model_signature,
-                                 packed_source, sft_source)
+                                 exit_without_teardown, model_signature)
 
 logger = logging.getLogger("mlorc_dist.train")
 from mlorc_dist.methods import METHODS as OPTIMIZERS  # noqa: E402
 TOKENIZER_VOCAB = 2048
 CPU_COLLECTIVE_TIMEOUT_S = 600.0
+PREPARATION_TIMEOUT_H = 48
+PREPARATION_GROUP = None
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -52,7 +54,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="launch/train.py", description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(prog="launch/train.py", description=__doc__, formatter_class=HelpFormatter)
     engine = p.add_argument_group("engine")
     engine.add_argument("--deepspeed", metavar="CONFIG", help="DeepSpeed JSON config (ZeRO stage, optimizer, mlorc "
                         "block); its \"auto\" values come from the flags below, other values must agree with them")
@@ -160,10 +162,14 @@ def build_model(args, config, kind: str):
     and each rank fills only its shard after fully_shard (Trainer); elsewhere it is built whole.
     Either way its initial weights are mlorc_dist.build's: the same at every world size."""
     from transformers import AutoModelForCausalLM
-    from mlorc_dist.build import init_weights, meta_model
+    from mlorc_dist.build import has_sharded_init, init_weights, meta_model
     torch.manual_seed(args.seed)
     if args.init_from:
         model = AutoModelForCausalLM.from_pretrained(args.init_from, local_files_only=True, dtype=torch.float32)
+    elif not has_sharded_init(config):     # the model's own initialisation, whole on every rank
+        logger.info("model type %r: its own Hugging Face initialisation, the whole model built on every rank",
+                    config.model_type)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     elif kind == "fsdp2" and args.optimizer not in ("lora", "switchlora"):
         model = meta_model(config)
     else:
@@ -192,8 +198,7 @@ def load_tokenizer(args, rank: int):
         return records_text_file(args.data, fields, cache_root())
     if rank == 0:   # rank 0 trains (or finds cached) first; the others then read the cache
         tokenizer = train_tokenizer([str(text())], args.vocab_size or TOKENIZER_VOCAB, cache_root() / "tokenizers")
-    if dist.is_initialized():
-        dist.barrier()
+    wait_for_rank0()
     if rank != 0:
         tokenizer = train_tokenizer([str(text())], args.vocab_size or TOKENIZER_VOCAB, cache_root() / "tokenizers")
     return tokenizer
@@ -202,8 +207,7 @@ def load_tokenizer(args, rank: int):
 def batch_sources(args, tokenizer):
     """(train source, eval batches) for the task, read from memory-mapped token shards: --data a
     prepared directory, or a file (None: the demo corpus) prepared once into the cache by rank 0
-    while the other ranks wait (a preparation longer than --collective-timeout: run
-    python -m mlorc_dist.data prepare first)."""
+    while the other ranks wait (wait_for_rank0)."""
     from mlorc_dist import corpus
     from mlorc_dist.data import cache_root, default_corpus_path
     if args.task == "sft" and not args.data:
@@ -214,7 +218,7 @@ def batch_sources(args, tokenizer):
     logging.getLogger("mlorc_dist.corpus").setLevel(logging.INFO if rank == 0 else logging.WARNING)  # progress
     shards = corpus.open_training_data(args.data or default_corpus_path(), tokenizer, fields=fields,
                                        cache=cache_root(), workers=args.data_workers,
-                                       rank=rank, barrier=dist.barrier if distributed else None)
+                                       rank=rank, barrier=wait_for_rank0)
     held_out = args.eval_batches * args.global_batch
     if args.task == "pretrain":
         windows = corpus.eval_windows(shards, args.seq_len, held_out)
@@ -229,7 +233,6 @@ def init_distributed(kind: str, timeout_s: float | None) -> tuple[int, int]:
     ends the run with an error instead of a hang."""
     if kind == "single" and "WORLD_SIZE" not in os.environ:
         return 0, 1
-    from datetime import timedelta
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if timeout_s is None and backend == "gloo":
         timeout_s = CPU_COLLECTIVE_TIMEOUT_S
@@ -245,7 +248,17 @@ def init_distributed(kind: str, timeout_s: float | None) -> tuple[int, int]:
         deepspeed.init_distributed(dist_backend=backend, verbose=False, **timeout)
     elif not dist.is_initialized():
         dist.init_process_group(backend, **timeout)
+    global PREPARATION_GROUP     # made now, by every rank: making it is itself a collective
+    PREPARATION_GROUP = dist.new_group(backend="gloo", timeout=timedelta(hours=PREPARATION_TIMEOUT_H))
     return dist.get_rank(), dist.get_world_size()
+
+
+def wait_for_rank0() -> None:
+    """Wait while rank 0 trains a tokenizer or prepares a corpus, which may take hours on a large
+    one: a barrier of its own group, not bound by --collective-timeout (a rank 0 that fails
+    ends the job through the launcher)."""
+    if dist.is_initialized():
+        dist.barrier(group=PREPARATION_GROUP)
 
 
 def decoder_layers(model) -> list:
@@ -283,6 +296,7 @@ def dry_run(args, ds_config: dict | None, world: int) -> int:
     resolved) and the planner's per-GPU memory for it."""
     kind = engine_kind(args)
     config = build_config(args)
+    logging.getLogger("mlorc_dist").setLevel(logging.WARNING)     # the planner's meta optimizers
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -332,7 +346,7 @@ class Trainer:
     """One engine behind four calls: micro_step, step, full_state, and the MLorc optimizer."""
 
     def __init__(self, args, kind, model, world, device, ds_config: dict | None = None):
-        self.args, self.kind, self.world = args, kind, world
+        self.args, self.kind, self.world, self.device = args, kind, world, device
         self.autocast = args.bf16 and kind == "single"
         if kind == "deepspeed":
             import mlorc_dist.deepspeed as mds
@@ -375,7 +389,7 @@ class Trainer:
 
     def forward(self, input_ids, labels):
         target = self.engine if self.kind == "deepspeed" else self.model
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return target(input_ids=input_ids, labels=labels).loss
 
     @torch.no_grad()
@@ -383,7 +397,7 @@ class Trainer:
         """(summed loss, number of predicted tokens) of a batch, in float64 on the CPU; rows whose
         labels are all IGNORE_INDEX count nothing (evaluation's padding)."""
         target = self.engine if self.kind == "deepspeed" else self.model
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             logits = target(input_ids=input_ids).logits
         shifted = labels[:, 1:].reshape(-1)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted,
@@ -560,6 +574,9 @@ def export_hf(trainer, tokenizer, args, rank) -> None:
     from mlorc_dist.export import write_hf_model
     config = copy.deepcopy(trainer.model.config)
     config.use_cache = True         # for generation; activation checkpointing only trains without it
+    # the model's own class (FSDP2 wraps it in a subclass of its own): serving stacks read it
+    config.architectures = [next(c.__name__ for c in type(trainer.model).__mro__
+                                 if c.__module__.startswith("transformers."))]
     target = write_hf_model(trainer.full_parameters(), config, Path(args.out) / "export", tokenizer,
                             writer=rank == 0)
     if target is not None:
@@ -588,9 +605,9 @@ def evaluate(trainer, eval_batches, rank, world, device) -> float:
         tokens += count
     trainer.set_training(True)
     if dist.is_initialized():
-        both = torch.stack([total, tokens])
+        both = torch.stack([total, tokens]).to(device)     # NCCL reduces device tensors only
         dist.all_reduce(both)
-        total, tokens = both[0], both[1]
+        total, tokens = both[0].cpu(), both[1].cpu()
     return float(total / tokens.clamp_min(1))
 
 
@@ -664,6 +681,15 @@ def open_metrics(args, rank: int, start: int) -> MetricsWriter:
 
 
 # --------------------------------------------------------------------------- main
+class Parser(argparse.ArgumentParser):
+    """argparse's own errors (an unknown flag, a bad number) from one rank of a job, not all."""
+
+    def error(self, message):
+        if int(os.environ.get("RANK", "0")) != 0:
+            self.exit(2)
+        super().error(message)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -688,7 +714,7 @@ def run(args, given: set[str]) -> int:
     ds_config = check_args(args, given, world)             # every mistake that needs no model
     if args.dry_run:
         return dry_run(args, ds_config, world)
-    schedule = planned_schedule(args)                      # a resumed run's, checked against the flags
+    schedule = planned_schedule(args, given)               # a resumed run's, checked against the flags
     if args.threads:
         torch.set_num_threads(args.threads)
     kind = engine_kind(args)
@@ -739,7 +765,7 @@ def run(args, given: set[str]) -> int:
         done = trainer.after_step(step, args.steps)
         if profiler:
             profiler.sample("after_step")
-        loss = torch.tensor(sum(losses) / len(losses))
+        loss = torch.tensor(sum(losses) / len(losses), device=device)
         if dist.is_initialized():
             dist.all_reduce(loss)
             loss /= world

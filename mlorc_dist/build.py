@@ -10,9 +10,9 @@
 Each parameter is drawn from a generator seeded by (seed, its name), whole, then this rank keeps
 its rows of it: the values are the same at every world size, and in one process, while a rank
 never holds more than its shard plus one whole parameter. The rules are Hugging Face's
-`_init_weights` for decoder models (normal(0, initializer_range) for Linear, Conv1D and
-Embedding weights, the padding row of an embedding zero, biases zero, norm weights one); a
-parameter of any other module is a ValueError naming it (train such a model from --init-from).
+`_init_weights` for the model types in SHARDED_INIT_MODEL_TYPES (normal(0, initializer_range)
+for Linear and Embedding weights, the padding row of an embedding zero, biases zero, norm
+weights one); a parameter of any other module is a ValueError naming it.
 """
 from __future__ import annotations
 
@@ -21,7 +21,18 @@ import hashlib
 import torch
 from torch import nn
 
-__all__ = ["meta_model", "materialize", "init_weights", "parameter_values"]
+__all__ = ["meta_model", "materialize", "init_weights", "parameter_values", "has_sharded_init",
+           "SHARDED_INIT_MODEL_TYPES"]
+
+# Model types whose Hugging Face `_init_weights` these rules reproduce (norms x * w with w = 1,
+# no scaled projections). Others (Gemma's x * (1 + w) norms, GPT-2's scaled c_proj, ...) keep
+# their own initialisation, built whole with the same seed on every rank.
+SHARDED_INIT_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+
+
+def has_sharded_init(config) -> bool:
+    """Whether `config`'s model can be built on the meta device and initialised shard by shard."""
+    return getattr(config, "model_type", None) in SHARDED_INIT_MODEL_TYPES
 
 
 def meta_model(config) -> nn.Module:

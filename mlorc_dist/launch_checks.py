@@ -281,7 +281,12 @@ def resolve_deepspeed_config(config: dict, args, given: set[str], world: int, pa
     if (config.get("adapter") or {}).get("type") == "switchlora":
         _require((config.get("zero_optimization") or {}).get("stage", 0) in (0, 1, 2),
                  f"--deepspeed {path}: SwitchLoRA needs whole W, A and B on every rank; ZeRO-3 shards them (use stage 1 or 2)")
-    for dest, flag, key in _SHARED:
+    _require(isinstance(config.get("bf16", {}), dict) and isinstance(config.get("fp16", {}), dict),
+             f"--deepspeed {path}: \"bf16\" and \"fp16\" are blocks ({{\"enabled\": ...}})")
+    _require("scheduler" not in config, f"--deepspeed {path}: launch/train.py sets the lr of every step from its own "
+             "schedule (--warmup-steps, --min-lr-ratio, --steps); remove the JSON's \"scheduler\" block")
+    shared = _SHARED + ((("seed", "--seed", "mlorc.seed"),) if "mlorc" in config else ())
+    for dest, flag, key in shared:
         mine, theirs = getattr(args, dest), _lookup(config, key)
         if theirs is None or theirs == "auto":
             if dest == "micro_batch" and mine is None:
@@ -301,6 +306,9 @@ def resolve_deepspeed_config(config: dict, args, given: set[str], world: int, pa
             raise UsageError(f"{flag} {_shown(mine)} disagrees with {path}'s \"{key}\": {_shown(theirs)}; set it in one "
                              "place (or write \"auto\" in the JSON to take the command line's)")
         setattr(args, dest, tuple(theirs) if dest == "betas" else theirs)
+    for value, key in ((args.micro_batch, "train_micro_batch_size_per_gpu"), (args.global_batch, "train_batch_size")):
+        _require(value is None or (isinstance(value, int) and value >= 1),
+                 f"--deepspeed {path}: \"{key}\" must be an integer >= 1, got {value!r}")
     if args.micro_batch is None:
         args.micro_batch = max(1, args.global_batch // world)
         config["train_micro_batch_size_per_gpu"] = args.micro_batch
@@ -313,6 +321,7 @@ def resolve_deepspeed_config(config: dict, args, given: set[str], world: int, pa
                          f"{args.global_batch} / (micro batch {args.micro_batch} x world size {world}) = {accumulation}; "
                          "write \"auto\" there")
     config["gradient_accumulation_steps"] = accumulation
+    _check_resolved(config, args, path)
     if isinstance(config.get("bf16"), dict) and config["bf16"].get("enabled") is False:
         del config["bf16"]
     wants_checkpoints = args.save_every or not args.no_final_checkpoint
@@ -323,26 +332,45 @@ def resolve_deepspeed_config(config: dict, args, given: set[str], world: int, pa
     return config
 
 
+def _check_resolved(config: dict, args, path: str) -> None:
+    """The values the JSON set, checked as the flags are; and no "auto" left for DeepSpeed."""
+    from .deepspeed import _auto_keys
+    left = _auto_keys(config)
+    _require(not left, f"--deepspeed {path}: {left} are \"auto\", which launch/train.py fills only for batch sizes, "
+             "gradient clipping, bf16 and the optimizer's lr, betas and weight decay: give numbers there")
+    _require(isinstance(args.clip_grad, (int, float)) and args.clip_grad >= 0,
+             f"--deepspeed {path}: \"gradient_clipping\" must be a number >= 0, got {args.clip_grad!r}")
+    _require(isinstance(args.lr, (int, float)) and math.isfinite(args.lr) and args.lr > 0,
+             f"--deepspeed {path}: \"optimizer.params.lr\" must be a positive number, got {args.lr!r}")
+    bf16 = bool(_lookup(config, "bf16.enabled"))
+    _require(not (bf16 and _lookup(config, "fp16.enabled")), f"--deepspeed {path}: bf16 and fp16 are both enabled")
+    stage = (config.get("zero_optimization") or {}).get("stage", 0)
+    _require(not (bf16 and stage == 0 and checkpointable(config)),
+             f"--deepspeed {path}: bf16 at ZeRO stage 0 hands the optimizer DeepSpeed's own wrapper, whose layout "
+             "mlorc_dist does not know: use ZeRO stage 1, 2 or 3")
+
+
 # --------------------------------------------------------------------------- reporting
 def report_error(error: BaseException, prog: str = "launch/train.py") -> int:
-    """One line on stderr from rank 0 (every rank meets the same mistake); returns exit code 2."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    """One line on stderr from the first rank of each node (a mistake in flags or files is the
+    same on every rank, and a node-local file may be missing on one node only); returns 2."""
+    if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) == 0:   # once per node: a mistake
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"{prog}: error: {message} (--debug shows the traceback)", file=sys.stderr, flush=True)
     return 2
 
 
 # --------------------------------------------------------------------------- resume
-def planned_schedule(args):
-    """The run's lr schedule. A fresh run's comes from the flags; a resumed run keeps the one its
-    newest checkpoint recorded, and flags that would change it are an error, except a new
+def planned_schedule(args, given: set[str]):
+    """The run's lr schedule. A fresh run's comes from the flags. A resumed run keeps the one its
+    newest checkpoint recorded: --steps, --lr, --warmup-steps and --min-lr-ratio left out are
+    taken from it (into `args`), typed ones that would change it are an error, except a new
     --steps with --extend-schedule (the lr then continues from its value at the checkpoint)."""
     from .schedule import Schedule
     from .training import CheckpointDir
-    mine = Schedule(args.lr, args.warmup_steps, args.steps, args.min_lr_ratio)
     latest = CheckpointDir(Path(args.out) / "checkpoints").latest() if args.resume else None
     if latest is None:
-        return mine
+        return Schedule(args.lr, args.warmup_steps, args.steps, args.min_lr_ratio)
     try:
         meta = json.loads((latest / "meta.json").read_text())
         step = int(meta["step"])
@@ -351,17 +379,24 @@ def planned_schedule(args):
     if meta.get("global_batch") not in (None, args.global_batch):
         raise UsageError(f"--global-batch {args.global_batch} differs from {latest}'s {meta['global_batch']}: a "
                          "resumed run draws the same global batches")
-    if "schedule" not in meta:
-        return mine          # a checkpoint that records no schedule: the flags' is taken as it
+    if "schedule" not in meta:          # a checkpoint that records no schedule: the flags' is taken as it
+        return Schedule(args.lr, args.warmup_steps, args.steps, args.min_lr_ratio)
     saved = Schedule.from_state(meta["schedule"])
-    changed = [d for d in saved.differences(mine) if not d.startswith("total")]
-    if changed:
-        raise UsageError(f"--resume: {latest} was written with another lr schedule ({'; '.join(changed)}, checkpoint vs "
-                         "flags): resume with the run's --lr / --warmup-steps / --min-lr-ratio")
+    # under --deepspeed the lr is the JSON's (resolved into args.lr): it must agree like a typed flag
+    for dest, flag, value in (("lr", "--lr", saved.peak), ("warmup_steps", "--warmup-steps", saved.warmup),
+                              ("min_lr_ratio", "--min-lr-ratio", saved.min_ratio)):
+        typed = dest in given or (dest == "lr" and args.deepspeed)
+        if typed and getattr(args, dest) != value:
+            where = f"{args.deepspeed}'s optimizer.params.lr" if dest == "lr" and args.deepspeed else flag
+            raise UsageError(f"--resume: {latest} was written with {flag.lstrip('-')} {value}, and {where} is "
+                             f"{getattr(args, dest)}: a resumed run keeps its lr schedule (leave it out)")
+        setattr(args, dest, value)
+    if "steps" not in given:
+        args.steps = saved.final_total
     if args.steps == saved.final_total or args.steps <= step:
         return saved
     if not args.extend_schedule:
         raise UsageError(f"--steps {args.steps} changes the lr schedule of {latest}, which ends at step "
-                         f"{saved.final_total}: resume with --steps {saved.final_total}, or pass --extend-schedule to "
-                         f"continue the lr from its value at step {step} down to its floor at step {args.steps}")
+                         f"{saved.final_total}: leave --steps out, or pass --extend-schedule to continue the lr "
+                         f"from its value at step {step} down to its floor at step {args.steps}")
     return saved.extend(step, args.steps)

@@ -3,7 +3,8 @@
 A schedule is linear warmup to `peak` over `warmup` steps, then cosine decay to
 `min_ratio * peak` at `total`. `extend(at, new_total)` continues it past a resume: from step `at`
 the lr decays by a cosine from the lr it had at `at` to the same floor at `new_total`, so the
-curve is continuous (a run that had already reached its floor stays there). Extensions chain.
+curve is continuous (a run that had already reached its floor stays there; one still warming up
+keeps its warmup and decays over the new length). Extensions chain.
 
     schedule = Schedule(peak=1e-3, warmup=10, total=1000, min_ratio=0.1)
     schedule.lr(1)                       # 1e-4
@@ -58,6 +59,8 @@ class Schedule:
         """This schedule continued from step `at` to end at `total` (continuous at `at`)."""
         if total <= at:
             raise ValueError(f"an extended schedule must end after step {at}, got total {total}")
+        if not self.extensions and at <= self.warmup:     # still warming up: the same warmup, a longer decay
+            return Schedule(self.peak, self.warmup, total, self.min_ratio)
         return Schedule(self.peak, self.warmup, self.total, self.min_ratio, self.extensions + ((at, total),))
 
     def differences(self, other: "Schedule") -> list[str]:

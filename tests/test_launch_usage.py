@@ -214,7 +214,7 @@ def test_help_shows_every_default():
 
 def _args(**overrides):
     base = dict(micro_batch=None, global_batch=8, clip_grad=1.0, lr=1e-3, weight_decay=0.0, betas=None, bf16=False,
-                save_every=0, no_final_checkpoint=False)
+                save_every=0, no_final_checkpoint=False, seed=0)
     return argparse.Namespace(**{**base, **overrides})
 
 
@@ -244,6 +244,16 @@ def test_deepspeed_config_precedence():
     with pytest.raises(UsageError, match="--no-final-checkpoint"):
         resolve_deepspeed_config(json.loads(json.dumps(own)), _args(), set(), 2, "own.json")
     resolve_deepspeed_config(json.loads(json.dumps(own)), _args(no_final_checkpoint=True), set(), 2, "own.json")
+    # what launch/train.py does not fill may not stay "auto"; a scheduler would be overridden every step
+    bucket = dict(shipped, zero_optimization={"stage": 3, "reduce_bucket_size": "auto"})
+    with pytest.raises(UsageError, match=r"\['zero_optimization.reduce_bucket_size'\] are \"auto\""):
+        resolve_deepspeed_config(json.loads(json.dumps(bucket)), _args(), set(), 2, "bucket.json")
+    with pytest.raises(UsageError, match="remove the JSON's \"scheduler\" block"):
+        resolve_deepspeed_config(dict(shipped, scheduler={"type": "WarmupLR"}), _args(), set(), 2, "s.json")
+    with pytest.raises(UsageError, match="\"train_micro_batch_size_per_gpu\" must be an integer >= 1, got 0"):
+        resolve_deepspeed_config(dict(shipped, train_micro_batch_size_per_gpu=0), _args(), set(), 2, "zero.json")
+    with pytest.raises(UsageError, match="--seed 3 disagrees"):       # the sketches' seed is the JSON's
+        resolve_deepspeed_config(json.loads(json.dumps(shipped)), _args(seed=3), {"seed"}, 2, "mlorc.json")
 
 
 def test_dry_run_reports_the_json_micro_batch(tmp_path):
@@ -267,6 +277,8 @@ def test_schedule_extension_is_continuous_and_round_trips():
     steps = [longer.lr(s) for s in range(5, 21)]
     assert all(a >= b for a, b in zip(steps, steps[1:])) and abs(steps[-1] - 1e-4) < 1e-15
     assert base.lr(5) - longer.lr(6) < base.lr(5) - base.lr(6)        # a gentler decay, no jump
+    warming = base.extend(at=1, total=20)                             # still warming up: the same warmup
+    assert max(warming.lr(s) for s in range(1, 21)) == 1e-3 and warming.lr(1) == base.lr(1)
     again = longer.extend(at=20, total=30)                            # a finished run stays at its floor
     assert abs(again.lr(25) - 1e-4) < 1e-15
     assert Schedule.from_state(json.loads(json.dumps(again.state_dict()))) == again
@@ -279,6 +291,11 @@ def test_resume_keeps_the_schedule_and_writes_each_step_once(tmp_path):
     # nothing left to do: said, and nothing changes
     same = ok([sys.executable, TRAIN, *TINY, "--steps", "8", "--resume", "--out", str(out)])
     assert "nothing left to do" in same.stderr and metrics(out) == first
+    bare = ok([sys.executable, TRAIN, "--model", "tiny", "--seq-len", "32", "--global-batch", "4", "--resume",
+               "--out", str(out)])                                    # the schedule's flags come from the checkpoint
+    assert "nothing left to do: the checkpoint at step 8 reaches --steps 8" in bare.stderr and metrics(out) == first
+    changed = run([sys.executable, TRAIN, *TINY, "--lr", "0.5", "--resume", "--out", str(out)])
+    assert changed.returncode == 2 and "was written with lr 0.001, and --lr is 0.5" in changed.stderr
     # another --steps: refused, one line, nothing written
     longer = run([sys.executable, TRAIN, *TINY, "--steps", "16", "--resume", "--out", str(out)])
     assert longer.returncode == 2 and "--extend-schedule" in longer.stderr and len(longer.stderr.splitlines()) == 1
