@@ -142,8 +142,9 @@ def engine_kind(args) -> str:
     return "deepspeed" if args.deepspeed else ("fsdp2" if args.fsdp else "single")
 
 
-def build_config(args):
-    """The model's HF config: a named shape, a config.json, or the one in --init-from."""
+def build_config(args, tokenizer=None):
+    """The model's HF config: a named shape, a config.json, or the one in --init-from. A named
+    shape's vocabulary is --vocab-size, else the shape's default or the tokenizer's size if larger."""
     from transformers import AutoConfig
     from mlorc_dist.models import llama_config
     if args.init_from:
@@ -153,7 +154,8 @@ def build_config(args):
             raise FileNotFoundError(f"model config not found: {args.model}")
         return AutoConfig.from_pretrained(args.model, local_files_only=True)
     from mlorc_dist.models import LLAMA2_VOCAB_SIZE
-    vocab = args.vocab_size or (LLAMA2_VOCAB_SIZE if args.model.startswith("llama-") else TOKENIZER_VOCAB)
+    vocab = args.vocab_size or max(LLAMA2_VOCAB_SIZE if args.model.startswith("llama-") else TOKENIZER_VOCAB,
+                                   len(tokenizer) if tokenizer is not None else 0)
     return llama_config(args.model, vocab)
 
 
@@ -724,7 +726,7 @@ def run(args, given: set[str]) -> int:
     device = device_for(kind)
     tokenizer = load_tokenizer(args, rank)
     train_source, eval_batches = batch_sources(args, tokenizer)
-    config = build_config(args)
+    config = build_config(args, tokenizer)
     if config.vocab_size < len(tokenizer):
         raise ValueError(f"model vocab {config.vocab_size} < tokenizer vocab {len(tokenizer)}")
     model = build_model(args, config, kind)
