@@ -149,7 +149,13 @@ def test_a_stuck_rank_ends_in_an_error_naming_the_other_rank(tmp_path):
         assert "launch/train.py: error: rank 0: a collective did not complete within 5 s" in log, log[-3000:]
         assert time.time() - started < 120
     finally:
+        ranks = _descendants(job.pid)     # the launcher may run its ranks in sessions of their own
         os.killpg(job.pid, signal.SIGKILL)
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         job.wait()
 
 
