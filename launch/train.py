@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlorc_dist import checkpoint as ckpt  # noqa: E402
 from mlorc_dist.flops import mfu_fields  # noqa: E402
 from mlorc_dist.reporting import open_reporters  # noqa: E402
-from mlorc_dist.launch_checks import check_args, explicit_flags, planned_schedule, report_error  # noqa: E402
+from mlorc_dist.launch_checks import (SILENT_RANK_EXIT_DELAY_S, check_args, explicit_flags,  # noqa: E402
+                                     planned_schedule, report_error)
 from mlorc_dist.training import (IGNORE_INDEX, CheckpointDir, GlobalBatches, MetricsWriter,  # noqa: E402
                                  exit_without_teardown, model_signature)
 
@@ -688,6 +689,7 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         if int(os.environ.get("RANK", "0")) != 0:
+            time.sleep(SILENT_RANK_EXIT_DELAY_S)      # leave after the rank that explains
             self.exit(2)
         super().error(message)
 

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 __all__ = ["UsageError", "explicit_flags", "check_args", "resolve_deepspeed_config", "report_error",
@@ -46,6 +47,9 @@ METHOD_FLAGS = {
     "lora_alpha": ("--lora-alpha", "adapter.lora_alpha"),
     "compress_embeddings": ("--compress-embeddings", "mlorc.compress_embeddings"),
 }
+
+
+SILENT_RANK_EXIT_DELAY_S = 3.0
 
 
 class UsageError(ValueError):
@@ -354,7 +358,11 @@ def _check_resolved(config: dict, args, path: str) -> None:
 def report_error(error: BaseException, prog: str = "launch/train.py") -> int:
     """One line on stderr from the first rank of each node (a mistake in flags or files is the
     same on every rank, and a node-local file may be missing on one node only); returns 2."""
-    if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) == 0:   # once per node: a mistake
+    if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) != 0:
+        # The launcher stops every rank when the first one exits: the silent ranks leave last,
+        # so that the one that explains is not stopped before it has printed.
+        time.sleep(SILENT_RANK_EXIT_DELAY_S)
+    else:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"{prog}: error: {message} (--debug shows the traceback)", file=sys.stderr, flush=True)
     return 2
