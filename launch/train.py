@@ -38,7 +38,7 @@ from mlorc_dist import checkpoint as ckpt  # noqa: E402
 from mlorc_dist.flops import mfu_fields  # noqa: E402
 from mlorc_dist.reporting import open_reporters  # noqa: E402
 from mlorc_dist.launch_checks import (SILENT_RANK_EXIT_DELAY_S, check_args, explicit_flags,  # noqa: E402
-                                     planned_schedule, report_error)
+                                     launcher_world_size, planned_schedule, report_error)
 from mlorc_dist.training import (IGNORE_INDEX, CheckpointDir, GlobalBatches, MetricsWriter,  # noqa: E402
                                  exit_without_teardown, model_signature)
 
@@ -674,8 +674,11 @@ def open_metrics(args, rank: int, start: int) -> MetricsWriter:
     run wrote after its newest checkpoint (the resumed run writes those steps again)."""
     metrics = MetricsWriter(Path(args.out) / "metrics.jsonl" if rank == 0 else None)
     if rank == 0 and args.resume and metrics.path.is_file():
-        lines = metrics.path.read_text().splitlines()
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= start]
+        lines = [line for line in metrics.path.read_text().splitlines() if line.strip()]
+        try:
+            kept = [line for line in lines if json.loads(line).get("step", 0) <= start]
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{metrics.path}: a line is not JSON ({error}); move the file aside to resume") from None
         if len(kept) != len(lines):
             logger.info("metrics.jsonl: %d line(s) after step %d (newest checkpoint) are written again",
                         len(lines) - len(kept), start)
@@ -714,7 +717,7 @@ def main(argv=None) -> int:
 
 def run(args, given: set[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    world = (args.world_size if args.dry_run and args.world_size else int(os.environ.get("WORLD_SIZE", 1)))
+    world = args.world_size if args.dry_run and args.world_size else launcher_world_size()
     ds_config = check_args(args, given, world)             # every mistake that needs no model
     if args.dry_run:
         return dry_run(args, ds_config, world)
@@ -722,7 +725,11 @@ def run(args, given: set[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     kind = engine_kind(args)
+    checked_world = world
     rank, world = init_distributed(kind, args.collective_timeout)
+    if world != checked_world:
+        raise ValueError(f"the launcher announced world size {checked_world} but the process group has {world}: "
+                         "batch sizes were checked for the announced one")
     quiet_logs(rank)
     args.micro_batch = args.micro_batch or max(1, args.global_batch // world)
     device = device_for(kind)

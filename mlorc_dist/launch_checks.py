@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["UsageError", "explicit_flags", "check_args", "resolve_deepspeed_config", "report_error",
+__all__ = ["UsageError", "explicit_flags", "check_args", "launcher_world_size", "resolve_deepspeed_config", "report_error",
            "DATA_SUFFIXES", "checkpointable", "METHOD_FLAGS",
            "planned_schedule"]
 
@@ -50,6 +50,7 @@ METHOD_FLAGS = {
 
 
 SILENT_RANK_EXIT_DELAY_S = 3.0
+FIRST_RECORD_MAX_CHARS = 1 << 20
 
 
 class UsageError(ValueError):
@@ -73,6 +74,15 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> s
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise UsageError(message)
+
+
+def launcher_world_size() -> int:
+    """The world size the launcher announces (torchrun and deepspeed: WORLD_SIZE; mpirun:
+    OMPI_COMM_WORLD_SIZE or PMI_SIZE), 1 without a launcher."""
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 1
 
 
 def check_args(args, given: set[str], world: int) -> dict | None:
@@ -110,6 +120,11 @@ def check_args(args, given: set[str], world: int) -> dict | None:
              "--fused is the local-scope step (each rank compresses its own rows): drop --fused or use --scope local")
     _require(not (args.fused and args.optimizer not in ("mlorc-adamw", "mlorc-lion")) or args.deepspeed,
              f"--fused is MLorc's fused step (mlorc-adamw, mlorc-lion), not {args.optimizer}'s")
+    _require(args.world_size is None or args.dry_run, "--world-size plans a --dry-run; a run's world size is "
+             "the launcher's (torchrun --nproc_per_node, deepspeed --num_gpus)")
+    for dest, flag in (("model", "--model"), ("vocab_size", "--vocab-size")):
+        _require(not (args.init_from and dest in given), f"{flag} is given with --init-from {args.init_from}, whose "
+                 "config.json sets the model: drop one")
     _check_model(args)
     _check_data(args)
     from .reporting import check_report_to
@@ -197,14 +212,16 @@ def _first_record_fields(path: Path) -> set[str] | None:
         except Exception as error:   # pyarrow's errors have no common base
             raise UsageError(f"--data {path}: not a readable parquet file ({error})") from None
     with path.open() as handle:
-        for line in handle:
+        while True:
+            line = handle.readline(FIRST_RECORD_MAX_CHARS)     # bounded: a .json array may be one line
+            if not line:
+                raise UsageError(f"--data {path}: no records")
             if line.strip():
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     return None
                 return set(record) if isinstance(record, dict) else None
-    raise UsageError(f"--data {path}: no records")
 
 
 def _check_out(args) -> None:

@@ -33,7 +33,7 @@ def main() -> None:
     out, largest, argv = Path(words[0]), int(words[1]), words[2:]
     parser = train.build_parser()
     args = parser.parse_args(argv)
-    world_env = int(os.environ.get("WORLD_SIZE", 1))
+    world_env = train.launcher_world_size()
     ds_config = train.check_args(args, train.explicit_flags(parser, argv), world_env)
     kind = train.engine_kind(args)
     rank, world = train.init_distributed(kind, args.collective_timeout)
