@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlorc_dist import checkpoint as ckpt  # noqa: E402
 from mlorc_dist.flops import mfu_fields  # noqa: E402
 from mlorc_dist.reporting import open_reporters  # noqa: E402
-from mlorc_dist.launch_checks import (SILENT_RANK_EXIT_DELAY_S, check_args, explicit_flags,  # noqa: E402
-                                     launcher_world_size, planned_schedule, report_error)
+from mlorc_dist.launch_checks import (check_args, explicit_flags, launcher_world_size,  # noqa: E402
+                                     planned_schedule, report_error, speaks_for_node)
 from mlorc_dist.training import (IGNORE_INDEX, CheckpointDir, GlobalBatches, MetricsWriter,  # noqa: E402
                                  exit_without_teardown, model_signature)
 
@@ -326,7 +326,8 @@ def plan_summary(args, ds_config: dict | None, config, world: int, micro: int) -
         stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         engine = f"zero{stage}" if stage else "single"
         block, adapter = ds_config.get("mlorc") or {}, (ds_config.get("adapter") or {})
-        name = str(ds_config["optimizer"]["type"]).replace("-", "").replace("_", "").lower()
+        from mlorc_dist.deepspeed import normalized_type
+        name = normalized_type(ds_config["optimizer"]["type"])
         optimizer = adapter.get("type") or ("adamw" if block.get("dense") or name in ("adamw", "adam") else
                                             {"mlorcadamw": "mlorc-adamw", "mlorclion": "mlorc-lion", "mofasgd": "mofasgd",
                                              "galoreadamw": "galore", "galore": "galore"}.get(name, name))
@@ -390,18 +391,20 @@ class Trainer:
         for group in self.lr_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
-    def forward(self, input_ids, labels):
+    def outputs(self, **inputs):
+        """The model's outputs through the engine (DeepSpeed) or the model, autocast where asked."""
         target = self.engine if self.kind == "deepspeed" else self.model
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return target(input_ids=input_ids, labels=labels).loss
+            return target(**inputs)
+
+    def forward(self, input_ids, labels):
+        return self.outputs(input_ids=input_ids, labels=labels).loss
 
     @torch.no_grad()
     def token_loss(self, input_ids, labels) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed loss, number of predicted tokens) of a batch, in float64 on the CPU; rows whose
         labels are all IGNORE_INDEX count nothing (evaluation's padding)."""
-        target = self.engine if self.kind == "deepspeed" else self.model
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            logits = target(input_ids=input_ids).logits
+        logits = self.outputs(input_ids=input_ids).logits
         shifted = labels[:, 1:].reshape(-1)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted,
                                                  ignore_index=IGNORE_INDEX, reduction="sum")
@@ -691,8 +694,7 @@ class Parser(argparse.ArgumentParser):
     """argparse's own errors (an unknown flag, a bad number) from one rank of a job, not all."""
 
     def error(self, message):
-        if int(os.environ.get("RANK", "0")) != 0:
-            time.sleep(SILENT_RANK_EXIT_DELAY_S)      # leave after the rank that explains
+        if not speaks_for_node():
             self.exit(2)
         super().error(message)
 

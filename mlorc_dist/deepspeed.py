@@ -85,9 +85,14 @@ def _auto_keys(config: dict, prefix: str = "") -> list[str]:
     return found
 
 
+def normalized_type(name: str) -> str:
+    """A DeepSpeed optimizer type as compared here: "MLorc-AdamW", "mlorc_adamw" -> "mlorcadamw"."""
+    return str(name).replace("-", "").replace("_", "").lower()
+
+
 def optimizer_class(name: str):
     """The MLorc class for a DeepSpeed optimizer type, None for any other type."""
-    key = name.replace("-", "").replace("_", "").lower()
+    key = normalized_type(name)
     if key == "switchloraadamw":
         from .switchlora import SwitchLoRAAdamW      # imported on demand (it imports the optimizers)
         return SwitchLoRAAdamW

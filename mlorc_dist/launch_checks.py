@@ -24,15 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["UsageError", "explicit_flags", "check_args", "launcher_world_size", "resolve_deepspeed_config", "report_error",
+__all__ = ["UsageError", "explicit_flags", "check_args", "launcher_world_size", "speaks_for_node", "resolve_deepspeed_config", "report_error",
            "DATA_SUFFIXES", "checkpointable", "METHOD_FLAGS",
            "planned_schedule"]
 
 DATA_SUFFIXES = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
                  ".parquet": "parquet"}
-# Optimizer types launch/train.py can checkpoint (mlorc_dist's own; DeepSpeed's own optimizers
-# keep their state where our records cannot reach it).
-CHECKPOINTABLE_TYPES = {"mlorcadamw", "mlorclion", "mofasgd", "galoreadamw", "galore", "switchloraadamw"}
 # Optimizer flags of FSDP2 / single-process runs, and where a DeepSpeed JSON holds the same choice.
 METHOD_FLAGS = {
     "optimizer": ("--optimizer", "optimizer.type"),
@@ -130,13 +127,13 @@ def check_args(args, given: set[str], world: int) -> dict | None:
     from .reporting import check_report_to
     check_report_to(args)              # --report-to's packages are installed
     if args.deepspeed:
-        for dest, (flag, _) in METHOD_FLAGS.items():
+        config = _read_json(args.deepspeed)
+        for dest, (flag, key) in METHOD_FLAGS.items():
             if dest in given:
-                config = _read_json(args.deepspeed)
                 raise UsageError(f"{flag} {_shown(getattr(args, dest))} is given with --deepspeed {args.deepspeed}, "
-                                 f"whose {METHOD_FLAGS[dest][1]} is {_shown(_lookup(config, METHOD_FLAGS[dest][1]))}: "
+                                 f"whose {key} is {_shown(_lookup(config, key))}: "
                                  "under --deepspeed the JSON chooses the optimizer; set it there and drop the flag")
-        config = resolve_deepspeed_config(_read_json(args.deepspeed), args, given, world, args.deepspeed)
+        config = resolve_deepspeed_config(config, args, given, world, args.deepspeed)
         adapter = (config.get("adapter") or {}).get("type")
         method = adapter or "deepspeed"
     else:
@@ -267,9 +264,11 @@ def _shown(value) -> str:
 
 
 def checkpointable(config: dict) -> bool:
-    """Whether launch/train.py can write this DeepSpeed config's optimizer into a checkpoint."""
-    kind = str((config.get("optimizer") or {}).get("type", "")).replace("-", "").replace("_", "").lower()
-    return kind in CHECKPOINTABLE_TYPES
+    """Whether launch/train.py can write this DeepSpeed config's optimizer into a checkpoint:
+    mlorc_dist's own optimizers only (DeepSpeed's own keep their state where our records cannot
+    reach it)."""
+    from .deepspeed import optimizer_class
+    return optimizer_class((config.get("optimizer") or {}).get("type", "")) is not None
 
 
 # (args dest, flag, JSON path); "auto" or an absent key in the JSON takes the command line's value
@@ -372,14 +371,20 @@ def _check_resolved(config: dict, args, path: str) -> None:
 
 
 # --------------------------------------------------------------------------- reporting
+def speaks_for_node() -> bool:
+    """Whether this process reports a usage error: the first rank of each node (a mistake in flags
+    or files is the same on every rank, and a node-local file may be missing on one node only).
+    The others wait a moment first: the launcher stops every rank when the first one exits, and
+    the one that explains must not be stopped before it has printed."""
+    if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) == 0:
+        return True
+    time.sleep(SILENT_RANK_EXIT_DELAY_S)
+    return False
+
+
 def report_error(error: BaseException, prog: str = "launch/train.py") -> int:
-    """One line on stderr from the first rank of each node (a mistake in flags or files is the
-    same on every rank, and a node-local file may be missing on one node only); returns 2."""
-    if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) != 0:
-        # The launcher stops every rank when the first one exits: the silent ranks leave last,
-        # so that the one that explains is not stopped before it has printed.
-        time.sleep(SILENT_RANK_EXIT_DELAY_S)
-    else:
+    """One line on stderr (speaks_for_node); returns exit code 2."""
+    if speaks_for_node():
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"{prog}: error: {message} (--debug shows the traceback)", file=sys.stderr, flush=True)
     return 2
