@@ -418,11 +418,13 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         self.skipped_steps = meta["skipped_steps"]
 
     # ------------------------------------------------------------------ step
-    def _collect_work(self):
+    def _collect_work(self, only: set | None = None):
+        """(group, param, position, plans, state) of every tensor with a gradient (of those whose
+        id is in `only`, when given), state created at its first step."""
         work = []
         for group in self.param_groups:
             for position, param in enumerate(group["params"]):
-                if param.grad is None:
+                if param.grad is None or (only is not None and id(param) not in only):
                     continue
                 plans = self.plan_of(param, group, position)
                 state = self.state[param]
@@ -448,7 +450,12 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = self._collect_work()
+        self._step_work(self._collect_work())
+        return loss
+
+    def _step_work(self, work) -> bool:
+        """One step of the tensors in `work` (_collect_work). False when a non-finite gradient
+        skipped it (nonfinite="skip"): nothing changed."""
         global_matrices = self._global_matrices(work) if self.scope == "global" else []
         bad = self._nonfinite_count(work) if self.nonfinite != "ignore" else torch.zeros(())
         if global_matrices:
@@ -462,8 +469,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
                                          f"{int(bad.item())} tensor(s)")
             self.skipped_steps += 1
             warnings.warn(f"{self.algorithm}: non-finite gradient, step skipped (no parameter or "
-                          f"state changed; {self.skipped_steps} skipped so far)", stacklevel=2)
-            return loss
+                          f"state changed; {self.skipped_steps} skipped so far)", stacklevel=3)
+            return False
         bodies = []
         for group, param, position, plans, state in work:
             state["step"] += 1
@@ -481,7 +488,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
                 self._local_update(*body)
         if global_matrices:
             self._global_update(global_matrices, prepared)
-        return loss
+        return True
 
     def _local_piece_update(self, group, plan: PiecePlan, value, grad, entry, step: int) -> tuple:
         """Dense updates of the head and tail rows; returns the body's work for _local_update."""
