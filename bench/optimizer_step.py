@@ -46,11 +46,14 @@ def optimizers(params, rank: int, device):
         yield "adamw-fused", opt
     except (RuntimeError, ValueError):
         pass
+    # "mlorc-adamw": no speed options (fused=None: the fused step on the CPU, the reference path on a GPU)
     yield "mlorc-adamw", mlorc_dist.MLorcAdamW(params, lr=1e-3, rank=rank)
+    yield "mlorc-adamw reference", mlorc_dist.MLorcAdamW(params, lr=1e-3, rank=rank, fused=False)
     yield "mlorc-adamw fused", mlorc_dist.MLorcAdamW(params, lr=1e-3, rank=rank, fused=True)
-    yield "mlorc-adamw per-body", mlorc_dist.MLorcAdamW(params, lr=1e-3, rank=rank, batched=False)
-    yield "mlorc-adamw niter=0", mlorc_dist.MLorcAdamW(params, lr=1e-3, rank=rank, niter=0)
+    yield "mlorc-adamw per-body", mlorc_dist.MLorcAdamW(params, lr=1e-3, rank=rank, batched=False, fused=False)
+    yield "mlorc-adamw niter=0", mlorc_dist.MLorcAdamW(params, lr=1e-3, rank=rank, niter=0, fused=False)
     yield "mlorc-lion", mlorc_dist.MLorcLion(params, lr=1e-4, rank=rank)
+    yield "mlorc-lion reference", mlorc_dist.MLorcLion(params, lr=1e-4, rank=rank, fused=False)
     yield "mlorc-lion fused", mlorc_dist.MLorcLion(params, lr=1e-4, rank=rank, fused=True)
     yield "mofasgd", mlorc_dist.MoFaSGD(params, lr=1e-2, rank=rank)
     # GaLore's full SVD of the gradient runs every T steps: the timed steps come after the first

@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--optimizer", "--method", default="mlorc-adamw", help=f"one of {', '.join(OPTIMIZERS)}")
     opt.add_argument("--rank", type=int, default=4, help="rank r (MLorc, MoFaSGD, GaLore, LoRA, SwitchLoRA)")
     opt.add_argument("--scope", default="local", help="local | global")
-    opt.add_argument("--fused", action="store_true",
-                     help="MLorc: the fused one-pass step (C++ kernels on the CPU, torch.compile on a GPU; local scope)")
+    opt.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                     help="MLorc: the fused one-pass step (C++ kernels on the CPU, torch.compile on a GPU; local "
+                     "scope); --no-fused: the reference path; default: fused on the CPU in local scope, else the reference path")
     opt.add_argument("--lr", type=float, default=1e-3, help="peak lr of the method's update of 2-D weights "
                      "(under --deepspeed: optimizer.params.lr)")
     opt.add_argument("--dense-lr", type=float, default=None,
@@ -332,7 +333,7 @@ def plan_summary(args, ds_config: dict | None, config, world: int, micro: int) -
                                             {"mlorcadamw": "mlorc-adamw", "mlorclion": "mlorc-lion", "mofasgd": "mofasgd",
                                              "galoreadamw": "galore", "galore": "galore"}.get(name, name))
         rank = adapter.get("rank", block.get("rank", 4))
-        scope, fused = block.get("scope", "local"), bool(block.get("fused", False))
+        scope, fused = block.get("scope", "local"), block.get("fused")
         compress = bool(block.get("compress_embeddings", False))
     else:
         engine = "fsdp2" if args.fsdp else "single"

@@ -8,6 +8,7 @@ built from the same steps; `gaussian_test_matrix` is shared so that both draw th
 """
 from __future__ import annotations
 
+import os
 import zlib
 from typing import NamedTuple
 
@@ -20,6 +21,9 @@ __all__ = [
     "sketch_seed",
     "gaussian_test_matrix",
     "gaussian_test_matrices",
+    "hashed_normal",
+    "GPU_RULES_ON_CPU",
+    "takes_gpu_rules",
     "uses_gram_algebra",
     "orthonormal_basis",
     "cholesky_qr",
@@ -30,6 +34,12 @@ __all__ = [
     "MomentUpdate",
     "compress",
     "compress_batch",
+    "defers_small_svd",
+    "compress_range",
+    "finish_compress",
+    "gram_eigh_svds",
+    "range_and_small",
+    "factors_from_range",
     "range_finder_svd",
     "scaled_factors",
     "rebuild",
@@ -78,21 +88,80 @@ def gaussian_test_matrices(cols: int, width: int, seeds: list[int], dtype: torch
                            device: torch.device | str = "cpu") -> torch.Tensor:
     """(B, cols, width): one standard normal test matrix per seed, for the blocks of one device.
 
-    On the CPU: gaussian_test_matrix for each seed, stacked. On a GPU: drawn there, by that
-    device's generator seeded with each seed (a CPU draw took 0.3-0.5 ms per 4096 x 4 matrix on
-    the lent H100 machine's host, plus a copy that waits for the device). Both are reproducible
-    from the seeds; they are different numbers (another generator), and a GPU's draw can differ
-    between GPU models (torch's CUDA generator). Global scope, where ranks must agree, draws
-    with gaussian_test_matrix on the CPU (scopes.py)."""
+    On the CPU: gaussian_test_matrix for each seed, stacked. Under the GPU rules
+    (takes_gpu_rules): hashed_normal, drawn on the device for the whole batch by one fixed set of
+    operators, whatever B (a CPU draw took 0.3-0.5 ms per 4096 x 4 matrix on the lent H100
+    machine's host, plus a copy that waits for the device; the device's own generator, seeded
+    per matrix, a launch per matrix). Both are reproducible from the seeds; they are different
+    numbers (another generator). Global scope, where ranks must agree, draws with
+    gaussian_test_matrix on the CPU (scopes.py)."""
     device = torch.device(device)
-    if device.type == "cpu":
+    if not takes_gpu_rules(device):
         return torch.stack([gaussian_test_matrix(cols, width, s, dtype) for s in seeds])
-    generator = torch.Generator(device=device)
-    omegas = torch.empty(len(seeds), cols, width, dtype=dtype, device=device)
-    for omega, seed in zip(omegas, seeds):
-        generator.manual_seed(seed)
-        torch.randn(cols, width, generator=generator, dtype=dtype, device=device, out=omega)
-    return omegas
+    return hashed_normal(seeds, cols, width, dtype, device)
+
+
+# splitmix64's constants, as signed 64-bit integers (torch's int64 arithmetic wraps)
+_GOLDEN, _MIX1, _MIX2 = -7046029254386353131, -4658895280553007687, -7723592293110705685
+_U64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """splitmix64's output function on a Python int (the same steps as _mix64 on tensors)."""
+    x &= _U64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _U64
+    x ^= x >> 31
+    return x - (1 << 64) if x >> 63 else x
+
+
+def _logical_shift(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """z >> bits on int64 as on unsigned 64-bit integers (torch shifts signed ones arithmetically)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's output function, elementwise on int64 (wrapping multiplication)."""
+    z = (z ^ _logical_shift(z, 30)) * _MIX1
+    z = (z ^ _logical_shift(z, 27)) * _MIX2
+    return z ^ _logical_shift(z, 31)
+
+
+def hashed_normal(seeds: list[int], rows: int, cols: int, dtype: torch.dtype,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """(B, rows, cols) standard normals, matrix b a function of seeds[b] alone: entry i of
+    matrix b is the Box-Muller transform of the two 32-bit halves of splitmix64(key_b + (i + 1)
+    golden), key_b = splitmix64(seeds[b]) (a counter-based generator: no state, no per-matrix
+    call). One small copy of the B keys to the device and a fixed number of operators, whatever
+    B; the same numbers on every device up to the last bit of float64 log and cos."""
+    keys = torch.tensor([_splitmix64(s) for s in seeds], dtype=torch.int64)
+    keys = keys.to(device, non_blocking=True)
+    counter = torch.arange(1, rows * cols + 1, dtype=torch.int64, device=device)   # (rows cols,)
+    z = _mix64(keys[:, None] + counter * _GOLDEN)                                 # (B, rows cols)
+    high = _logical_shift(z, 32).to(torch.float64)
+    low = (z & 0xFFFFFFFF).to(torch.float64)
+    radius = torch.sqrt(-2.0 * torch.log((high + 0.5) * 2.0 ** -32))     # (0, 1) -> no log(0)
+    normal = radius * torch.cos((2.0 * torch.pi * 2.0 ** -32) * low)
+    return normal.view(len(seeds), rows, cols).to(dtype)
+
+
+GPU_RULES_ON_CPU = "MLORC_GPU_RULES_ON_CPU"
+
+
+def takes_gpu_rules(device) -> bool:
+    """Whether tensors on `device` follow the GPU path's fixed rules (compiled block functions,
+    the Gram algebra for batches, device-side test matrices, the GPU batching caps): CUDA
+    devices, and the CPU when the environment sets MLORC_GPU_RULES_ON_CPU=1, so that tests and
+    host-cost counts (bench/host_cost.py) run the GPU path's code on a machine without one. Every
+    rule that differs between the CPU and a GPU asks this. Any other value than "0", "1" or unset
+    is a ValueError."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    flag = os.environ.get(GPU_RULES_ON_CPU, "0")
+    if flag not in ("0", "1", ""):
+        raise ValueError(f"{GPU_RULES_ON_CPU} must be 0 or 1, got {flag!r}")
+    return device.type == "cpu" and flag == "1"
 
 
 def uses_gram_algebra(a: torch.Tensor) -> bool:
@@ -103,7 +172,7 @@ def uses_gram_algebra(a: torch.Tensor) -> bool:
     docs/BENCHMARKS.md): a batch of 8, QR 0.79 -> 0.49 ms and SVD 3.18 -> 0.75 ms (cuSOLVER's
     batched SVD makes a call per matrix); a single block, QR 0.11 vs 0.46 ms and SVD 0.48 vs
     0.57 ms, so a single block keeps cuSOLVER. All of these are host-bound there."""
-    return a.device.type == "cuda" and a.dtype == torch.float32 and a.dim() == 3
+    return takes_gpu_rules(a.device) and a.dtype == torch.float32 and a.dim() == 3
 
 
 def orthonormal_basis(y: torch.Tensor) -> torch.Tensor:
@@ -154,8 +223,34 @@ def gram_eigh_svd(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     1e-7 s_max (accurate to ~1e-16 (s_max / s)^2 only, and below float32 rounding of b) is
     returned as 0 with a zero row of Vh: the product U diag(s) Vh is what the caller keeps.
     Returns b's dtype."""
-    b64 = b.to(_GRAM_DTYPE)
-    values, vectors = torch.linalg.eigh(b64 @ b64.mT)                      # ascending
+    return gram_eigh_svds([b])[0]
+
+
+def gram_eigh_svds(smalls: list) -> list[tuple]:
+    """gram_eigh_svd of several batches of small matrices (.., q, n_i) with one eigh call for
+    all of them per q (the Gram matrices are q x q whatever n_i): on a GPU one synchronisation
+    (eigh's error check) where a call per batch made one each."""
+    grams = [b.to(_GRAM_DTYPE) for b in smalls]
+    by_width: dict[tuple, list[int]] = {}
+    for i, b64 in enumerate(grams):
+        by_width.setdefault((b64.shape[-2], b64.device), []).append(i)
+    out: list = [None] * len(smalls)
+    for members in by_width.values():
+        products = [grams[i] @ grams[i].mT for i in members]                 # (.., q, q) each
+        batch = torch.cat([p.reshape(-1, *p.shape[-2:]) for p in products])
+        values, vectors = torch.linalg.eigh(batch)                           # ascending
+        start = 0
+        for i, p in zip(members, products):
+            count = p[..., 0, 0].numel()
+            out[i] = _svd_from_eigh(smalls[i], grams[i], values[start:start + count].view(*p.shape[:-1]),
+                                    vectors[start:start + count].view(p.shape))
+            start += count
+    return out
+
+
+def _svd_from_eigh(b: torch.Tensor, b64: torch.Tensor, values: torch.Tensor,
+                   vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gram_eigh_svd's factors from the ascending eigh of b64 b64^T (b64: b in float64)."""
     values, vectors = values.flip(-1), vectors.flip(-1)
     s = values.clamp_min(0).sqrt()
     kept = s > 1e-7 * s[..., :1]
@@ -193,9 +288,7 @@ def randomized_svd(a: torch.Tensor, rank: int, oversample: int = 0, niter: int =
     """
     if a.dim() not in (2, 3):
         raise ValueError(f"randomized_svd expects a 2-D (or batched 3-D) tensor, got shape {tuple(a.shape)}")
-    a = a.to(compute_dtype_for(a.dtype))
-    return range_finder_svd(lambda x: times_skinny(a, x), lambda x: skinny_t_times(x, a),
-                            a.shape, a.dtype, a.device, rank, oversample, niter, seed)
+    return range_finder_svd(*_products(a), rank, oversample, niter, seed)
 
 
 def randomized_svd_of_update(us: torch.Tensor, vh: torch.Tensor, dense: torch.Tensor, keep: float,
@@ -210,10 +303,19 @@ def randomized_svd_of_update(us: torch.Tensor, vh: torch.Tensor, dense: torch.Te
     if dense.dim() not in (2, 3) or us.shape[:-1] != dense.shape[:-1] or vh.shape[-1] != dense.shape[-1]:
         raise ValueError(f"randomized_svd_of_update: shapes us {tuple(us.shape)}, vh {tuple(vh.shape)}, "
                          f"dense {tuple(dense.shape)} do not make keep * us @ vh + mix * dense")
-    return range_finder_svd(
-        lambda x: _plus_product(times_skinny(dense, x), us, vh @ x, mix, keep),
-        lambda x: _plus_product(skinny_t_times(x, dense), x.mT @ us, vh, mix, keep),
-        dense.shape, dense.dtype, dense.device, rank, oversample, niter, seed)
+    return range_finder_svd(*_products(MomentUpdate(us, vh, dense, keep, mix)), rank, oversample, niter, seed)
+
+
+def _products(moment) -> tuple:
+    """(times, t_times, shape, dtype, device) of range_finder_svd for a moment: a tensor (in its
+    compute dtype) or a MomentUpdate (each product one with `dense` plus two skinny ones)."""
+    if isinstance(moment, MomentUpdate):
+        us, vh, dense, keep, mix = moment
+        return (lambda x: _plus_product(times_skinny(dense, x), us, vh @ x, mix, keep),
+                lambda x: _plus_product(skinny_t_times(x, dense), x.mT @ us, vh, mix, keep),
+                dense.shape, dense.dtype, dense.device)
+    a = moment.to(compute_dtype_for(moment.dtype))
+    return (lambda x: times_skinny(a, x), lambda x: skinny_t_times(x, a), a.shape, a.dtype, a.device)
 
 
 def _plus_product(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
@@ -251,6 +353,28 @@ def compress_batch(moment, rank: int, oversample: int, niter: int, seeds: list[i
     return compress(moment, rank, oversample, niter, seeds)
 
 
+def defers_small_svd(moment, bodies: int) -> bool:
+    """Whether a batch's compress_batch can be split (compress_range now, finish_compress later
+    with other batches): a batch of two or more whose small SVD takes the Gram algebra."""
+    dense = moment.dense if isinstance(moment, MomentUpdate) else moment
+    return (bodies > 1 and dense.dim() == 3 and takes_gpu_rules(dense.device)
+            and compute_dtype_for(dense.dtype) == torch.float32)          # uses_gram_algebra's rule
+
+
+def compress_range(moment, rank: int, oversample: int, niter: int, seeds: list[int]):
+    """compress_batch's first half for a batch (defers_small_svd): (basis, small) of
+    range_and_small; the moment is not needed after it."""
+    return range_and_small(*_products(moment), rank, oversample, niter, seeds)
+
+
+def finish_compress(pending: list[tuple]) -> list[tuple]:
+    """compress_batch's second half for several batches, [(basis, small, rank)] ->
+    [(U, s, Vh)]: their Gram-algebra small SVDs in one eigh call per sketch width
+    (gram_eigh_svds), so a step synchronises once for all its batches on a GPU."""
+    svds = gram_eigh_svds([small for _, small, _ in pending])
+    return [factors_from_range(basis, small, rank, svd) for (basis, small, rank), svd in zip(pending, svds)]
+
+
 def _first_of_batch(moment):
     """Body 0 of a batch's moment (a (1, k, n) tensor or MomentUpdate) as a 2-D block."""
     if isinstance(moment, MomentUpdate):
@@ -263,6 +387,14 @@ def range_finder_svd(times, t_times, shape, dtype: torch.dtype, device, rank: in
     """The Halko range finder and small SVD of a matrix A (.., m, n) = shape, known only through
     its products: times(x) = A @ x for x (.., n, q) and t_times(x) = x^T @ A for x (.., m, q).
     The steps of randomized_svd (its docstring), whatever form A takes."""
+    basis, small = range_and_small(times, t_times, shape, dtype, device, rank, oversample, niter, seed)
+    return factors_from_range(basis, small, rank)
+
+
+def range_and_small(times, t_times, shape, dtype: torch.dtype, device, rank: int, oversample: int,
+                    niter: int, seed: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """range_finder_svd's first half: the orthonormal basis (.., m, q) of A's range and the small
+    matrix basis^T A (.., q, n), after which A is not needed."""
     m, n = shape[-2:]
     q = sketch_width(rank, oversample, m, n)
     if len(shape) == 2:
@@ -275,9 +407,15 @@ def range_finder_svd(times, t_times, shape, dtype: torch.dtype, device, rank: in
     for _ in range(niter):
         z = orthonormal_basis(t_times(basis).mT)                  # (.., n, q)
         basis = orthonormal_basis(times(z))                       # (.., m, q)
-    small = t_times(basis)                                        # (.., q, n)
-    u_small, s, vh = small_svd(small)
-    r = min(rank, q)
+    return basis, t_times(basis)                                  # (.., m, q), (.., q, n)
+
+
+def factors_from_range(basis: torch.Tensor, small: torch.Tensor, rank: int,
+                       svd: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """range_finder_svd's second half: U (.., m, r), s (.., r), Vh (.., r, n) from the basis, the
+    small matrix and its small_svd (computed here when not given)."""
+    u_small, s, vh = small_svd(small) if svd is None else svd
+    r = min(rank, small.shape[-2])
     u = basis @ u_small[..., :r]                                  # (.., m, r)
     return u, s[..., :r], vh[..., :r, :]
 

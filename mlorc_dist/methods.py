@@ -53,14 +53,15 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float, dense_lr: float |
                     weight_decay: float = 0.0, rank: int = 4, scope: str = "local", seed: int = 0,
                     betas=None, compress_embeddings: bool = False, galore_interval: int = 200,
                     galore_scale: float = 0.25, mofasgd_momentum: float = 0.9,
-                    mofasgd_phi: str = "spectral", fused: bool = False):
+                    mofasgd_phi: str = "spectral", fused: bool | None = None):
     """The optimizer of method `name` over the model's trainable parameters.
 
     lr is the step size of the method's own update of 2-D weights; dense_lr (default: lr)
     that of the AdamW / Lion state kept for embeddings, lm_head and 1-D tensors. Each param
     group records `lr_scale` = its lr / lr, so a schedule that sets lr keeps the ratio
-    (launch/train.py's set_lr). fused=True selects MLorc's fused step (mlorc-adamw,
-    mlorc-lion; a ValueError for the other methods)."""
+    (launch/train.py's set_lr). fused is MLorc's (mlorc-adamw, mlorc-lion): True its fused step,
+    False its reference path, None the default for the devices (MLorcAdamW's docstring); True
+    is a ValueError for the other methods."""
     from . import optim
 
     check_method(name)

@@ -185,7 +185,7 @@ def test_fused_needs_local_scope_and_a_bool():
     model = _tiny_llama()
     with pytest.raises(ValueError, match="scope='local'"):
         MLorcAdamW(model.parameters(), scope="global", fused=True)
-    with pytest.raises(ValueError, match="fused must be True or False"):
+    with pytest.raises(ValueError, match="fused must be None, True or False"):
         MLorcLion(model.parameters(), fused="yes")
 
 
@@ -273,13 +273,19 @@ def test_cpu_block_kernels_give_the_same_numbers_on_two_threads():
     (MLorcAdamW, dict(lr=1e-2, rank=4, weight_decay=0.1)),
     (MLorcLion, dict(lr=1e-3, rank=4, weight_decay=0.1)),
 ])
+@pytest.mark.parametrize("rules", ["block update", "all"])
 def test_the_gpu_rule_block_update_trains_like_the_reference_on_the_cpu(monkeypatch, cls, kwargs, dtype, steps,
-                                                                         tol, rel_diff):
-    """fused.runs_cpu_kernels forced False: the batch's bodies go one by one through the
-    compiled block functions (what a GPU runs, here inductor on the CPU), batched and not.
+                                                                         tol, rel_diff, rules):
+    """fused.runs_cpu_kernels forced False ("block update"), or every GPU rule through
+    MLORC_GPU_RULES_ON_CPU=1 ("all": also the Gram algebra for float32 batches, the hashed test
+    matrices and the GPU batching caps, on both paths): a batch's bodies go through one call of
+    the compiled block function (what a GPU runs, here inductor on the CPU), batched and not.
     Steps and bounds as in FUSED_CASES (measured: float64 1.3e-15 after 4 steps, float32 1.2e-6
     after 2 and 5.4e-6 after 4)."""
-    monkeypatch.setattr(fused, "runs_cpu_kernels", lambda t: False)
+    if rules == "all":
+        monkeypatch.setenv("MLORC_GPU_RULES_ON_CPU", "1")
+    else:
+        monkeypatch.setattr(fused, "runs_cpu_kernels", lambda t: False)
     for batched in (True, False):
         fast, plain, _ = _train_pair(cls, dict(kwargs, batched=batched), dtype=dtype, steps=steps)
         assert rel_diff(list(fast.parameters()), list(plain.parameters())) <= tol
@@ -327,11 +333,15 @@ def test_fused_is_selected_by_name_in_launch_and_deepspeed_configs():
     model = _tiny_llama()
     assert build_optimizer("mlorc-adamw", model, lr=1e-3, fused=True).fused
     assert build_optimizer("mlorc-lion", model, lr=1e-4, fused=True).fused
-    assert not build_optimizer("mlorc-adamw", model, lr=1e-3).fused
+    assert not build_optimizer("mlorc-adamw", model, lr=1e-3, fused=False).fused
+    assert build_optimizer("mlorc-adamw", model, lr=1e-3).fused          # the default on the CPU
+    assert not build_optimizer("mlorc-adamw", model, lr=1e-3, scope="global").fused
     with pytest.raises(ValueError, match="not mofasgd's"):
         build_optimizer("mofasgd", model, lr=1e-2, fused=True)
     opt = ds_adapter.build_optimizer(model, "MLorcAdamW", {"lr": 1e-3}, {"rank": 4, "fused": True})
     assert opt.fused
+    assert ds_adapter.build_optimizer(model, "MLorcAdamW", {"lr": 1e-3}, {"rank": 4}).fused
+    assert not ds_adapter.build_optimizer(model, "MLorcAdamW", {"lr": 1e-3}, {"rank": 4, "fused": False}).fused
     with pytest.raises(ValueError, match="do not apply to MoFaSGD"):
         ds_adapter.build_optimizer(model, "MoFaSGD", {"lr": 1e-2}, {"rank": 4, "fused": True})
 
@@ -357,6 +367,28 @@ def test_the_start_up_log_says_fused(caplog):
     with caplog.at_level(logging.INFO, logger="mlorc_dist"):
         MLorcAdamW(mlorc_dist.param_groups(_tiny_llama()), fused=True)
     assert "MLorc-AdamW (scope=local, fused step)" in caplog.text
+
+
+def test_fused_none_is_the_fused_step_on_the_cpu_in_local_scope(caplog):
+    """The default (fused=None) picks the fused step for CPU tensors in local scope and says so;
+    global scope keeps the reference path (fused=True there is a ValueError); a device outside
+    FUSED_BY_DEFAULT (a GPU, not yet confirmed by a device run) gets the reference path."""
+    import logging
+    from mlorc_dist.optim.base import resolve_fused
+    with caplog.at_level(logging.INFO, logger="mlorc_dist"):
+        local = MLorcAdamW(mlorc_dist.param_groups(_tiny_llama()))
+        lion = MLorcLion(mlorc_dist.param_groups(_tiny_llama()))
+    assert local.fused is True and lion.fused is True and local.fused_requested is None
+    assert "MLorc-AdamW (scope=local, fused step (fused=None" in caplog.text
+    assert MLorcAdamW(mlorc_dist.param_groups(_tiny_llama()), fused=False).fused is False
+    assert MLorcAdamW(mlorc_dist.param_groups(_tiny_llama()), scope="global").fused is False
+    with pytest.raises(ValueError, match="fused=True is implemented for scope='local'"):
+        MLorcAdamW(mlorc_dist.param_groups(_tiny_llama()), scope="global", fused=True)
+    with pytest.raises(ValueError, match="fused must be None"):
+        MLorcAdamW(mlorc_dist.param_groups(_tiny_llama()), fused="yes")
+    assert resolve_fused(None, "local", {"cuda"}) is False
+    assert resolve_fused(None, "local", {"cpu", "cuda"}) is False
+    assert resolve_fused(True, "local", {"cuda"}) is True
 
 
 def test_the_second_moment_workspace_is_reused_and_not_saved():

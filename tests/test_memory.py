@@ -444,13 +444,14 @@ def test_profiler_without_gpu_or_nvml(tmp_path, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lowrank,count", [(True, 1), (True, 4), (False, 1)])
 def test_step_workspace_is_within_the_planned_bound(dtype, lowrank, count):
-    """Re-measure one MLorc-AdamW step()'s extra memory (torch.profiler memory timeline); a
+    """Re-measure one MLorc-AdamW step()'s extra memory on the reference path (torch.profiler
+    memory timeline; the fused step's: test_fused_step_workspace_is_within_the_planned_bound); a
     heavier step than the planner assumes must fail here, not make the plan lie."""
     from mlorc_dist.memory.planner import MLORC_STEP_WORKSPACE
     from mlorc_dist.memory.workspace import measure_step_workspace
     measured = measure_step_workspace(
-        lambda ps: mlorc_dist.MLorcAdamW([{"params": ps, "lowrank": lowrank}], rank=4), 512, 256, dtype,
-        count=count)
+        lambda ps: mlorc_dist.MLorcAdamW([{"params": ps, "lowrank": lowrank}], rank=4, fused=False), 512, 256,
+        dtype, count=count)
     ws = MLORC_STEP_WORKSPACE[2 if dtype == torch.bfloat16 else 4]
     if not lowrank:
         bound = ws["dense"]

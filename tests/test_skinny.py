@@ -197,7 +197,7 @@ def test_the_fused_step_uses_the_kernel_and_a_build_failure_is_an_error(monkeypa
     opt = mlorc_dist.MLorcAdamW([w], rank=4, fused=True, batched=False)
     opt.step()
     assert calls == ["adamw_blocks", "range_finder", "range_finder"]   # the update, then each moment
-    mlorc_dist.MLorcAdamW([w], rank=4).step()                          # the reference path: torch only
+    mlorc_dist.MLorcAdamW([w], rank=4, fused=False).step()             # the reference path: torch only
     assert len(calls) == 3
 
     monkeypatch.undo()
@@ -211,7 +211,9 @@ def test_the_fused_step_uses_the_kernel_and_a_build_failure_is_an_error(monkeypa
     # the optimizer builds it at construction (CPU parameters): the error comes before any step
     with pytest.raises(RuntimeError, match="could not build the fused step's C\\+\\+ kernels"):
         mlorc_dist.MLorcAdamW([w], rank=4, fused=True)
-    mlorc_dist.MLorcAdamW([w], rank=4)                                  # the reference path needs none
+    with pytest.raises(RuntimeError, match="could not build the fused step's C\\+\\+ kernels"):
+        mlorc_dist.MLorcAdamW([w], rank=4)            # the default on the CPU: no quiet fallback
+    mlorc_dist.MLorcAdamW([w], rank=4, fused=False)                     # the reference path needs none
 
 
 def test_an_overflowing_second_moment_stops_the_fused_step_as_it_stops_the_reference():

@@ -92,7 +92,7 @@ import torch
 
 from ..engines.deepspeed_layouts import zero3_layouts, zero12_layouts
 from ..engines.fsdp2 import _shard0_row_range
-from ..optim.base import batch_cap, batch_chunks, fused_kept_elements
+from ..optim.base import batch_cap, batch_chunks, fused_kept_elements, resolve_fused
 from ..pieces import Layout, MatrixSpec, Piece
 from .activations import llama_activation_items
 from .profiler import add_state_bytes
@@ -175,7 +175,8 @@ class PlanSettings:
     param_persistence_threshold: int = 100_000     # DeepSpeed stage3_param_persistence_threshold
     sub_group_size: int = 1_000_000_000            # DeepSpeed sub_group_size
     batched: bool = True                           # MLorc's batched=True default
-    fused: bool = False                            # MLorc's fused step (local scope only)
+    fused: bool | None = None                      # MLorc's fused step: None resolves as the
+                                                   # optimizer does on a GPU (validate())
 
     def validate(self) -> None:
         if self.engine not in ENGINES:
@@ -189,6 +190,9 @@ class PlanSettings:
         if self.fused and (self.optimizer not in ("mlorc-adamw", "mlorc-lion") or self.scope != "local"):
             raise ValueError("fused applies to mlorc-adamw and mlorc-lion in local scope, got "
                              f"{self.optimizer} with scope {self.scope!r}")
+        # the plan is of a GPU run: fused=None becomes what the optimizer picks on a GPU
+        self.fused = (resolve_fused(self.fused, self.scope, {"cuda"})
+                      if self.optimizer in ("mlorc-adamw", "mlorc-lion") else False)
         if self.optimizer == "switchlora" and self.engine not in SWITCHLORA_ENGINES:
             raise ValueError(f"SwitchLoRA needs whole W, A and B on every rank, which {self.engine} shards: "
                              f"plan it with engine {', '.join(SWITCHLORA_ENGINES)}")
@@ -613,9 +617,9 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
                 glob = ws["global"] * call["global"] + ws["global_block"] * call["global_max"] \
                     if call["global"] else 0
                 mlorc_workspace = max(mlorc_workspace, local, glob, ws["dense"] * call["dense"])
-            if settings.fused:    # V and the stacked gradients, fp32, kept between steps
+            if settings.fused:    # V and the stacked gradients (fp32) and weights, kept between steps
                 kept = fused_kept_elements(kept_groups, "cuda", planner.optimizer.fused_buffers)
-                row["fused_buffers"] = 4 * sum(kept.values())
+                row["fused_buffers"] = 4 * (kept["moment"] + kept["gradient"]) + held_bytes * kept["weight"]
             row.update(state)
     elif settings.optimizer == "adamw":
         for row in rows:
@@ -735,8 +739,9 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
         assumptions.append(
             "fused step (fused=True): per step %.2f (bf16 params %.2f) fp32 copies of each body of "
             "a batch; kept between steps: V (MLorc-AdamW) as large as the largest batch or lone "
-            "body and the stacked gradients of the largest batch of two or more, fp32, with the "
-            "GPU batching rule (same-shaped bodies up to 2^26 elements per batch)"
+            "body and the stacked gradients of the largest batch of two or more, fp32, and as many "
+            "stacked weights in the weights' dtype, with the GPU batching rule (same-shaped "
+            "bodies up to 2^26 elements per batch)"
             % (FUSED_STEP_WORKSPACE[4]["batch"], FUSED_STEP_WORKSPACE[2]["batch"]))
     if engine == "fsdp2" and settings.bf16:
         assumptions.append("fsdp2 --bf16: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32); "
@@ -790,7 +795,7 @@ def plan(model: str, settings: PlanSettings, vocab_size: int | None = None) -> P
 
 def plan_for_run(config, *, engine: str, world_size: int, optimizer: str, rank: int, micro_batch: int,
                  seq: int, bf16: bool = False, activation_checkpointing: bool = False, scope: str = "local",
-                 fused: bool = False, compress_embeddings: bool = False, model_name: str | None = None) -> Plan:
+                 fused: bool | None = None, compress_embeddings: bool = False, model_name: str | None = None) -> Plan:
     """The plan of one training run, for a launcher's dry run: `config` is an HF config object
     (what the run builds its model from), the model is built from it on the meta device as plan()
     does (adapters too, for lora / switchlora, with `rank`). engine: single, zero1, zero2, zero3 or
@@ -844,7 +849,7 @@ def format_plan(p: Plan, verbose: bool = False) -> str:
              (f"optimizer state (factors {_gb(row['state_factors'])}, "
               f"dense {_gb(row['state_dense'] + row['state_scalars'])})", state),
              ("engine buffers (persistent)", row["engine_buffers"]),
-             *([("fused step buffers (V, stacked grads; kept between steps)", row["fused_buffers"])]
+             *([("fused step buffers (V, stacked grads and weights; kept between steps)", row["fused_buffers"])]
                if "fused_buffers" in row else []),
              ("grad staging (backward -> step)", row["staging"]),
              ("activations (saved, one micro-batch)", p.activations["saved"]),
@@ -887,8 +892,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compress-embeddings", action="store_true")
     ap.add_argument("--reduce-bucket-size", type=int, default=500_000_000)
     ap.add_argument("--no-batched", action="store_true", help="MLorc with batched=False")
-    ap.add_argument("--fused", action="store_true", help="MLorc with fused=True (its kept buffers "
-                    "and step workspace)")
+    ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                    help="MLorc with fused=True (its kept buffers and step workspace); --no-fused: "
+                    "fused=False; default: what fused=None picks on a GPU")
     ap.add_argument("--json", type=Path, default=None, help="also write the plan as JSON")
     ap.add_argument("-v", "--verbose", action="store_true", help="activation items and assumptions")
     return ap

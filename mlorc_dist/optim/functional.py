@@ -12,9 +12,11 @@ import torch
 __all__ = [
     "adam_step_size",
     "adamw_dense_step",
+    "adamw_dense_steps",
     "adam_moments_",
     "adam_apply",
     "lion_dense_step",
+    "lion_dense_steps",
     "lion_direction",
     "lion_moment_",
     "decoupled_weight_decay",
@@ -69,6 +71,33 @@ def adamw_dense_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Ten
     adam_apply(param, exp_avg, exp_avg_sq,
                step_size=adam_step_size(lr, beta1, beta2, step, correct_bias), eps=eps)
     decoupled_weight_decay(param, lr, weight_decay)
+
+
+def adamw_dense_steps(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, *, lr: float,
+                      beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+                      correct_bias: bool) -> None:
+    """adamw_dense_step on lists of regions of one dtype (params, grads and state alike), one
+    multi-tensor operator per step of it: the same operations, elementwise, in the same order."""
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom,
+                            value=-adam_step_size(lr, beta1, beta2, step, correct_bias))
+    if weight_decay != 0.0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+
+
+def lion_dense_steps(params: list, grads: list, exp_avgs: list, *, lr: float, beta1: float,
+                     beta2: float, weight_decay: float) -> None:
+    """lion_dense_step on lists of regions of one dtype, one multi-tensor operator per step."""
+    direction = torch._foreach_lerp(grads, exp_avgs, beta1)
+    torch._foreach_sign_(direction)
+    torch._foreach_add_(params, direction, alpha=-lr)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta2)
+    if weight_decay != 0.0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
 
 
 def lion_direction(grad: torch.Tensor, m_prev: torch.Tensor, beta1: float) -> torch.Tensor:

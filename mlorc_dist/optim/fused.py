@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ..lowrank import negative_fill_value
+from ..lowrank import negative_fill_value, takes_gpu_rules
 from . import cpu_kernels
 
 __all__ = [
@@ -48,25 +48,32 @@ UNROLLED_RANK = 8
 
 
 def rank_sum(us: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
-    """us (k, r) @ vh (r, n). For r <= UNROLLED_RANK written as r broadcast products, an
+    """us (.., k, r) @ vh (.., r, n). For r <= UNROLLED_RANK written as r broadcast products, an
     elementwise expression that a compiler fuses into whatever consumes it (eagerly it
     materialises, like a GEMM); above, a matrix product."""
-    if us.shape[1] > UNROLLED_RANK:
+    if us.shape[-1] > UNROLLED_RANK:
         return us @ vh
-    total = us[:, 0:1] * vh[0:1, :]
-    for j in range(1, us.shape[1]):
-        total = total + us[:, j:j + 1] * vh[j:j + 1, :]
+    total = us[..., :, 0:1] * vh[..., 0:1, :]
+    for j in range(1, us.shape[-1]):
+        total = total + us[..., :, j:j + 1] * vh[..., j:j + 1, :]
     return total
+
+
+def per_block(x: torch.Tensor) -> torch.Tensor:
+    """A value per block, 0-d (one block) or (B,) (a batch), shaped to broadcast over the
+    blocks' entries (.., 1, 1)."""
+    return x[..., None, None]
 
 
 def factored_negative_stats(us: torch.Tensor, vh: torch.Tensor,
                             floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """lowrank.negative_stats of the rebuilt us @ vh, without materialising it: sum of |v| over
-    the entries below -floor, and their count. Summed per row first: the compiler then keeps the
-    rebuilt entries in registers (one whole-tensor sum made it write them out)."""
+    the entries below -floor, and their count; per block of a batch (us (B, k, r), vh (B, r, n),
+    floor (B,)) or of one block (2-D, floor 0-d). Summed per row first: the compiler then keeps
+    the rebuilt entries in registers (one whole-tensor sum made it write them out)."""
     v = rank_sum(us, vh)
-    count = (v < -floor).sum(dim=1, dtype=v.dtype).sum()
-    return floor * count - torch.clamp_max(v + floor, 0).sum(dim=1).sum(), count
+    count = (v < -per_block(floor)).sum(dim=-1, dtype=v.dtype).sum(dim=-1)
+    return floor * count - torch.clamp_max(v + per_block(floor), 0).sum(dim=-1).sum(dim=-1), count
 
 
 def scalars(*values, like: torch.Tensor) -> list[torch.Tensor]:
@@ -90,9 +97,12 @@ def adamw_block_(w: torch.Tensor, g: torch.Tensor, m_us: torch.Tensor, m_vh: tor
     (lowrank.fill_negatives_); the statistics are a first loop over the factors.
     M is not stored: it is b1 M~ + (1 - b1) G, compressed from the factors and G
     (lowrank.MomentUpdate). (Measured: writing M too, into a caller's buffer, made the compiler
-    write the rebuilt moments out first; V alone keeps one loop.)"""
+    write the rebuilt moments out first; V alone keeps one loop.)
+    One block (w, g (k, n), floor and step_size 0-d) or a batch of B (w, g (B, k, n), factors
+    (B, k, r) and (B, r, n), floor (B,), step_size 0-d or (B,)): one call for the batch."""
     abs_sum, count = factored_negative_stats(v_us, v_vh, floor)
-    fill = negative_fill_value(abs_sum, count)
+    fill = per_block(negative_fill_value(abs_sum, count))
+    floor, step_size = per_block(floor), per_block(step_size)
     m_prev = rank_sum(m_us, m_vh)
     v_prev = rank_sum(v_us, v_vh)
     v_prev = torch.where(v_prev < -floor, fill, torch.clamp_min(v_prev, floor))
@@ -105,7 +115,8 @@ def adamw_block_(w: torch.Tensor, g: torch.Tensor, m_us: torch.Tensor, m_vh: tor
 def lion_block_(w: torch.Tensor, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Tensor,
                 beta1: torch.Tensor, lr: torch.Tensor, decay: torch.Tensor) -> None:
     """One MLorc-Lion block update: sets w to (w - lr sign(b1 M~ + (1 - b1) G)) * decay. The new
-    moment b2 M~ + (1 - b2) G is not formed here (lowrank.MomentUpdate)."""
+    moment b2 M~ + (1 - b2) G is not formed here (lowrank.MomentUpdate). One block (2-D) or a
+    batch (3-D), as adamw_block_."""
     m_prev = rank_sum(m_us, m_vh)
     direction = torch.sign(m_prev + (1 - beta1) * (g - m_prev))
     w.copy_((w.to(m_prev.dtype) - lr * direction) * decay)
@@ -113,8 +124,9 @@ def lion_block_(w: torch.Tensor, g: torch.Tensor, m_us: torch.Tensor, m_vh: torc
 
 def runs_cpu_kernels(t: torch.Tensor) -> bool:
     """The fixed rule for where a batch's block update runs: CPU tensors in the C++ kernel
-    (blocks.cpp), any other device through the compiled block function, body by body."""
-    return t.device.type == "cpu"
+    (blocks.cpp), any other device (and the CPU under MLORC_GPU_RULES_ON_CPU=1,
+    lowrank.takes_gpu_rules) through the compiled block function."""
+    return t.device.type == "cpu" and not takes_gpu_rules(t.device)
 
 
 def _written_in_place(tensors: list) -> None:
@@ -125,35 +137,63 @@ def _written_in_place(tensors: list) -> None:
 
 def adamw_blocks_(ws: list, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Tensor, v_us: torch.Tensor,
                   v_vh: torch.Tensor, floors: torch.Tensor, beta1: float, beta2: float, step_sizes: list,
-                  eps: float, decay: float, v_out: torch.Tensor) -> None:
+                  eps: float, decay: float, v_out: torch.Tensor, stacked: torch.Tensor | None = None) -> None:
     """adamw_block_ on every body of a batch: ws (B weights (k, n)), g (B, k, n) in the compute
     dtype, the factors stacked ((B, k, r), (B, r, n)), floors (B,) (the second moment's), one
     step size per body, v_out (B, k, n). On the CPU one call of the C++ kernel (blocks.cpp);
-    elsewhere the compiled adamw_block_ per body."""
+    elsewhere one call of the compiled adamw_block_ for the whole batch, on the weights gathered
+    into `stacked` (a (B, k, n) workspace of the weights' dtype; a lone body is updated in place)."""
     if runs_cpu_kernels(g):
         cpu_kernels.extension().adamw_blocks(ws, g, m_us.contiguous(), m_vh.contiguous(), v_us.contiguous(),
                                              v_vh.contiguous(), floors, beta1, beta2, step_sizes, eps,
                                              decay, v_out)
         _written_in_place([*ws, v_out])
         return
-    block = compiled(adamw_block_)
-    for i, w in enumerate(ws):
-        block(w, g[i], m_us[i], m_vh[i], v_us[i], v_vh[i],
-              *scalars(floors[i], beta1, beta2, step_sizes[i], eps, decay, like=g), v_out[i])
+    w = _gathered(ws, stacked)
+    compiled(adamw_block_)(w, g, m_us, m_vh, v_us, v_vh, floors.to(g.dtype),
+                           *scalars(beta1, beta2, like=g), _per_body(step_sizes, g),
+                           *scalars(eps, decay, like=g), v_out)
+    _scattered(w, ws)
 
 
 def lion_blocks_(ws: list, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Tensor, beta1: float,
-                 lr: float, decay: float) -> None:
+                 lr: float, decay: float, stacked: torch.Tensor | None = None) -> None:
     """lion_block_ on every body of a batch (shapes as adamw_blocks_): one C++ call on the CPU,
-    the compiled lion_block_ per body elsewhere."""
+    one compiled lion_block_ call for the batch elsewhere."""
     if runs_cpu_kernels(g):
         cpu_kernels.extension().lion_blocks(ws, g, m_us.contiguous(), m_vh.contiguous(), beta1, lr, decay)
         _written_in_place(ws)
         return
-    block = compiled(lion_block_)
-    hyper = scalars(beta1, lr, decay, like=g)
-    for i, w in enumerate(ws):
-        block(w, g[i], m_us[i], m_vh[i], *hyper)
+    w = _gathered(ws, stacked)
+    compiled(lion_block_)(w, g, m_us, m_vh, *scalars(beta1, lr, decay, like=g))
+    _scattered(w, ws)
+
+
+def _per_body(values: list, like: torch.Tensor) -> torch.Tensor:
+    """One hyperparameter per body: a 0-d CPU scalar when all are equal (no copy to the device),
+    else a (B,) tensor on like's device."""
+    if all(v == values[0] for v in values):
+        return scalars(values[0], like=like)[0]
+    return torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True)
+
+
+def _gathered(ws: list, stacked: torch.Tensor | None) -> torch.Tensor:
+    """The B weights (k, n) as one (B, k, n) tensor: a view of a lone body's own weight, else
+    `stacked` filled by one multi-tensor copy."""
+    if len(ws) == 1:
+        return ws[0][None]
+    if stacked is None or stacked.shape != (len(ws), *ws[0].shape) or stacked.dtype != ws[0].dtype:
+        raise ValueError(f"a batch of {len(ws)} weights {tuple(ws[0].shape)} {ws[0].dtype} needs a stacked "
+                         f"workspace of that shape and dtype")
+    torch._foreach_copy_(list(stacked.unbind(0)), ws)
+    return stacked
+
+
+def _scattered(w: torch.Tensor, ws: list) -> None:
+    """Write the updated (B, k, n) weights back into the B bodies (nothing for a lone body,
+    updated in place)."""
+    if len(ws) > 1:
+        torch._foreach_copy_(ws, list(w.unbind(0)))
 
 
 # Graphs allowed per fused function: ranks 1..UNROLLED_RANK, x parameter dtypes, x bodies of

@@ -6,7 +6,8 @@ import torch
 from ..lowrank import MomentUpdate, fill_negatives_, negative_fill_value, negative_stats
 from .base import LowRankMomentumOptimizer
 from .fused import adamw_blocks_
-from .functional import adam_apply, adam_moments_, adam_step_size, adamw_dense_step, decoupled_weight_decay
+from .functional import (adam_apply, adam_moments_, adam_step_size, adamw_dense_step, adamw_dense_steps,
+                         decoupled_weight_decay)
 
 __all__ = ["MLorcAdamW"]
 
@@ -40,12 +41,16 @@ class MLorcAdamW(LowRankMomentumOptimizer):
                                        .skipped_steps, warned about; nothing changes), "raise",
                                        or "ignore" (no check: a NaN then poisons the factors)
         batched*                       compress same-shaped small bodies in one batched call
-        fused*                         one pass per block (optim/fused.py) instead of the
+        fused*                         True: one pass per block (optim/fused.py) instead of the
                                        reference path's GEMM rebuild and elementwise passes, the
                                        first moment left unformed, V in a workspace kept between
                                        steps; on the CPU C++ kernels (optim/cpu_kernels.py: the
                                        block updates, one call per batch, and the range finder's
-                                       products), on a GPU torch.compile; local scope only
+                                       products), on a GPU torch.compile; local scope only.
+                                       False: the reference path. None (default): the fused step
+                                       where it is tested equal to the reference path (local
+                                       scope, CPU tensors: base.resolve_fused), else the
+                                       reference path; .fused says which was chosen
     """
 
     moment_names = ("exp_avg", "exp_avg_sq")
@@ -56,7 +61,7 @@ class MLorcAdamW(LowRankMomentumOptimizer):
                  weight_decay: float = 0.01, *, rank: int = 4, oversample: int = 0, niter: int = 1,
                  correct_bias: bool = True, factor_dtype=None, lowrank: bool = True,
                  dense_when_no_saving: bool = True, scope: str = "local", seed: int = 0,
-                 nonfinite: str = "skip", batched: bool = True, fused: bool = False):
+                 nonfinite: str = "skip", batched: bool = True, fused: bool | None = None):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
                         oversample=oversample, niter=niter, correct_bias=correct_bias,
                         factor_dtype=factor_dtype, lowrank=lowrank,
@@ -70,6 +75,18 @@ class MLorcAdamW(LowRankMomentumOptimizer):
                          lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                          weight_decay=group["weight_decay"], step=step,
                          correct_bias=group["correct_bias"])
+
+    def _dense_updates(self, items) -> None:
+        batches, single = self._dense_batches(items)
+        for item in single:
+            self._dense_update(*item)
+        for batch in batches:
+            group, step = batch[0][0], batch[0][5]
+            beta1, beta2 = group["betas"]
+            adamw_dense_steps([i[1] for i in batch], [i[2] for i in batch],
+                              [i[3][i[4] + "exp_avg"] for i in batch], [i[3][i[4] + "exp_avg_sq"] for i in batch],
+                              lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                              weight_decay=group["weight_decay"], step=step, correct_bias=group["correct_bias"])
 
     def _moment_stats(self, prevs, floors):
         """Sum of |v| over the negative entries of the rebuilt v, and their count."""
@@ -87,10 +104,10 @@ class MLorcAdamW(LowRankMomentumOptimizer):
 
     fused_buffers = 1      # V; M stays unformed
 
-    def _fused_update(self, group, values, grad, factors, steps, buffer) -> list:
+    def _fused_update(self, group, values, grad, factors, steps, buffer, stacked=None) -> list:
         beta1, beta2 = group["betas"]
         (m_us, m_vh, _), (v_us, v_vh, v_floors) = factors
         step_sizes = [adam_step_size(group["lr"], beta1, beta2, step, group["correct_bias"]) for step in steps]
         adamw_blocks_(values, grad, m_us, m_vh, v_us, v_vh, v_floors, beta1, beta2, step_sizes, group["eps"],
-                      1.0 - group["lr"] * group["weight_decay"], buffer)
+                      1.0 - group["lr"] * group["weight_decay"], buffer, stacked)
         return [MomentUpdate(m_us, m_vh, grad, beta1, 1.0 - beta1), buffer]

@@ -4,7 +4,8 @@ from __future__ import annotations
 from ..lowrank import MomentUpdate
 from .base import LowRankMomentumOptimizer
 from .fused import lion_blocks_
-from .functional import apply_direction, decoupled_weight_decay, lion_dense_step, lion_direction, lion_moment_
+from .functional import (apply_direction, decoupled_weight_decay, lion_dense_step, lion_dense_steps, lion_direction,
+                         lion_moment_)
 
 __all__ = ["MLorcLion"]
 
@@ -25,7 +26,7 @@ class MLorcLion(LowRankMomentumOptimizer):
     def __init__(self, params, lr: float = 1e-4, betas=(0.95, 0.98), weight_decay: float = 0.05, *,
                  rank: int = 4, oversample: int = 0, niter: int = 0, factor_dtype=None,
                  lowrank: bool = True, dense_when_no_saving: bool = True, scope: str = "local",
-                 seed: int = 0, nonfinite: str = "skip", batched: bool = True, fused: bool = False):
+                 seed: int = 0, nonfinite: str = "skip", batched: bool = True, fused: bool | None = None):
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, rank=rank,
                         oversample=oversample, niter=niter, factor_dtype=factor_dtype,
                         lowrank=lowrank, dense_when_no_saving=dense_when_no_saving)
@@ -37,6 +38,16 @@ class MLorcLion(LowRankMomentumOptimizer):
         lion_dense_step(value, grad, entry[prefix + "exp_avg"], lr=group["lr"], beta1=beta1,
                         beta2=beta2, weight_decay=group["weight_decay"])
 
+    def _dense_updates(self, items) -> None:
+        batches, single = self._dense_batches(items)
+        for item in single:
+            self._dense_update(*item)
+        for batch in batches:
+            group = batch[0][0]
+            beta1, beta2 = group["betas"]
+            lion_dense_steps([i[1] for i in batch], [i[2] for i in batch], [i[3][i[4] + "exp_avg"] for i in batch],
+                             lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"])
+
     def _lowrank_update(self, group, value, grad, prevs, floors, stats, step: int):
         beta1, beta2 = group["betas"]
         (m_prev,) = prevs
@@ -44,8 +55,9 @@ class MLorcLion(LowRankMomentumOptimizer):
         decoupled_weight_decay(value, group["lr"], group["weight_decay"])
         return [lion_moment_(grad, m_prev, beta2)]     # after the direction: it needs m_prev
 
-    def _fused_update(self, group, values, grad, factors, steps, buffer) -> list:
+    def _fused_update(self, group, values, grad, factors, steps, buffer, stacked=None) -> list:
         beta1, beta2 = group["betas"]
         ((m_us, m_vh, _),) = factors
-        lion_blocks_(values, grad, m_us, m_vh, beta1, group["lr"], 1.0 - group["lr"] * group["weight_decay"])
+        lion_blocks_(values, grad, m_us, m_vh, beta1, group["lr"], 1.0 - group["lr"] * group["weight_decay"],
+                     stacked)
         return [MomentUpdate(m_us, m_vh, grad, beta2, 1.0 - beta2)]

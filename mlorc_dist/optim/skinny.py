@@ -35,7 +35,8 @@ MAX_WIDTH = 8
 def uses_kernel(a: torch.Tensor, width: int) -> bool:
     """Whether a batch's range finder over moment part a (B, k, n) with a sketch of `width`
     columns runs in the C++ kernel."""
-    return (a.dim() == 3 and a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
+    return (a.dim() == 3 and a.device.type == "cpu" and not lowrank.takes_gpu_rules(a.device)
+            and a.dtype in (torch.float32, torch.float64)
             and width <= MAX_WIDTH)
 
 
