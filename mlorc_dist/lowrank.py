@@ -198,12 +198,12 @@ def cholesky_qr(y: torch.Tensor, passes: int = 2) -> torch.Tensor:
     m, q = y.shape[-2:]
     basis = y.to(_GRAM_DTYPE)
     eps, tiny = torch.finfo(_GRAM_DTYPE).eps, torch.finfo(_GRAM_DTYPE).tiny
-    eye = torch.eye(q, dtype=_GRAM_DTYPE, device=y.device)
     for _ in range(passes):
         gram = basis.mT @ basis                                              # (.., q, q)
-        trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
-        shift = 11 * (m * q + q * (q + 1)) * eps * trace + tiny
-        lower, _ = torch.linalg.cholesky_ex(gram + shift * eye)              # no error check: no sync
+        diagonal = gram.diagonal(dim1=-2, dim2=-1)                           # a view: (.., q)
+        shift = 11 * (m * q + q * (q + 1)) * eps * diagonal.sum(-1, keepdim=True) + tiny
+        diagonal.add_(shift)                                                 # gram + shift I
+        lower, _ = torch.linalg.cholesky_ex(gram)                            # no error check: no sync
         basis = torch.linalg.solve_triangular(lower.mT, basis, upper=True, left=False)   # basis L^-T
     return basis.to(y.dtype)
 

@@ -34,7 +34,14 @@ def rel_diff():
 
 
 @pytest.fixture
-def cpu_kernel_calls(monkeypatch):
+def cpu_rules(monkeypatch):
+    """The CPU's own rules (C++ kernels, LAPACK, CPU batching caps) for a test of them, also when
+    the suite runs with MLORC_GPU_RULES_ON_CPU=1 (which gives every other test the GPU's)."""
+    monkeypatch.delenv("MLORC_GPU_RULES_ON_CPU", raising=False)
+
+
+@pytest.fixture
+def cpu_kernel_calls(monkeypatch, cpu_rules):
     """The names of the fused step's C++ kernels called from here on (optim/cpu_kernels.py's
     extension, wrapped to count; the real kernels still run)."""
     from mlorc_dist.optim import cpu_kernels

@@ -210,7 +210,7 @@ BLOCK_CASES = [   # weight dtype, rank, (B, k, n): n past one 256-column chunk a
 
 
 @pytest.mark.parametrize("dtype,r,shape", BLOCK_CASES)
-def test_cpu_block_kernels_equal_the_eager_blocks(dtype, r, shape):
+def test_cpu_block_kernels_equal_the_eager_blocks(dtype, r, shape, cpu_rules):
     """blocks.cpp (one call per batch) against adamw_block_ / lion_block_ run eagerly per body:
     the same numbers to rounding, with the negative fix acting, for any rank, ragged column
     chunks and low-precision weights (computed in float32, written back rounded)."""
@@ -244,7 +244,7 @@ def test_cpu_block_kernels_equal_the_eager_blocks(dtype, r, shape):
         torch.testing.assert_close(got.to(compute), want.to(compute), rtol=rtol, atol=rtol)
 
 
-def test_cpu_block_kernels_give_the_same_numbers_on_two_threads():
+def test_cpu_block_kernels_give_the_same_numbers_on_two_threads(cpu_rules):
     """at::parallel_for splits rows between threads; the statistics are summed per row, then in
     row order, so the result does not depend on the thread count."""
     g = torch.Generator().manual_seed(3)
@@ -291,7 +291,7 @@ def test_the_gpu_rule_block_update_trains_like_the_reference_on_the_cpu(monkeypa
         assert rel_diff(list(fast.parameters()), list(plain.parameters())) <= tol
 
 
-def test_cpu_block_kernels_refuse_what_they_cannot_take():
+def test_cpu_block_kernels_refuse_what_they_cannot_take(cpu_rules):
     ext = cpu_kernels.extension()
     w, grad = torch.randn(4, 6), torch.randn(1, 4, 6)
     us, vh = torch.randn(1, 4, 2), torch.randn(1, 2, 6)

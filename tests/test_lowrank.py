@@ -167,7 +167,7 @@ def test_gram_eigh_svd_of_zero_and_low_rank_input():
     torch.testing.assert_close((u * s) @ vh, b, rtol=0, atol=1e-5)
 
 
-def test_the_gram_rule_is_float32_batches_on_a_gpu_only():
+def test_the_gram_rule_is_float32_batches_on_a_gpu_only(cpu_rules):
     from mlorc_dist.lowrank import uses_gram_algebra
     assert not uses_gram_algebra(torch.zeros(4, 4)) and not uses_gram_algebra(torch.zeros(2, 4, 4))   # CPU: LAPACK
     assert not uses_gram_algebra(torch.zeros(2, 4, 4, device="meta"))
@@ -204,7 +204,7 @@ def test_randomized_svd_with_the_gram_algebra_equals_the_lapack_one(monkeypatch,
     assert torch.all((gram - lapack).abs().amax(dim=(-2, -1)) <= bound)
 
 
-def test_test_matrices_of_a_batch_are_the_per_seed_draws():
+def test_test_matrices_of_a_batch_are_the_per_seed_draws(cpu_rules):
     from mlorc_dist.lowrank import gaussian_test_matrices, gaussian_test_matrix
     batch = gaussian_test_matrices(50, 3, [5, 6], torch.float32)
     assert torch.equal(batch[1], gaussian_test_matrix(50, 3, 6, torch.float32))

@@ -497,7 +497,7 @@ def test_step_workspace_of_consecutive_batches_matches_the_plan():
     from mlorc_dist.memory.workspace import measure_step_workspace_bytes
     shapes = [(96, 64)] * 4 + [(160, 64)] * 2
     measured = measure_step_workspace_bytes(
-        lambda ps: mlorc_dist.MLorcAdamW([{"params": ps, "lowrank": True}], rank=4), shapes)
+        lambda ps: mlorc_dist.MLorcAdamW([{"params": ps, "lowrank": True}], rank=4, fused=False), shapes)
     config = llama_config("tiny", VOCAB)
     planned = plan_model(_meta_blocks(shapes), config, PlanSettings(engine="single", optimizer="mlorc-adamw",
                                                                     rank=4), "blocks")
@@ -539,7 +539,9 @@ def test_fused_kept_buffers_follow_the_rule_the_planner_uses(cls):
 
 
 def test_the_planner_counts_the_fused_buffers_as_persistent():
-    """With the GPU rule all 66 bodies of 256^2 make one batch, and the 600 x 512 pair another."""
+    """With the GPU rule all 66 bodies of 256^2 make one batch, and the 600 x 512 pair another;
+    a GPU keeps the batch's stacked weights too (fp32 here). fused=None plans the reference path
+    (what it picks on a GPU)."""
     from mlorc_dist.optim.base import fused_kept_elements
     config = llama_config("tiny", VOCAB)
     settings = {fused: PlanSettings(engine="single", optimizer="mlorc-adamw", rank=4, fused=fused)
@@ -547,7 +549,11 @@ def test_the_planner_counts_the_fused_buffers_as_persistent():
     plans = {fused: plan_model(_meta_blocks(FUSED_SHAPES), config, settings[fused], "blocks")
              for fused in (False, True)}
     kept = fused_kept_elements(_fused_groups(), "cuda", 1)
-    assert kept == {"moment": 66 * 256 * 256, "gradient": 66 * 256 * 256}
+    assert kept == {"moment": 66 * 256 * 256, "gradient": 66 * 256 * 256, "weight": 66 * 256 * 256}
+    assert "weight" not in fused_kept_elements(_fused_groups(), "cpu", 1)
+    default = PlanSettings(engine="single", optimizer="mlorc-adamw", rank=4)
+    default.validate()
+    assert default.fused is False
     assert plans[True].ranks[0]["fused_buffers"] == 4 * sum(kept.values())
     assert "fused_buffers" not in plans[False].ranks[0]
     assert plans[True].peak["persistent"] - plans[False].peak["persistent"] == 4 * sum(kept.values())

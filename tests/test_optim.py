@@ -326,6 +326,9 @@ def test_batched_fast_path_equals_the_reference_path(cls, dtype, steps, tol, rel
     real_compress = lowrank.compress                  # what lowrank.compress_batch calls
     monkeypatch.setattr(lowrank, "compress",
                         lambda a, *args: batch_sizes.append(a.shape[0] if a.dim() == 3 else 1) or real_compress(a, *args))
+    real_range = lowrank.compress_range               # a batch under the GPU rules (finish_compress after)
+    monkeypatch.setattr(lowrank, "compress_range",
+                        lambda a, *args: batch_sizes.append(a.shape[0]) or real_range(a, *args))
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         ids = torch.randint(0, 97, (4, 16), generator=g)
@@ -352,7 +355,7 @@ def test_rebind_parameters_after_a_swap_and_refused_with_state():
         opt.rebind_parameters()
 
 
-def test_batches_are_capped_in_elements(monkeypatch):
+def test_batches_are_capped_in_elements(monkeypatch, cpu_rules):
     import mlorc_dist.optim.base as base
     monkeypatch.setattr(base, "BATCH_ELEMENTS", 250)
     chunks = base.batch_chunks(list(range(7)), body_numel=100, device_type="cpu")
@@ -364,7 +367,7 @@ def test_batches_are_capped_in_elements(monkeypatch):
     assert [len(c) for c in base.batch_chunks(list(range(3)), body_numel=big, device_type="cuda")] == [3]
 
 
-def test_batches_on_a_gpu_take_large_bodies_up_to_the_cap():
+def test_batches_on_a_gpu_take_large_bodies_up_to_the_cap(cpu_rules):
     """On a GPU every body that fits BATCH_ELEMENTS is batched (reference and fused paths); on
     the CPU large bodies go alone and fused batches are smaller."""
     import mlorc_dist.optim.base as base

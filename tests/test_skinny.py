@@ -7,6 +7,12 @@ import mlorc_dist
 from mlorc_dist import lowrank
 from mlorc_dist.optim import cpu_kernels, skinny
 
+
+@pytest.fixture(autouse=True)
+def _cpu_rules(cpu_rules):
+    """Every test here is of the CPU's C++ range finder and its rules."""
+
+
 # (m, n, q); the last two span several column blocks of cols (skinny.h), with a ragged last one
 SHAPES = [(1, 1, 1), (3, 17, 2), (5, 33, 4), (37, 100, 8), (64, 1024, 4), (130, 7, 5), (9, 64, 3), (9, 2100, 3),
           (21, 1500, 6), (20, 50, 2), (19, 70, 7)]
@@ -201,6 +207,7 @@ def test_the_fused_step_uses_the_kernel_and_a_build_failure_is_an_error(monkeypa
     assert len(calls) == 3
 
     monkeypatch.undo()
+    monkeypatch.delenv("MLORC_GPU_RULES_ON_CPU", raising=False)     # undone with the rest: the CPU's rules again
     monkeypatch.setattr(cpu_kernels, "_EXTENSION", None)
 
     def no_compiler(*args, **kwargs):
