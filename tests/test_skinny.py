@@ -224,16 +224,23 @@ def test_the_fused_step_uses_the_kernel_and_a_build_failure_is_an_error(monkeypa
 
 
 def test_an_overflowing_second_moment_stops_the_fused_step_as_it_stops_the_reference():
-    """A finite gradient of 1e30 squares to inf in V (fp32): the non-finite check, which looks at
-    the gradients, lets it through; then both paths refuse to compress V, the fused one with the
-    C++ range finder's error (before, it would go on with factors of V's other rows)."""
+    """A finite gradient of 1e30 squares to inf in V (fp32). The non-finite check counts it (its
+    L2 norm overflows): the step is skipped. Let through (nonfinite="ignore"), both paths refuse
+    to compress V, the fused one with the C++ range finder's error (not factors of V's other rows)."""
     for fused in (True, False):
-        torch.manual_seed(0)
-        w = torch.nn.Parameter(torch.randn(48, 40))
-        opt = mlorc_dist.MLorcAdamW([w], rank=4, fused=fused)
-        w.grad = torch.randn(48, 40)
-        opt.step()
-        w.grad = torch.randn(48, 40)
-        w.grad[30, 5] = 1e30
-        with pytest.raises(RuntimeError, match="not finite" if fused else ""):
+        for nonfinite in ("skip", "ignore"):
+            torch.manual_seed(0)
+            w = torch.nn.Parameter(torch.randn(48, 40))
+            opt = mlorc_dist.MLorcAdamW([w], rank=4, fused=fused, nonfinite=nonfinite)
+            w.grad = torch.randn(48, 40)
             opt.step()
+            w.grad = torch.randn(48, 40)
+            w.grad[30, 5] = 1e30
+            if nonfinite == "skip":
+                before = w.detach().clone()
+                with pytest.warns(UserWarning, match="non-finite gradient, step skipped"):
+                    opt.step()
+                assert torch.equal(w, before) and opt.skipped_steps == 1
+                continue
+            with pytest.raises(RuntimeError, match="not finite" if fused else ""):
+                opt.step()
