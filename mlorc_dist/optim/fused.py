@@ -1,7 +1,9 @@
 """The fused MLorc step of one block: rebuild, negative fix, moments and weight update in one
-pass over memory (`fused=True` on the optimizers). On a GPU the functions below are compiled by
-torch.compile (Triton kernels), one call per body; on the CPU the same math runs in a C++ kernel
-(blocks.cpp, built by cpu_kernels.py), one call per batch of bodies (adamw_blocks_, lion_blocks_).
+pass over memory (the fused step: `fused=True` on the optimizers, and their default on the CPU).
+On a GPU (and on the CPU under MLORC_GPU_RULES_ON_CPU=1) the functions below are compiled by
+torch.compile (Triton kernels), one call per batch of same-shaped bodies; on the CPU the same math
+runs in a C++ kernel (blocks.cpp, built by cpu_kernels.py), one call per batch of bodies
+(adamw_blocks_, lion_blocks_).
 
 The reference path (functional.py, lowrank.py) materialises the rebuilt moments with a GEMM,
 then makes a dozen elementwise passes over them (the fix's statistics and fill, the moment
@@ -197,8 +199,9 @@ def _scattered(w: torch.Tensor, ws: list) -> None:
 
 
 # Graphs allowed per fused function: ranks 1..UNROLLED_RANK, x parameter dtypes, x bodies of
-# one row (a size-1 dimension is specialised), with room to spare.
-RECOMPILE_LIMIT = 64
+# one row and batches of one (a size-1 dimension is specialised), x one step size or one per
+# body, with room to spare.
+RECOMPILE_LIMIT = 256
 
 # Inductor writes an inlined value out to memory once it is read more than
 # realize_reads_threshold (default 4) times. The rebuilt second moment is read 4+ times (the
