@@ -92,6 +92,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         self.fused = fused
         self.nonfinite = nonfinite
         self.skipped_steps = 0
+        self.skipped_tensors = 0     # step_tensors' skips (step in backward: one tensor at a time)
         self._layouts: dict[int, Layout] = {}
         self._attached: dict[int, tuple[torch.Tensor, dict]] = {}
         self._plans: dict[int, list[PiecePlan]] = {}
@@ -378,7 +379,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["mlorc"] = {"algorithm": self.algorithm, "scope": self.scope, "seed": self.seed,
-                          "skipped_steps": self.skipped_steps}
+                          "skipped_steps": self.skipped_steps, "skipped_tensors": self.skipped_tensors}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -416,6 +417,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             self.state[param] = entry
         self.seed = meta["seed"]
         self.skipped_steps = meta["skipped_steps"]
+        self.skipped_tensors = meta.get("skipped_tensors", 0)
 
     # ------------------------------------------------------------------ step
     def _collect_work(self, only: set | None = None):
@@ -453,7 +455,19 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         self._step_work(self._collect_work())
         return loss
 
-    def _step_work(self, work) -> bool:
+    @torch.no_grad()
+    def step_tensors(self, tensors) -> bool:
+        """Step only `tensors` (those of them that have a gradient), each with its own step
+        count: what mlorc_dist.step_in_backward calls as each gradient becomes final. Local
+        scope only (global scope's collectives span every matrix of a step). A non-finite
+        gradient (nonfinite="skip") leaves these tensors and their state unchanged, is counted
+        in .skipped_tensors and warned about; returns False then."""
+        if self.scope != "local":
+            raise ValueError(f"{self.algorithm}: step_tensors needs scope='local' (global scope compresses "
+                             "every matrix of a step together, with collectives over all of them)")
+        return self._step_work(self._collect_work(only={id(t) for t in tensors}), per_tensor=True)
+
+    def _step_work(self, work, per_tensor: bool = False) -> bool:
         """One step of the tensors in `work` (_collect_work). False when a non-finite gradient
         skipped it (nonfinite="skip"): nothing changed."""
         global_matrices = self._global_matrices(work) if self.scope == "global" else []
@@ -467,6 +481,12 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             if self.nonfinite == "raise":
                 raise FloatingPointError(f"{self.algorithm}: non-finite gradient in "
                                          f"{int(bad.item())} tensor(s)")
+            if per_tensor:
+                self.skipped_tensors += 1
+                keys = ", ".join(str(plans[0].piece.key) for _, _, _, plans, _ in work if plans)
+                warnings.warn(f"{self.algorithm}: non-finite gradient of {keys}: its step skipped (it and its "
+                              f"state unchanged; {self.skipped_tensors} tensor steps skipped so far)", stacklevel=4)
+                return False
             self.skipped_steps += 1
             warnings.warn(f"{self.algorithm}: non-finite gradient, step skipped (no parameter or "
                           f"state changed; {self.skipped_steps} skipped so far)", stacklevel=3)
