@@ -127,12 +127,14 @@ def _torchrun(port: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
 
 
-@pytest.mark.parametrize("engine,port", [("single", None), ("fsdp2", 29631)])
-def test_launch_step_in_backward_trains_and_resumes_like_the_step(tmp_path, engine, port):
-    """launch/train.py, fp32, no clipping, 20 steps: --step-in-backward's losses equal the usual
-    step's to 1e-6 relative; a run stopped at step 10 and resumed equals the uninterrupted one."""
+@pytest.mark.parametrize("engine,dtype,port", [("single", "fp32", None), ("fsdp2", "fp32", 29631),
+                                               ("fsdp2", "bf16", 29632)])
+def test_launch_step_in_backward_trains_and_resumes_like_the_step(tmp_path, engine, dtype, port):
+    """launch/train.py, no clipping, 20 steps: --step-in-backward's losses equal the usual step's
+    to 1e-6 relative (fp32 weights, and bf16 weights written with stochastic rounding); a run
+    stopped at step 10 and resumed equals the uninterrupted one."""
     prefix = [sys.executable] if engine == "single" else _torchrun(port)
-    flags = ["--fsdp"] if engine == "fsdp2" else []
+    flags = (["--fsdp"] if engine == "fsdp2" else []) + ["--param-dtype", dtype]
     _train(prefix, *flags, "--steps", "20", "--out", str(tmp_path / "step"))
     _train(prefix, *flags, "--steps", "20", "--step-in-backward", "--out", str(tmp_path / "sib"))
     expected, got = _losses(tmp_path / "step"), _losses(tmp_path / "sib")
