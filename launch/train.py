@@ -573,6 +573,9 @@ def load_checkpoint(trainer, batches, args, rank, signature) -> int:
     shards = [ckpt.read_file(path / f"rank{r}.pt") for r in range(meta["world_size"])]   # memory-mapped
     ckpt.load_master_records(optimizer, [rec for s in shards for rec in s["master"]])
     counts = ckpt.load_optimizer_records(optimizer, [rec for s in shards for rec in s["optimizer"]])
+    rng = shards[rank]["rng"].clone() if rank < len(shards) else None
+    del shards                  # the files' mappings go with their tensors
+    ckpt.forget_mappings()
     trainer.sync_master_to_model()
     for group, saved in zip(optimizer.param_groups, common["param_groups"]):
         for key in ("lr", "betas", "weight_decay", "rank", "oversample", "niter"):
@@ -588,8 +591,8 @@ def load_checkpoint(trainer, batches, args, rank, signature) -> int:
                          f" (a checkpoint of another method?)")
     if common.get("switchlora") is not None:
         load_switchlora_checkpoint(trainer, common["switchlora"])
-    if rank < len(shards):
-        torch.set_rng_state(shards[rank]["rng"])
+    if rng is not None:
+        torch.set_rng_state(rng)
     if rank == 0:
         logger.info("resumed from %s (written at world size %d): %s", path, meta["world_size"], counts)
     return meta["step"]
