@@ -6,8 +6,9 @@ bench/compare_methods.py:
   demo      the "demo" Llama from scratch, 250 steps of 8 x 128 tokens, peak lr 1.5e-3
   finetune  compare_methods' fine-tuning task: 100 steps on the standard library's docstrings
             from a model pretrained here (AdamW, 200 steps, fp32), MLorc-AdamW's best lr there
+            and compare_methods' dense lr for embeddings, lm_head and norms
 
-    python bench/bf16_weights.py                 # ~10 min on 2 cores; writes docs/bench/bf16_weights.json
+    python bench/bf16_weights.py                 # ~20 min on 2 cores; writes docs/bench/bf16_weights.json
     python bench/bf16_weights.py --preset toy    # seconds
 
 One process, one thread, the same seeds in every run: only the weights' dtype and rounding differ.
@@ -25,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare_methods import Corpus, eval_loss  # noqa: E402
+from compare_methods import DENSE_LR, Corpus, eval_loss  # noqa: E402
 from mlorc_dist import methods  # noqa: E402
 from mlorc_dist.data import default_corpus_path, docstring_corpus_path, train_tokenizer  # noqa: E402
 from mlorc_dist.models import build_model, llama_config  # noqa: E402
@@ -42,13 +43,13 @@ VARIANTS = {"fp32 weights": (torch.float32, True), "bf16, stochastic rounding": 
 
 
 def train(method: str, config, corpus: Corpus, steps: int, lr: float, dtype: torch.dtype, stochastic: bool,
-          seed: int, base_state: dict | None = None) -> tuple[float, dict]:
+          seed: int, base_state: dict | None = None, dense_lr: float | None = None) -> tuple[float, dict]:
     """One run (warmup 10%, cosine to 10%, clipping 1.0, as compare_methods); (eval loss, weights)."""
     model = build_model(config, seed=seed)
     if base_state is not None:
         model.load_state_dict(base_state)
     model.to(dtype)
-    optimizer = methods.build_optimizer(method, model, lr=lr, seed=seed)
+    optimizer = methods.build_optimizer(method, model, lr=lr, dense_lr=dense_lr, seed=seed)
     optimizer.stochastic_rounding = stochastic
     batches = corpus.batches(seed)
     for step in range(1, steps + 1):
@@ -67,7 +68,9 @@ def train(method: str, config, corpus: Corpus, steps: int, lr: float, dtype: tor
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="full", choices=sorted(PRESETS))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                   help="initial weights and batches; each seed runs every variant (the spread between seeds "
+                        "is the noise a dtype's difference is read against)")
     p.add_argument("--json", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "bench" / "bf16_weights.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -78,24 +81,29 @@ def main(argv=None) -> int:
     pretrain = Corpus(default_corpus_path(), tokenizer, preset["batch"], preset["seq_len"], preset["eval_windows"])
     finetune = Corpus(docstring_corpus_path(), tokenizer, preset["batch"], preset["seq_len"], preset["eval_windows"])
     rows = []
-    for name, (dtype, stochastic) in VARIANTS.items():
-        loss, _ = train("mlorc-adamw", config, pretrain, preset["demo_steps"], preset["demo_lr"], dtype, stochastic,
-                        args.seed)
-        rows.append({"task": "demo", "weights": name, "eval_loss": loss})
-        print(f"demo      {name:28s} eval {loss:.4f}", flush=True)
-    _, base = train("adamw", config, pretrain, preset["base_steps"], preset["base_lr"], torch.float32, True, args.seed)
-    for name, (dtype, stochastic) in VARIANTS.items():
-        loss, _ = train("mlorc-adamw", config, finetune, preset["finetune_steps"], preset["finetune_lr"], dtype,
-                        stochastic, args.seed, base)
-        rows.append({"task": "finetune", "weights": name, "eval_loss": loss})
-        print(f"finetune  {name:28s} eval {loss:.4f}", flush=True)
+    for seed in args.seeds:          # the demo (as examples/demo.py: every lr the same)
+        for name, (dtype, stochastic) in VARIANTS.items():
+            loss, _ = train("mlorc-adamw", config, pretrain, preset["demo_steps"], preset["demo_lr"], dtype,
+                            stochastic, seed)
+            rows.append({"task": "demo", "seed": seed, "weights": name, "eval_loss": loss})
+            print(f"demo      seed {seed} {name:28s} eval {loss:.4f}", flush=True)
+    for seed in args.seeds:          # compare_methods' fine-tuning: its base, its dense lr
+        _, base = train("adamw", config, pretrain, preset["base_steps"], preset["base_lr"], torch.float32, True,
+                        seed, dense_lr=DENSE_LR["pretrain"])
+        for name, (dtype, stochastic) in VARIANTS.items():
+            loss, _ = train("mlorc-adamw", config, finetune, preset["finetune_steps"], preset["finetune_lr"], dtype,
+                            stochastic, seed, base, dense_lr=DENSE_LR["finetune"])
+            rows.append({"task": "finetune", "seed": seed, "weights": name, "eval_loss": loss})
+            print(f"finetune  seed {seed} {name:28s} eval {loss:.4f}", flush=True)
     for row in rows:
-        fp32 = next(r["eval_loss"] for r in rows if r["task"] == row["task"] and r["weights"] == "fp32 weights")
+        fp32 = next(r["eval_loss"] for r in rows if (r["task"], r["seed"], r["weights"]) ==
+                    (row["task"], row["seed"], "fp32 weights"))
         row["vs_fp32"] = row["eval_loss"] - fp32
-    print("\n| task | weights | eval loss | vs fp32 weights |\n|---|---|---:|---:|")
+    print("\n| task | seed | weights | eval loss | vs fp32 weights |\n|---|---:|---|---:|---:|")
     for row in rows:
-        print(f"| {row['task']} | {row['weights']} | {row['eval_loss']:.4f} | {row['vs_fp32']:+.4f} |")
-    report = {"command": f"python bench/bf16_weights.py --preset {args.preset}", "preset": preset, "rows": rows,
+        print(f"| {row['task']} | {row['seed']} | {row['weights']} | {row['eval_loss']:.4f} | {row['vs_fp32']:+.4f} |")
+    report = {"command": f"python bench/bf16_weights.py --preset {args.preset}", "preset": preset,
+              "dense_lr": DENSE_LR, "rows": rows,
               "wall_s": round(time.perf_counter() - started)}
     if args.preset == "full":
         args.json.parent.mkdir(parents=True, exist_ok=True)
