@@ -2,7 +2,9 @@
 at world size 2 on one small host: bf16 weights written with stochastic rounding (no fp32 master),
 each parameter stepped in backward. Two steps, a checkpoint, then a resume for a third step; the
 peak resident memory of each rank in each phase. MLorc's state covers the embedding and lm_head
-too (--compress-embeddings, as the MLorc reference code does).
+too (--compress-embeddings, as the MLorc reference code does), and the step is the fused one
+(--fused: its transients are one body's gradient in fp32 and V, not the reference path's rebuilt
+moments and elementwise temporaries).
 
     python bench/llama7b_fsdp2.py [--seq-len 16] [--out runs/llama7b] [--json docs/bench/llama7b_fsdp2.json]
 
@@ -115,7 +117,7 @@ def main() -> int:
     # --compress-embeddings: the embedding and lm_head get low-rank state too, as the MLorc reference
     # does (their dense fp32 AdamW state would be 1 GB per rank here)
     common = ["--optimizer", "mlorc-adamw", "--param-dtype", "bf16", "--step-in-backward", "--clip-grad", "0",
-              "--compress-embeddings",
+              "--compress-embeddings", "--fused",
               "--global-batch", "2", "--seq-len", str(args.seq_len), "--threads", "1", "--warmup-steps", "1",
               "--collective-timeout", "3600"]
     phases = [run_phase("train 2 steps + save", [*common, "--steps", "2"], out, args.port),

@@ -98,5 +98,13 @@ def write_weight_(param: torch.Tensor, value: torch.Tensor, rounding: Rounding |
         return
     if param.dtype != torch.bfloat16:
         raise ValueError(f"stochastic rounding writes bfloat16 weights, not {param.dtype}")
-    value = value.contiguous()
-    param.copy_(stochastic_round(value, random_bits(rounding, value.numel(), value.device)).view(param.shape))
+    flat_param, flat_value = param.view(-1), value.contiguous().view(-1)
+    # in chunks: the bits' int64 temporaries are ~10 copies of what they round (an embedding's
+    # region at once was the largest transient of a 7B step)
+    for start in range(0, flat_value.numel(), CHUNK):
+        part = flat_value[start:start + CHUNK]
+        flat_param[start:start + CHUNK].copy_(stochastic_round(part, random_bits(rounding.offset(start), part.numel(),
+                                                                                 part.device)))
+
+
+CHUNK = 1 << 20          # elements stochastically rounded at a time (write_weight_)
