@@ -91,8 +91,9 @@ def in_backward_table(args, ckpt: bool) -> None:
                 cmd = (f"`python -m mlorc_dist.plan --model {name} --engine {engine}"
                        + (f" --world-size {world}" if world > 1 else "") + f" --optimizer {optimizer}"
                        + (f" --rank {args.rank}" if optimizer != "adamw" else "")
-                       + f" --micro-batch {args.micro_batch} --seq {args.seq}" + (" --bf16" if bf16 else "")
-                       + (" --activation-checkpointing" if ckpt else "") + (" --step-in-backward" if sib else "")
+                       + f" --micro-batch {args.micro_batch} --seq {args.seq}"
+                       + (" --bf16" if bf16 else "") + (" --activation-checkpointing" if ckpt else "")
+                       + (" --step-in-backward" if sib else "")
                        + (f" --param-dtype {param_dtype}" if param_dtype != "fp32" else "") + "`")
                 cells = [name, engine, str(world), label.format(r=args.rank)]
                 cells += [f"{v / GB:.2f}" for v in (worst["weights"], worst["grads"], worst["master"], state,

@@ -10,8 +10,9 @@ methods (LoRA at ZeRO-1/2/3 and FSDP2, SwitchLoRA at ZeRO-1/2, fp32 and bf16: fr
 adapter state, activations exact). A third launch checks step in backward and bf16 parameters
 under FSDP2 (the gradients alive at the in-backward steps, measured at their hooks, against the
 plan's grads). The rest runs in this process: both adapters single-process, step in backward and
-bf16 parameters single-process, activation checkpointing, the planner's MLorc state vs a real optimizer, the published anchors (APOLLO's
-LLaMA-7B breakdown, GaLore's Table 1 formula), the CLI, and the profiler without GPU/NVML.
+bf16 parameters single-process, activation checkpointing, the planner's MLorc state vs a real
+optimizer, the published anchors (APOLLO's LLaMA-7B breakdown, GaLore's Table 1 formula), the
+CLI, and the profiler without GPU/NVML.
 
 Set MLORC_MEMORY_100M=1 to also run the ~100M model (world size 2, ~1 min more).
 """
