@@ -351,7 +351,8 @@ def plan_summary(args, ds_config: dict | None, config, world: int, micro: int) -
     plan = planner.plan_for_run(config, engine=engine, world_size=world, optimizer=optimizer, rank=rank,
                                 micro_batch=micro, seq=args.seq_len, bf16=args.bf16,
                                 activation_checkpointing=args.activation_checkpointing, scope=scope,
-                                fused=fused, compress_embeddings=compress)
+                                fused=fused, compress_embeddings=compress,
+                                step_in_backward=args.step_in_backward, param_dtype=args.param_dtype)
     return {"engine": engine, "optimizer": optimizer, "per_gpu_peak": planner.peak_line(plan)}
 
 
