@@ -35,13 +35,14 @@ def has_sharded_init(config) -> bool:
     return getattr(config, "model_type", None) in SHARDED_INIT_MODEL_TYPES
 
 
-def meta_model(config) -> nn.Module:
-    """The model of `config` with its parameters on the meta device (nothing allocated) and its
-    buffers (rotary frequencies, ...) computed on the CPU as the constructor makes them."""
+def meta_model(config, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of `config` with its parameters (of `dtype`) on the meta device (nothing
+    allocated) and its buffers (rotary frequencies, ...) computed on the CPU as the constructor
+    makes them."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def _generator(seed: int, name: str) -> torch.Generator:

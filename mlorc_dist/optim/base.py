@@ -25,6 +25,7 @@ from .. import lowrank
 from ..pieces import Layout, Piece, plain_layout
 from ..scopes import SCOPES, RowBlock, all_reduce_sum, global_randomized_svd
 from . import cpu_kernels, fused, skinny
+from .rounding import Rounding, rounding_seed
 
 logger = logging.getLogger("mlorc_dist")
 
@@ -74,7 +75,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
     reshardable: bool = True     # checkpoints of compressed blocks load at another layout
 
     def __init__(self, params, defaults: dict, *, scope: str = "local", seed: int = 0,
-                 nonfinite: str = "skip", batched: bool = True, fused: bool | None = None):
+                 nonfinite: str = "skip", batched: bool = True, fused: bool | None = None,
+                 stochastic_rounding: bool = False):
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
         if nonfinite not in NONFINITE_POLICIES:
@@ -82,12 +84,16 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         check_fused(fused, scope)
+        if not isinstance(stochastic_rounding, bool):
+            raise ValueError(f"stochastic_rounding must be True or False, got {stochastic_rounding!r}")
         self.scope = scope
         self.seed = seed
         self.batched = batched
         self.fused_requested = fused
         self.nonfinite = nonfinite
+        self.stochastic_rounding = stochastic_rounding
         self.skipped_steps = 0
+        self.skipped_tensors = 0     # step_tensors' skips (step in backward: one tensor at a time)
         self._layouts: dict[int, Layout] = {}
         self._attached: dict[int, tuple[torch.Tensor, dict]] = {}
         self._plans: dict[int, list[PiecePlan]] = {}
@@ -379,7 +385,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["mlorc"] = {"algorithm": self.algorithm, "scope": self.scope, "seed": self.seed,
-                          "skipped_steps": self.skipped_steps}
+                          "skipped_steps": self.skipped_steps, "skipped_tensors": self.skipped_tensors}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -417,8 +423,19 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             self.state[param] = entry
         self.seed = meta["seed"]
         self.skipped_steps = meta["skipped_steps"]
+        self.skipped_tensors = meta.get("skipped_tensors", 0)
 
     # ------------------------------------------------------------------ step
+    def _rounding(self, param: torch.Tensor, step: int, key: str, start: int) -> Rounding | None:
+        """How the update writes this parameter's region that starts at global element `start`:
+        stochastically rounded for bf16 weights (stochastic_rounding=True), else None (to nearest)."""
+        if not self.stochastic_rounding or param.dtype in (torch.float32, torch.float64):
+            return None
+        if param.dtype != torch.bfloat16:
+            raise ValueError(f"{self.algorithm}: stochastic rounding writes bfloat16 weights; {key} is "
+                             f"{param.dtype} (pass stochastic_rounding=False to round it to nearest)")
+        return Rounding(rounding_seed(self.seed, step, str(key)), start)
+
     def _collect_work(self, only: set | None = None):
         """(group, param, position, plans, state) of every tensor with a gradient (of those whose
         id is in `only`, when given), state created at its first step."""
@@ -447,7 +464,19 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         self._step_work(self._collect_work())
         return loss
 
-    def _step_work(self, work) -> bool:
+    @torch.no_grad()
+    def step_tensors(self, tensors) -> bool:
+        """Step only `tensors` (those of them that have a gradient), each with its own step
+        count: what mlorc_dist.step_in_backward calls as each gradient becomes final. Local
+        scope only (global scope's collectives span every matrix of a step). A non-finite
+        gradient (nonfinite="skip") leaves these tensors and their state unchanged, is counted
+        in .skipped_tensors and warned about; returns False then."""
+        if self.scope != "local":
+            raise ValueError(f"{self.algorithm}: step_tensors needs scope='local' (global scope compresses "
+                             "every matrix of a step together, with collectives over all of them)")
+        return self._step_work(self._collect_work(only={id(t) for t in tensors}), per_tensor=True)
+
+    def _step_work(self, work, per_tensor: bool = False) -> bool:
         """One step of the tensors in `work` (_collect_work). False when a non-finite gradient
         skipped it (nonfinite="skip"): nothing changed."""
         global_matrices = self._global_matrices(work) if self.scope == "global" else []
@@ -461,6 +490,12 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             if self.nonfinite == "raise":
                 raise FloatingPointError(f"{self.algorithm}: non-finite gradient in "
                                          f"{int(bad.item())} tensor(s)")
+            if per_tensor:
+                self.skipped_tensors += 1
+                keys = ", ".join(str(plans[0].piece.key) for _, _, _, plans, _ in work if plans)
+                warnings.warn(f"{self.algorithm}: non-finite gradient of {keys}: its step skipped (it and its "
+                              f"state unchanged; {self.skipped_tensors} tensor steps skipped so far)", stacklevel=4)
+                return False
             self.skipped_steps += 1
             warnings.warn(f"{self.algorithm}: non-finite gradient, step skipped (no parameter or "
                           f"state changed; {self.skipped_steps} skipped so far)", stacklevel=3)
@@ -471,7 +506,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             for plan, entry, value, grad in zip(plans, state["pieces"], _piece_views(plans, param),
                                                 _piece_views(plans, param.grad)):
                 if plan.mode == "dense":
-                    dense.append((group, value, grad, entry, "", state["step"]))
+                    dense.append((group, value, grad, entry, "", state["step"],
+                                  self._rounding(param, state["step"], plan.piece.key, plan.piece.start)))
                 elif plan.mode == "local":
                     bodies.append(self._local_piece_update(group, plan, value, grad, entry, state["step"], dense))
         self._dense_updates(dense)
@@ -490,10 +526,12 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         if value.dim() == 2:             # the whole local tensor (_piece_views): no head, no tail
             return group, plan, value, grad, entry, step
         head, body_numel = plan.head, plan.body_rows * plan.piece.matrix.cols
+        rounding = self._rounding(value, step, plan.piece.key, plan.piece.start)
         if plan.head:
-            dense.append((group, value[:head], grad[:head], entry, "head_", step))
+            dense.append((group, value[:head], grad[:head], entry, "head_", step, rounding))
         if plan.tail:
-            dense.append((group, value[head + body_numel:], grad[head + body_numel:], entry, "tail_", step))
+            dense.append((group, value[head + body_numel:], grad[head + body_numel:], entry, "tail_", step,
+                          rounding and rounding.offset(head + body_numel)))
         cols = plan.piece.matrix.cols
         body = value[head:head + body_numel].view(plan.body_rows, cols)       # (k, n), no copy
         body_grad = grad[head:head + body_numel].view(plan.body_rows, cols)
@@ -505,7 +543,12 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         return [rebuild(entry[f"{name}_u"], entry[f"{name}_s"], entry[f"{name}_vh"], dtype)
                 for name in self.moment_names]
 
-    def _body_moments(self, group, body, body_grad, entry, step: int, prevs=None, floors=None) -> list:
+    def _body_rounding(self, plan: PiecePlan, body: torch.Tensor, step: int) -> Rounding | None:
+        """_rounding of a body: its elements start at global element body_row0 x cols."""
+        return self._rounding(body, step, plan.piece.key, plan.body_row0 * plan.piece.matrix.cols)
+
+    def _body_moments(self, group, body, body_grad, entry, step: int, prevs=None, floors=None,
+                      rounding: Rounding | None = None) -> list:
         """The reference path: update this body's weights from the rebuilt previous moments
         (`prevs`, rebuilt here when not given) and return its new moments (to compress,
         lowrank.compress). A batch passes its bodies' `floors` (_noise_floors), made for all at once."""
@@ -513,7 +556,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         grad = body_grad.to(compute)
         floors = self._noise_floors(entry, compute) if floors is None else floors
         prevs = self._rebuild_moments(entry, compute) if prevs is None else prevs
-        return self._lowrank_update(group, body, grad, prevs, floors, self._moment_stats(prevs, floors), step)
+        return self._lowrank_update(group, body, grad, prevs, floors, self._moment_stats(prevs, floors), step,
+                                    rounding)
 
     def _noise_floors(self, entry: dict, dtype: torch.dtype) -> list[torch.Tensor]:
         """Per moment, the size of rounding noise in its rebuilt entries (see
@@ -588,7 +632,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         for i, (_, plan, body, body_grad, entry, step) in enumerate(items):
             mine = [p[i] for p in moments]
             for buffer, moment in zip(mine, self._body_moments(group, body, body_grad, entry, step, mine,
-                                                               floors=floors[i])):
+                                                               floors=floors[i],
+                                                               rounding=self._body_rounding(plan, body, step))):
                 if moment.data_ptr() != buffer.data_ptr():          # an update that was not in place
                     buffer.copy_(moment)
         del floors
@@ -601,7 +646,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         if self.fused:
             self._fused_local_update([(group, plan, body, body_grad, entry, step)])
             return
-        moments = self._body_moments(group, body, body_grad, entry, step)
+        moments = self._body_moments(group, body, body_grad, entry, step,
+                                     rounding=self._body_rounding(plan, body, step))
         key = plan.piece.key
         self._store_factors(entry, [
             compress(moment, plan.rank, group["oversample"], group["niter"],
@@ -621,8 +667,10 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         buffer = self._workspace("moment", shape, compute, device) if self.fused_buffers else None
         stacked = (self._workspace("weight", shape, items[0][2].dtype, device)
                    if len(items) > 1 and not fused.runs_cpu_kernels(grad) else None)
+        roundings = [self._body_rounding(item[1], item[2], item[5]) for item in items]
         moments = self._fused_update(group, [item[2] for item in items], grad, factors,
-                                     [item[5] for item in items], buffer, stacked)
+                                     [item[5] for item in items], buffer,
+                                     None if roundings[0] is None else roundings, stacked)
         del factors
         self._compress_batch(items, moments)
 
@@ -714,7 +762,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
                 grad = piece.view(_flat(param.grad)).to(compute)
                 stats = [t.to(compute) for t in item["stats"]]
                 moments = self._lowrank_update(group, value, grad, item["prevs"], item["floors"],
-                                               stats, step)
+                                               stats, step, self._rounding(param, step, spec.key, piece.start))
                 row0, rows = piece.first_row, piece.row_count
             setting = (group["rank"], group["oversample"], group["niter"], compute)
             blocks = by_setting.setdefault(setting, [])
@@ -755,48 +803,55 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         """Sums over a block's elements that the update needs whole-matrix values of."""
         return []
 
-    def _dense_update(self, group, value, grad, entry, prefix: str, step: int) -> None:
+    def _dense_update(self, group, value, grad, entry, prefix: str, step: int,
+                      rounding: Rounding | None = None) -> None:
+        """Update one dense region; write `value` with `rounding` (rounding.write_weight_)."""
         raise NotImplementedError
 
     def _dense_updates(self, items: list[tuple]) -> None:
-        """_dense_update on every (group, value, grad, entry, prefix, step) of a step, in order.
-        A subclass overrides it with multi-tensor operators (a fixed number of calls for all
-        regions of one group and step count, whatever their number: per-region calls were most
-        of a GPU step's host time for the 1-D tensors of a model)."""
+        """_dense_update on every (group, value, grad, entry, prefix, step, rounding) of a step,
+        in order. A subclass overrides it with multi-tensor operators (a fixed number of calls for
+        all regions of one group and step count, whatever their number: per-region calls were
+        most of a GPU step's host time for the 1-D tensors of a model)."""
         for item in items:
             self._dense_update(*item)
 
     def _dense_batches(self, items: list[tuple]) -> tuple[list[list], list[tuple]]:
         """_dense_updates' items split into lists of one group, step count, device and dtype
-        (of the region, its gradient and its state alike: a multi-tensor update each) and the
-        rest (one _dense_update each)."""
+        (of the region, its gradient and its state alike, written to nearest: a multi-tensor
+        update each) and the rest (one _dense_update each: stochastically rounded bf16 weights)."""
         batches: dict[tuple, list] = {}
         single = []
         for item in items:
-            group, value, grad, entry, prefix, step = item
-            if all(t.dtype == value.dtype for t in (grad, *(entry[prefix + n] for n in self.moment_names))):
+            group, value, grad, entry, prefix, step, rounding = item
+            if rounding is None and all(t.dtype == value.dtype
+                                        for t in (grad, *(entry[prefix + n] for n in self.moment_names))):
                 batches.setdefault((id(group), step, value.dtype, value.device), []).append(item)
             else:
                 single.append(item)
         return list(batches.values()), single
 
-    def _lowrank_update(self, group, value, grad, prevs, floors, stats, step: int) -> list[torch.Tensor]:
+    def _lowrank_update(self, group, value, grad, prevs, floors, stats, step: int,
+                        rounding: Rounding | None = None) -> list[torch.Tensor]:
         """Update `value` in place from grad and the rebuilt previous moments (all the same
         shape, in the compute dtype; `floors`: their rounding-noise levels; `stats`: the sums of
-        _moment_stats over the whole block or matrix); return the new moments to compress."""
+        _moment_stats over the whole block or matrix), written with `rounding`; return the new
+        moments to compress."""
         raise NotImplementedError
 
     # how many of the new moments the fused step writes out (into the (B, k, n) `buffer`); the
     # others it returns unformed (lowrank.MomentUpdate)
     fused_buffers: int = 0
 
-    def _fused_update(self, group, values: list, grad, factors, steps: list, buffer, stacked=None) -> list:
+    def _fused_update(self, group, values: list, grad, factors, steps: list, buffer,
+                      roundings: list | None = None, stacked=None) -> list:
         """fused=True, local scope: the same update as _lowrank_update, for a batch of B
         same-shaped bodies at once and from the factors instead of rebuilt moments. `values`:
         the B weights (k, n); `grad` (B, k, n) in the compute dtype; `factors`: per moment
         (U diag(s) (B, k, r), Vh (B, r, n), noise floors (B,)) (_batch_factors); `steps`: each
-        body's step count; `stacked`: where the GPU rules gather a batch's weights
-        (fused.adamw_blocks_). Returns per moment the new moments of the batch, to compress:
+        body's step count; `roundings`: each body's Rounding (bf16 weights written stochastically),
+        or None; `stacked`: where the GPU rules gather a batch's weights (fused.adamw_blocks_).
+        Returns per moment the new moments of the batch, to compress:
         `buffer` written (when fused_buffers), or a lowrank.MomentUpdate."""
         raise NotImplementedError(f"{self.algorithm} has no fused step")
 

@@ -29,6 +29,7 @@ import torch
 
 from ..lowrank import negative_fill_value, takes_gpu_rules
 from . import cpu_kernels
+from .rounding import flat_keys, hashed_bits, stochastic_round
 
 __all__ = [
     "rank_sum",
@@ -89,10 +90,22 @@ def scalars(*values, like: torch.Tensor) -> list[torch.Tensor]:
             for x in values]
 
 
+def written(w: torch.Tensor, new: torch.Tensor, round_key: torch.Tensor | None) -> torch.Tensor:
+    """The block's new weights as w.copy_ should take them: stochastically rounded to bf16 under
+    round_key (int64, per block (seed_lo, seed_hi, start): (3,) for one block, (B, 3) for a batch;
+    optim/rounding.py's bits of each element's index in the parameter), else as they are (copy_
+    rounds to nearest)."""
+    if round_key is None:
+        return new
+    k, n = new.shape[-2:]
+    index = per_block(round_key[..., 2]) + torch.arange(k * n, device=new.device).view(k, n)
+    return stochastic_round(new, hashed_bits(index, per_block(round_key[..., 0]), per_block(round_key[..., 1])))
+
+
 def adamw_block_(w: torch.Tensor, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Tensor,
                  v_us: torch.Tensor, v_vh: torch.Tensor, floor: torch.Tensor, beta1: torch.Tensor,
                  beta2: torch.Tensor, step_size: torch.Tensor, eps: torch.Tensor, decay: torch.Tensor,
-                 v_out: torch.Tensor) -> None:
+                 v_out: torch.Tensor, round_key: torch.Tensor | None = None) -> None:
     """One MLorc-AdamW block update: writes this step's V into v_out and sets w to
     (w - step_size M / (sqrt(V) + eps)) * decay. The rebuilt previous second moment's entries
     below -floor become the mean |v| over them, those in [-floor, floor) become floor
@@ -110,18 +123,19 @@ def adamw_block_(w: torch.Tensor, g: torch.Tensor, m_us: torch.Tensor, m_vh: tor
     v_prev = torch.where(v_prev < -floor, fill, torch.clamp_min(v_prev, floor))
     m = m_prev + (1 - beta1) * (g - m_prev)
     v = beta2 * v_prev + (1 - beta2) * (g * g)
-    w.copy_((w.to(m.dtype) - step_size * m / (torch.sqrt(v) + eps)) * decay)
+    w.copy_(written(w, (w.to(m.dtype) - step_size * m / (torch.sqrt(v) + eps)) * decay, round_key))
     v_out.copy_(v)
 
 
 def lion_block_(w: torch.Tensor, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Tensor,
-                beta1: torch.Tensor, lr: torch.Tensor, decay: torch.Tensor) -> None:
+                beta1: torch.Tensor, lr: torch.Tensor, decay: torch.Tensor,
+                round_key: torch.Tensor | None = None) -> None:
     """One MLorc-Lion block update: sets w to (w - lr sign(b1 M~ + (1 - b1) G)) * decay. The new
     moment b2 M~ + (1 - b2) G is not formed here (lowrank.MomentUpdate). One block (2-D) or a
     batch (3-D), as adamw_block_."""
     m_prev = rank_sum(m_us, m_vh)
     direction = torch.sign(m_prev + (1 - beta1) * (g - m_prev))
-    w.copy_((w.to(m_prev.dtype) - lr * direction) * decay)
+    w.copy_(written(w, (w.to(m_prev.dtype) - lr * direction) * decay, round_key))
 
 
 def runs_cpu_kernels(t: torch.Tensor) -> bool:
@@ -139,36 +153,48 @@ def _written_in_place(tensors: list) -> None:
 
 def adamw_blocks_(ws: list, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Tensor, v_us: torch.Tensor,
                   v_vh: torch.Tensor, floors: torch.Tensor, beta1: float, beta2: float, step_sizes: list,
-                  eps: float, decay: float, v_out: torch.Tensor, stacked: torch.Tensor | None = None) -> None:
+                  eps: float, decay: float, v_out: torch.Tensor, roundings: list | None = None,
+                  stacked: torch.Tensor | None = None) -> None:
     """adamw_block_ on every body of a batch: ws (B weights (k, n)), g (B, k, n) in the compute
     dtype, the factors stacked ((B, k, r), (B, r, n)), floors (B,) (the second moment's), one
-    step size per body, v_out (B, k, n). On the CPU one call of the C++ kernel (blocks.cpp);
+    step size per body, v_out (B, k, n), roundings (one rounding.Rounding per body: bf16 weights
+    written stochastically; None: to nearest). On the CPU one call of the C++ kernel (blocks.cpp);
     elsewhere one call of the compiled adamw_block_ for the whole batch, on the weights gathered
     into `stacked` (a (B, k, n) workspace of the weights' dtype; a lone body is updated in place)."""
     if runs_cpu_kernels(g):
         cpu_kernels.extension().adamw_blocks(ws, g, m_us.contiguous(), m_vh.contiguous(), v_us.contiguous(),
                                              v_vh.contiguous(), floors, beta1, beta2, step_sizes, eps,
-                                             decay, v_out)
+                                             decay, v_out, flat_keys(roundings))
         _written_in_place([*ws, v_out])
         return
     w = _gathered(ws, stacked)
     compiled(adamw_block_)(w, g, m_us, m_vh, v_us, v_vh, floors.to(g.dtype),
                            *scalars(beta1, beta2, like=g), _per_body(step_sizes, g),
-                           *scalars(eps, decay, like=g), v_out)
+                           *scalars(eps, decay, like=g), v_out, _round_keys(roundings, g.device))
     _scattered(w, ws)
 
 
 def lion_blocks_(ws: list, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Tensor, beta1: float,
-                 lr: float, decay: float, stacked: torch.Tensor | None = None) -> None:
+                 lr: float, decay: float, roundings: list | None = None,
+                 stacked: torch.Tensor | None = None) -> None:
     """lion_block_ on every body of a batch (shapes as adamw_blocks_): one C++ call on the CPU,
     one compiled lion_block_ call for the batch elsewhere."""
     if runs_cpu_kernels(g):
-        cpu_kernels.extension().lion_blocks(ws, g, m_us.contiguous(), m_vh.contiguous(), beta1, lr, decay)
+        cpu_kernels.extension().lion_blocks(ws, g, m_us.contiguous(), m_vh.contiguous(), beta1, lr, decay,
+                                            flat_keys(roundings))
         _written_in_place(ws)
         return
     w = _gathered(ws, stacked)
-    compiled(lion_block_)(w, g, m_us, m_vh, *scalars(beta1, lr, decay, like=g))
+    compiled(lion_block_)(w, g, m_us, m_vh, *scalars(beta1, lr, decay, like=g), _round_keys(roundings, g.device))
     _scattered(w, ws)
+
+
+def _round_keys(roundings: list | None, device) -> torch.Tensor | None:
+    """The compiled functions' round_key of a batch: int64 (B, 3), per body (seed_lo, seed_hi,
+    start), one copy to the device; None (round to nearest) without roundings."""
+    if not roundings:
+        return None
+    return torch.tensor(flat_keys(roundings), dtype=torch.int64).view(-1, 3).to(device, non_blocking=True)
 
 
 def _per_body(values: list, like: torch.Tensor) -> torch.Tensor:
