@@ -31,7 +31,7 @@ from .groups import param_groups, set_group_lrs
 from .optim import GaLoreAdamW, MLorcAdamW, MLorcLion, MoFaSGD
 
 __all__ = ["initialize", "build_optimizer", "attach_layouts", "load_config", "check_mlorc_block",
-           "MLORC_KEYS", "OPTIMIZERS"]
+           "model_sized_buckets", "MLORC_KEYS", "OPTIMIZERS"]
 
 logger = logging.getLogger("mlorc_dist")
 
@@ -83,6 +83,26 @@ def _auto_keys(config: dict, prefix: str = "") -> list[str]:
         elif value == "auto":
             found.append(prefix + key)
     return found
+
+
+# ZeRO's communication buckets sized to the model, as transformers' DeepSpeed integration fills
+# "auto": DeepSpeed's defaults (5e8-element reduce and all-gather buckets, 5e7-element prefetch)
+# suit 7B+ models on GPUs and hold gigabytes of buffers a smaller model never fills.
+MODEL_SIZED_KEYS = {"reduce_bucket_size": lambda h: h * h, "allgather_bucket_size": lambda h: h * h,
+                    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+                    "stage3_param_persistence_threshold": lambda h: 10 * h}
+
+
+def model_sized_buckets(config: dict, hidden_size: int) -> list[str]:
+    """Replace every "auto" among zero_optimization's MODEL_SIZED_KEYS by its value for a model
+    of `hidden_size` (in place); returns the keys filled. Values the config gives stay."""
+    zero = config.get("zero_optimization") or {}
+    filled = []
+    for key, rule in MODEL_SIZED_KEYS.items():
+        if zero.get(key) == "auto":
+            zero[key] = int(rule(int(hidden_size)))
+            filled.append(key)
+    return filled
 
 
 def normalized_type(name: str) -> str:
