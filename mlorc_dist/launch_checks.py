@@ -341,10 +341,8 @@ def resolve_deepspeed_config(config: dict, args, given: set[str], world: int, pa
                          f"{args.global_batch} / (micro batch {args.micro_batch} x world size {world}) = {accumulation}; "
                          "write \"auto\" there")
     config["gradient_accumulation_steps"] = accumulation
-    from .deepspeed import model_sized_buckets
-    if any(_lookup(config, f"zero_optimization.{key}") == "auto" for key in
-           ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
-            "stage3_param_persistence_threshold")):
+    from .deepspeed import MODEL_SIZED_KEYS, model_sized_buckets
+    if any(_lookup(config, f"zero_optimization.{key}") == "auto" for key in MODEL_SIZED_KEYS):
         model_sized_buckets(config, model_hidden_size(args))
     _check_resolved(config, args, path)
     if isinstance(config.get("bf16"), dict) and config["bf16"].get("enabled") is False:
