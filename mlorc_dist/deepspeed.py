@@ -90,12 +90,15 @@ def _auto_keys(config: dict, prefix: str = "") -> list[str]:
 # suit 7B+ models on GPUs and hold gigabytes of buffers a smaller model never fills. ZeRO-3's
 # live and reuse limits (which transformers leaves at DeepSpeed's 1e9) are two Llama decoder
 # layers (12 h^2 each): at 1e9 a model under a billion parameters stays gathered whole on every
-# rank from forward to backward (seen: 0.95B at world size 2 killed at 10.9 GB per rank).
+# rank from forward to backward (seen: 0.95B at world size 2 killed at 10.9 GB per rank). ZeRO-3's
+# step flattens the fp32 gradients of one sub-group into a fresh tensor: sub_group_size (DeepSpeed's
+# default 1e9, the whole partition of a model this size) bounds that copy, also to two layers.
 MODEL_SIZED_KEYS = {"reduce_bucket_size": lambda h: h * h, "allgather_bucket_size": lambda h: h * h,
                     "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
                     "stage3_param_persistence_threshold": lambda h: 10 * h,
                     "stage3_max_live_parameters": lambda h: 24 * h * h,
-                    "stage3_max_reuse_distance": lambda h: 24 * h * h}
+                    "stage3_max_reuse_distance": lambda h: 24 * h * h,
+                    "sub_group_size": lambda h: 24 * h * h}
 
 
 def model_sized_buckets(config: dict, hidden_size: int) -> list[str]:

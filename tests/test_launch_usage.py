@@ -251,8 +251,8 @@ def test_deepspeed_config_precedence():
         resolve_deepspeed_config(json.loads(json.dumps(own)), _args(), set(), 2, "own.json")
     resolve_deepspeed_config(json.loads(json.dumps(own)), _args(no_final_checkpoint=True), set(), 2, "own.json")
     # what launch/train.py does not fill may not stay "auto"; a scheduler would be overridden every step
-    bucket = dict(shipped, zero_optimization={"stage": 3, "sub_group_size": "auto"})
-    with pytest.raises(UsageError, match=r"\['zero_optimization.sub_group_size'\] are \"auto\""):
+    bucket = dict(shipped, zero_optimization={"stage": 3, "round_robin_gradients": "auto"})
+    with pytest.raises(UsageError, match=r"\['zero_optimization.round_robin_gradients'\] are \"auto\""):
         resolve_deepspeed_config(json.loads(json.dumps(bucket)), _args(), set(), 2, "bucket.json")
     with pytest.raises(UsageError, match="remove the JSON's \"scheduler\" block"):
         resolve_deepspeed_config(dict(shipped, scheduler={"type": "WarmupLR"}), _args(), set(), 2, "s.json")
@@ -274,7 +274,8 @@ def test_zero_buckets_written_auto_follow_the_model_and_given_ones_stay(tmp_path
     zero = config["zero_optimization"]
     assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"], zero["stage3_param_persistence_threshold"]) \
         == (hidden ** 2, int(0.9 * hidden ** 2), 0)       # the shipped threshold (0) is a number: it stays
-    assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 24 * hidden ** 2
+    assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == zero["sub_group_size"] \
+        == 24 * hidden ** 2
     llama_config("tiny", 2).save_pretrained(tmp_path / "m")
     mine = dict(shipped, zero_optimization={"stage": 2, "reduce_bucket_size": 12345, "allgather_bucket_size": "auto"})
     zero = resolve_deepspeed_config(mine, _args(model=str(tmp_path / "m" / "config.json")), set(), 2,
