@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     p.add_argument("--scope", default="local")
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--resume-worlds", default="1,2,3")
+    p.add_argument("--phases", default="train,export,init-from,resume", help="the phases to run (train always)")
     p.add_argument("--port", type=int, default=29640)
     p.add_argument("--out", type=Path, default=Path("runs/scale_probe.json"))
     args = p.parse_args(argv)
@@ -94,6 +95,8 @@ def main(argv=None) -> int:
             for world in map(int, args.resume_worlds.split(",")):
                 phases.append((f"resume@{world}", world, [*model, "--steps", "3", "--resume", "--extend-schedule",
                                                           "--no-final-checkpoint"], folder / f"{engine}_resume{world}"))
+            wanted = {"train", *args.phases.split(",")}
+            phases = [ph for ph in phases if ph[0].split("@")[0] in wanted]
             for index, (phase, world, extra, run_out) in enumerate(phases):
                 if phase.startswith("resume"):
                     shutil.copytree(out / "checkpoints" / "step_00000002", run_out / "checkpoints" / "step_00000002")
