@@ -56,11 +56,16 @@ def _pieces(optimizer: LowRankMomentumOptimizer):
 
 
 def master_records(optimizer: LowRankMomentumOptimizer) -> list[tuple]:
-    """This rank's weights, as (key, start, stop, values) in the optimizer's own precision."""
+    """This rank's weights, as (key, start, stop, values) in the optimizer's own precision.
+
+    The values are views of the optimizer's tensors, not copies (save them before the next
+    step): torch.save writes each underlying storage once (a ZeRO flat partition, an FSDP2
+    shard), so a save holds no second copy of the rank's weights (a clone per piece would: the
+    whole fp32 partition, 1.8 GB per rank for a 0.95B model at world size 2)."""
     records = []
     for _, tensor, plan, _, _ in _pieces(optimizer):
         piece = plan.piece
-        records.append((piece.key, piece.start, piece.stop, piece.view(_flat(tensor)).detach().clone()))
+        records.append((piece.key, piece.start, piece.stop, piece.view(_flat(tensor)).detach()))
     return records
 
 
@@ -85,7 +90,8 @@ def load_master_records(optimizer: LowRankMomentumOptimizer, records: list[tuple
 
 
 def optimizer_records(optimizer: LowRankMomentumOptimizer) -> list[dict]:
-    """This rank's optimizer state, one record per piece, in global coordinates."""
+    """This rank's optimizer state, one record per piece, in global coordinates (views of the
+    state's tensors, as master_records)."""
     records = []
     for _, _, plan, entry, step in _pieces(optimizer):
         if entry is None:
@@ -93,7 +99,7 @@ def optimizer_records(optimizer: LowRankMomentumOptimizer) -> list[dict]:
         piece = plan.piece
         records.append({"key": piece.key, "shape": list(piece.matrix.shape), "start": piece.start,
                         "stop": piece.stop, "mode": plan.mode, "step": step,
-                        "state": {k: v.detach().clone() for k, v in entry.items() if torch.is_tensor(v)}})
+                        "state": {k: v.detach() for k, v in entry.items() if torch.is_tensor(v)}})
     return records
 
 
