@@ -7,7 +7,10 @@ DeepSpeed / FSDP2 on CPU, gloo) against python -m mlorc_dist.plan, as a markdown
 
 Measured: exact tensor bytes by category from MemoryProfiler (right after the second optimizer
 step; grads as handed to it), activations with saved-tensor hooks (distinct storages autograd
-saves for backward, parameters excluded, plus the logits the output holds).
+saves for backward, parameters excluded, plus the logits the output holds). A run is
+engine:optimizer[:precision[:scope[:sib]]] (tests/dist/memory_worker.py): precision pbf16 is
+--param-dtype bf16; sib steps in backward, whose grads are the most gradient bytes alive at one of
+the in-backward steps (MemoryProfiler.track_backward_grads), against the plan's.
 """
 from __future__ import annotations
 
@@ -55,14 +58,18 @@ def main():
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for spec in args.runs:
         parts = spec.split(":")
+        precision = parts[2] if len(parts) > 2 else "fp32"
+        sib = len(parts) > 4 and parts[4] == "sib"
         settings = PlanSettings(engine=parts[0], world_size=2, optimizer=parts[1], rank=args.rank,
-                                micro_batch=args.micro_batch, seq=args.seq,
-                                bf16=len(parts) > 2 and parts[2] == "bf16",
-                                scope=parts[3] if len(parts) > 3 else "local")
+                                micro_batch=args.micro_batch, seq=args.seq, bf16=precision == "bf16",
+                                param_dtype="bf16" if precision == "pbf16" else "fp32",
+                                scope=parts[3] if len(parts) > 3 else "local", step_in_backward=sib)
         planned = plan(args.model, settings, vocab_size=args.vocab)
         report = json.loads((out / f"{spec.replace(':', '_')}.json").read_text())
         for r, rank_report in enumerate(report["ranks"]):
-            m = reference_sample(rank_report)["tensors"]
+            m = dict(reference_sample(rank_report)["tensors"])
+            if sib:          # no step() call: the gradients alive at the in-backward steps
+                m["grads"] = rank_report["peaks"]["grads_in_backward"]
             p = planned.ranks[r]
             same = all(m[c] == p[c] for c in EXACT_CATEGORIES)
             acts = rank_report["peaks"]["activations"]

@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decay's floor, as a fraction of the peak")
     train.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clipping; 0 disables")
     train.add_argument("--bf16", action="store_true", help="bf16 compute (FSDP2 / DeepSpeed mixed precision, autocast)")
+    train.add_argument("--param-dtype", default="fp32", choices=("fp32", "bf16"),
+                       help="dtype of the weights and gradients: bf16 keeps no fp32 master, the optimizer writes "
+                            "every weight with stochastic rounding (one process and --fsdp; MLorc)")
+    train.add_argument("--step-in-backward", action="store_true",
+                       help="step each parameter as soon as its gradient is final and free it (no step after "
+                            "backward; needs --clip-grad 0 and no gradient accumulation; MLorc, local scope)")
     train.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
     train.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps; 0: never")
     train.add_argument("--eval-batches", type=int, default=4, help="held-out set size, in global batches")
@@ -139,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- set-up
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def engine_kind(args) -> str:
     return "deepspeed" if args.deepspeed else ("fsdp2" if args.fsdp else "single")
 
@@ -161,14 +170,15 @@ def build_config(args, tokenizer=None):
 
 
 def build_model(args, config, kind: str, ds_config: dict | None = None):
-    """The model in fp32, no rank holding more of it than it trains with (mlorc_dist.build):
+    """The model in --param-dtype, no rank holding more of it than it trains with (mlorc_dist.build):
     under FSDP2 (no adapters) on the meta device, each rank filling only its rows after
     fully_shard (Trainer); under ZeRO-3 partitioned as it is built (deepspeed.zero.Init);
     elsewhere whole. Its values are --init-from's (each rank reading only its slices of the
     safetensors files) or mlorc_dist.build's initialisation: the same at every world size."""
     from mlorc_dist.build import build_model as build
     model = build(config, engine=kind, seed=args.seed, device=device_for(kind), init_from=args.init_from,
-                  ds_config=ds_config, shard_later=kind == "fsdp2" and args.optimizer not in ("lora", "switchlora"))
+                  ds_config=ds_config, shard_later=kind == "fsdp2" and args.optimizer not in ("lora", "switchlora"),
+                  dtype=PARAM_DTYPES[args.param_dtype])
     if args.activation_checkpointing:
         model.activation_checkpointing_enable()   # the forward turns the KV cache off while it recomputes
     return model
@@ -332,7 +342,8 @@ def plan_summary(args, ds_config: dict | None, config, world: int, micro: int) -
     plan = planner.plan_for_run(config, engine=engine, world_size=world, optimizer=optimizer, rank=rank,
                                 micro_batch=micro, seq=args.seq_len, bf16=args.bf16,
                                 activation_checkpointing=args.activation_checkpointing, scope=scope,
-                                fused=fused, compress_embeddings=compress)
+                                fused=fused, compress_embeddings=compress,
+                                step_in_backward=args.step_in_backward, param_dtype=args.param_dtype)
     return {"engine": engine, "optimizer": optimizer, "per_gpu_peak": planner.peak_line(plan)}
 
 
@@ -374,6 +385,10 @@ class Trainer:
             self.optimizer = make_torch_optimizer(args, model)
             self.lr_groups = self.optimizer.param_groups
             self.peak_lr = args.lr
+        self.in_backward = None
+        if args.step_in_backward:        # each parameter stepped by its gradient hook (launch_checks allowed it)
+            from mlorc_dist import step_in_backward
+            self.in_backward = step_in_backward(self.optimizer, self.model)
         self.accumulation = args.global_batch // (args.micro_batch * world)
         self.step_seconds = 0.0
         self.method = self.adapter if kind == "deepspeed" else args.optimizer
@@ -425,6 +440,9 @@ class Trainer:
 
     def step(self) -> None:
         if self.kind == "deepspeed":
+            return
+        if self.in_backward:             # every parameter was stepped during backward
+            self.step_seconds += self.in_backward.take_seconds()
             return
         started = time.perf_counter()
         if self.args.clip_grad > 0:
@@ -490,7 +508,8 @@ def save_checkpoint(trainer, batches, step, args, rank, signature, schedule):
         # Not optimizer.state_dict(): under ZeRO-3 param_groups hold no tensor between steps,
         # so torch's packing cannot name the state's keys; the records above carry the state.
         directory.save_file({"batches": batches.state_dict(),
-                             "optimizer_meta": {"seed": optimizer.seed, "skipped_steps": optimizer.skipped_steps},
+                             "optimizer_meta": {"seed": optimizer.seed, "skipped_steps": optimizer.skipped_steps,
+                                                "skipped_tensors": getattr(optimizer, "skipped_tensors", 0)},
                              "param_groups": [{k: v for k, v in g.items() if k not in ("params", "param_names")}
                                               for g in optimizer.param_groups],
                              "switchlora": switchlora_checkpoint(trainer)},
@@ -546,6 +565,9 @@ def load_checkpoint(trainer, batches, args, rank, signature) -> int:
     shards = [ckpt.read_file(path / f"rank{r}.pt") for r in range(meta["world_size"])]   # memory-mapped
     ckpt.load_master_records(optimizer, [rec for s in shards for rec in s["master"]])
     counts = ckpt.load_optimizer_records(optimizer, [rec for s in shards for rec in s["optimizer"]])
+    rng = shards[rank]["rng"].clone() if rank < len(shards) else None
+    del shards                  # the files' mappings go with their tensors
+    ckpt.forget_mappings()
     trainer.sync_master_to_model()
     for group, saved in zip(optimizer.param_groups, common["param_groups"]):
         for key in ("lr", "betas", "weight_decay", "rank", "oversample", "niter"):
@@ -553,14 +575,16 @@ def load_checkpoint(trainer, batches, args, rank, signature) -> int:
                 group[key] = saved[key]
     optimizer.seed = common["optimizer_meta"]["seed"]
     optimizer.skipped_steps = common["optimizer_meta"]["skipped_steps"]
+    if hasattr(optimizer, "skipped_tensors"):
+        optimizer.skipped_tensors = common["optimizer_meta"].get("skipped_tensors", 0)
     batches.load_state_dict(common["batches"])
     if (common.get("switchlora") is None) != (trainer.method != "switchlora"):
         raise ValueError(f"{path}: SwitchLoRA state {'missing' if trainer.method == 'switchlora' else 'present'}"
                          f" (a checkpoint of another method?)")
     if common.get("switchlora") is not None:
         load_switchlora_checkpoint(trainer, common["switchlora"])
-    if rank < len(shards):
-        torch.set_rng_state(shards[rank]["rng"])
+    if rng is not None:
+        torch.set_rng_state(rng)
     if rank == 0:
         logger.info("resumed from %s (written at world size %d): %s", path, meta["world_size"], counts)
     return meta["step"]

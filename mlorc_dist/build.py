@@ -35,13 +35,14 @@ def has_sharded_init(config) -> bool:
     return getattr(config, "model_type", None) in SHARDED_INIT_MODEL_TYPES
 
 
-def meta_model(config) -> nn.Module:
-    """The model of `config` with its parameters on the meta device (nothing allocated) and its
-    buffers (rotary frequencies, ...) computed on the CPU as the constructor makes them."""
+def meta_model(config, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of `config` with its parameters (of `dtype`) on the meta device (nothing
+    allocated) and its buffers (rotary frequencies, ...) computed on the CPU as the constructor
+    makes them."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()     # init_empty_weights leaves tied parameters (lm_head = embeddings) apart
     return model
 
@@ -147,7 +148,7 @@ def materialize(model: nn.Module, seed: int, device: torch.device) -> None:
     fill(model, device, SeededInit(seed, model.config.initializer_range))
 
 
-def zero3_model(config, ds_config: dict) -> nn.Module:
+def zero3_model(config, ds_config: dict, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model built under deepspeed.zero.Init: each parameter is partitioned over the ranks as
     its module is constructed, so the whole model never exists on one rank. Its values are
     Hugging Face's initialisation of empty partitions until `fill` gives them theirs."""
@@ -155,8 +156,8 @@ def zero3_model(config, ds_config: dict) -> nn.Module:
     import deepspeed
     from transformers import AutoModelForCausalLM
     importlib.import_module("torch._dynamo")    # imported inside zero.Init it fails (Tensor.__new__ is patched)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):     # its dtype: the config's (bf16 if enabled)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def model_source(model: nn.Module, seed: int, init_from=None):
@@ -169,7 +170,8 @@ def model_source(model: nn.Module, seed: int, init_from=None):
 
 
 def build_model(config, *, engine: str, seed: int, device: torch.device, init_from=None,
-                ds_config: dict | None = None, shard_later: bool = False) -> nn.Module:
+                ds_config: dict | None = None, shard_later: bool = False,
+                dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model of `config`, its values from --init-from or the seeded initialisation, built so
     that no rank holds more than it trains with:
 
@@ -188,13 +190,13 @@ def build_model(config, *, engine: str, seed: int, device: torch.device, init_fr
         logging.getLogger("mlorc_dist.train").info(
             "model type %r: its own Hugging Face initialisation, the whole model built on every rank",
             config.model_type)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
     ds_config = ds_config or {}
     if (engine == "deepspeed" and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
             and not ds_config.get("adapter")):
-        model = zero3_model(config, ds_config)
+        model = zero3_model(config, ds_config, dtype)
     else:
-        model = meta_model(config)
+        model = meta_model(config, dtype)
         if engine == "fsdp2" and shard_later:
             return model
     fill(model, device, model_source(model, seed, init_from))

@@ -39,10 +39,60 @@ def read_file(path) -> dict:
     if not path.is_file():
         raise ValueError(f"{path}: missing from the checkpoint (written by fewer ranks, or deleted)")
     try:
-        return torch.load(path, weights_only=True, mmap=True)
+        loaded = torch.load(path, weights_only=True, mmap=True)
     except Exception as error:      # torch's zip reader and unpickler raise several types
         raise ValueError(f"{path}: not a readable checkpoint file, truncated or corrupt "
                          f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+    _MAPPED.extend(_mappings_of(path))
+    return loaded
+
+
+# Address ranges of the checkpoint files read_file mapped. A record's pages, once copied into the
+# rank's tensors, are dropped from the process (release_pages): otherwise a resume holds the shard
+# twice in its resident set, once in its tensors and once in the file's mapped pages (the kernel
+# reclaims those only under memory pressure, so they still count in RSS and memory limits).
+_MAPPED: list[tuple[int, int]] = []
+_MADV_DONTNEED = 4
+
+
+def _mappings_of(path) -> list[tuple[int, int]]:
+    """The address ranges where this process maps `path` (from /proc/self/maps; none elsewhere)."""
+    import os
+    target, ranges = os.path.realpath(path), []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].strip() == target:
+                    lo, hi = fields[0].split("-")
+                    ranges.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        pass
+    return ranges
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Drop the pages of a record read by read_file from this process's resident set (madvise
+    MADV_DONTNEED; the file's pages stay in the page cache, and reading the record again faults
+    them back in). Only for addresses inside a mapping of a checkpoint file: anonymous memory
+    would be zeroed, so anything else is left alone."""
+    import ctypes
+    import mmap
+    if tensor.numel() == 0:
+        return
+    begin = tensor.data_ptr()
+    end = begin + tensor.numel() * tensor.element_size()
+    for lo, hi in _MAPPED:
+        if lo <= begin and end <= hi:
+            page = mmap.PAGESIZE
+            first, last = begin // page * page, min(hi, -(-end // page) * page)
+            ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+            return
+
+
+def forget_mappings() -> None:
+    """After a resume: the files' mappings are gone once their tensors are freed."""
+    _MAPPED.clear()
 
 
 def _pieces(optimizer: LowRankMomentumOptimizer):
@@ -56,12 +106,9 @@ def _pieces(optimizer: LowRankMomentumOptimizer):
 
 
 def master_records(optimizer: LowRankMomentumOptimizer) -> list[tuple]:
-    """This rank's weights, as (key, start, stop, values) in the optimizer's own precision.
-
-    The values are views of the optimizer's tensors, not copies (save them before the next
-    step): torch.save writes each underlying storage once (a ZeRO flat partition, an FSDP2
-    shard), so a save holds no second copy of the rank's weights (a clone per piece would: the
-    whole fp32 partition, 1.8 GB per rank for a 0.95B model at world size 2)."""
+    """This rank's weights, as (key, start, stop, values) in the optimizer's own precision. The
+    values are views, not copies: torch.save writes each underlying storage once, so saving adds
+    no second copy of the rank's shard to its memory."""
     records = []
     for _, tensor, plan, _, _ in _pieces(optimizer):
         piece = plan.piece
@@ -83,6 +130,7 @@ def load_master_records(optimizer: LowRankMomentumOptimizer, records: list[tuple
             if hi > lo:
                 with torch.no_grad():
                     target[lo - piece.start:hi - piece.start].copy_(values[lo - start:hi - start])
+                release_pages(values[lo - start:hi - start])
                 filled += hi - lo
         if filled != piece.numel:
             raise ValueError(f"checkpoint holds {filled} of the {piece.numel} elements of {piece.key}"
@@ -99,7 +147,7 @@ def optimizer_records(optimizer: LowRankMomentumOptimizer) -> list[dict]:
         piece = plan.piece
         records.append({"key": piece.key, "shape": list(piece.matrix.shape), "start": piece.start,
                         "stop": piece.stop, "mode": plan.mode, "step": step,
-                        "state": {k: v.detach() for k, v in entry.items() if torch.is_tensor(v)}})
+                        "state": {k: v.detach() for k, v in entry.items() if torch.is_tensor(v)}})   # views
     return records
 
 
@@ -163,6 +211,7 @@ def load_optimizer_records(optimizer: LowRankMomentumOptimizer, records: list[di
             if same:
                 for k, v in same[0]["state"].items():
                     entry[k].copy_(v)
+                    release_pages(v)
                 counts["exact"] += 1
             elif plan.mode != "dense" and not optimizer.reshardable:
                 raise ValueError(f"{optimizer.algorithm} checkpoints resume only at the layout they "

@@ -147,12 +147,39 @@ def check_args(args, given: set[str], world: int) -> dict | None:
         micro = args.micro_batch or max(1, args.global_batch // world)
         _require(args.global_batch % (micro * world) == 0,
                  f"--global-batch {args.global_batch} is not a multiple of micro batch {micro} x world size {world}")
+        if args.step_in_backward:
+            _check_step_in_backward(args, args.global_batch // (micro * world))
+    _require(not (args.deepspeed and args.step_in_backward),
+             "--step-in-backward does not work under --deepspeed: DeepSpeed's engine reduces gradients in its own "
+             "buckets and steps in engine.step(), with no per-parameter hook; use --fsdp or one process")
+    _require(not (args.deepspeed and args.param_dtype != "fp32"),
+             "--param-dtype bf16 is for one process and --fsdp; under --deepspeed use its \"bf16\" block "
+             "(mixed precision with an fp32 master)")
+    _require(not (args.param_dtype != "fp32" and args.bf16),
+             "--param-dtype bf16 already computes in bf16 (bf16 weights and gradients, no fp32 master); --bf16 is "
+             "mixed precision with an fp32 master: choose one")
+    _require(not (args.param_dtype != "fp32" and method not in ("mlorc-adamw", "mlorc-lion")),
+             f"--param-dtype bf16 writes the weights with stochastic rounding, which MLorc-AdamW and MLorc-Lion do; "
+             f"{method} would round every update to nearest: use --bf16")
     _require(not (args.export and method in ("lora", "switchlora")),
              "--export writes a plain HF model, and merging adapters into it is not supported: drop --export "
              "for lora / switchlora")
     if not args.dry_run:
         _check_out(args)
     return config
+
+
+def _check_step_in_backward(args, accumulation: int) -> None:
+    """--step-in-backward steps each parameter inside backward (mlorc_dist.step_in_backward)."""
+    _require(args.optimizer in ("mlorc-adamw", "mlorc-lion"),
+             f"--step-in-backward is implemented for mlorc-adamw and mlorc-lion, not {args.optimizer}")
+    _require(args.scope == "local", "--step-in-backward needs --scope local: global scope compresses every matrix "
+             "of a step together, with collectives over all of them")
+    _require(accumulation == 1, f"--step-in-backward steps on each backward's gradient, but global batch "
+             f"{args.global_batch} / (micro batch x world size) accumulates {accumulation} backwards per step: "
+             "make --micro-batch x world size equal --global-batch")
+    _require(args.clip_grad == 0, f"--step-in-backward steps each parameter before the global gradient norm exists, "
+             f"so it cannot clip to it (--clip-grad {args.clip_grad:g}): pass --clip-grad 0")
 
 
 def _check_model(args) -> None:

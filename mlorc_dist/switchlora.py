@@ -546,14 +546,14 @@ class SwitchLoRAAdamW(LowRankMomentumOptimizer):
                              f"{group['lowrank']!r} (use switchlora_param_groups(model))")
         super()._validate_group(group)
 
-    def _dense_update(self, group, value, grad, entry, prefix: str, step: int) -> None:
+    def _dense_update(self, group, value, grad, entry, prefix: str, step: int, rounding=None) -> None:
         beta1, beta2 = group["betas"]
         per_element_adamw_(value, grad, entry[prefix + "exp_avg"], entry[prefix + "exp_avg_sq"],
                            entry[prefix + "vector_step"], entry[prefix + "frozen_steps"],
                            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                            weight_decay=group["weight_decay"])
 
-    def _lowrank_update(self, group, value, grad, prevs, floors, stats, step: int):
+    def _lowrank_update(self, group, value, grad, prevs, floors, stats, step: int, rounding=None):
         raise AssertionError("SwitchLoRAAdamW has no low-rank blocks")
 
     # ---------------------------------------------------------------- per-vector access

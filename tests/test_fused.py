@@ -290,16 +290,20 @@ def test_cpu_block_kernels_refuse_what_they_cannot_take():
     w, grad = torch.randn(4, 6), torch.randn(1, 4, 6)
     us, vh = torch.randn(1, 4, 2), torch.randn(1, 2, 6)
     with pytest.raises(RuntimeError, match="2 weights for a batch of 1"):
-        ext.lion_blocks([w, w], grad, us, vh, 0.9, 0.1, 1.0)
+        ext.lion_blocks([w, w], grad, us, vh, 0.9, 0.1, 1.0, [])
     with pytest.raises(RuntimeError, match="contiguous \\(k, n\\) CPU tensor"):
-        ext.lion_blocks([torch.randn(6, 4).mT], grad, us, vh, 0.9, 0.1, 1.0)
+        ext.lion_blocks([torch.randn(6, 4).mT], grad, us, vh, 0.9, 0.1, 1.0, [])
     with pytest.raises(RuntimeError, match="factors must be contiguous"):
-        ext.lion_blocks([w], grad, us.double(), vh, 0.9, 0.1, 1.0)
+        ext.lion_blocks([w], grad, us.double(), vh, 0.9, 0.1, 1.0, [])
     with pytest.raises(RuntimeError, match="float64 factors need float64 weights"):
-        ext.lion_blocks([w], grad.double(), us.double(), vh.double(), 0.9, 0.1, 1.0)
+        ext.lion_blocks([w], grad.double(), us.double(), vh.double(), 0.9, 0.1, 1.0, [])
     with pytest.raises(RuntimeError, match="v_out must be"):
         ext.adamw_blocks([w], grad, us, vh, us, vh, torch.zeros(1), 0.9, 0.99, [0.1], 1e-8, 1.0,
-                         torch.empty(4, 6))
+                         torch.empty(4, 6), [])
+    with pytest.raises(RuntimeError, match="stochastic rounding writes bfloat16 weights"):
+        ext.lion_blocks([w], grad, us, vh, 0.9, 0.1, 1.0, [1, 2, 0])
+    with pytest.raises(RuntimeError, match="3 numbers per body"):
+        ext.lion_blocks([w.bfloat16()], grad, us, vh, 0.9, 0.1, 1.0, [1, 2])
 
 
 @pytest.mark.parametrize("batched", [True, False])

@@ -7,9 +7,12 @@ state bytes exactly, the activations within 25% (they are measured with saved-te
 bytes of every distinct storage autograd saves for backward, parameters excluded, plus the
 logits the output holds), and the 2-rank totals. A second launch does the same for the adapter
 methods (LoRA at ZeRO-1/2/3 and FSDP2, SwitchLoRA at ZeRO-1/2, fp32 and bf16: frozen base weights,
-adapter state, activations exact). The rest runs in this process: both adapters single-process, activation
-checkpointing, the planner's MLorc state vs a real optimizer, the published anchors (APOLLO's
-LLaMA-7B breakdown, GaLore's Table 1 formula), the CLI, and the profiler without GPU/NVML.
+adapter state, activations exact). A third launch checks step in backward and bf16 parameters
+under FSDP2 (the gradients alive at the in-backward steps, measured at their hooks, against the
+plan's grads). The rest runs in this process: both adapters single-process, step in backward and
+bf16 parameters single-process, activation checkpointing, the planner's MLorc state vs a real
+optimizer, the published anchors (APOLLO's LLaMA-7B breakdown, GaLore's Table 1 formula), the
+CLI, and the profiler without GPU/NVML.
 
 Set MLORC_MEMORY_100M=1 to also run the ~100M model (world size 2, ~1 min more).
 """
@@ -37,7 +40,7 @@ WORKER = ROOT / "tests" / "dist" / "memory_worker.py"
 VOCAB, MICRO, SEQ, RANK = 101, 2, 32, 4
 RUNS = ["zero2:mlorc-adamw", "zero2:adamw", "zero3:mlorc-adamw", "zero3:adamw", "fsdp2:mlorc-adamw",
         "fsdp2:adamw", "zero1:mlorc-adamw", "zero2:mlorc-adamw:bf16", "zero3:mlorc-adamw:bf16",
-        "fsdp2:mlorc-adamw:bf16", "zero2:mlorc-adamw:fp32:global"]
+        "fsdp2:mlorc-adamw:bf16", "zero2:mlorc-adamw:fp32:global", "fsdp2:mlorc-adamw:fp32:local:sib"]
 
 
 def launch(out: Path, runs: list[str], port: int, *extra: str) -> None:
@@ -75,20 +78,37 @@ def odd_reports(tmp_path_factory):
 
 
 def settings_for(spec: str, world: int = 2, micro: int = MICRO, seq: int = SEQ) -> PlanSettings:
+    """engine:optimizer[:precision[:scope[:sib]]] (memory_worker's runs): precision fp32, bf16
+    (mixed precision) or pbf16 (bf16 parameters, no master); sib: step in backward."""
     parts = spec.split(":")
+    precision = parts[2] if len(parts) > 2 else "fp32"
     return PlanSettings(engine=parts[0], world_size=world, optimizer=parts[1], rank=RANK,
-                        micro_batch=micro, seq=seq, bf16=len(parts) > 2 and parts[2] == "bf16",
-                        scope=parts[3] if len(parts) > 3 else "local")
+                        micro_batch=micro, seq=seq, bf16=precision == "bf16",
+                        param_dtype="bf16" if precision == "pbf16" else "fp32",
+                        scope=parts[3] if len(parts) > 3 else "local",
+                        step_in_backward=len(parts) > 4 and parts[4] == "sib")
 
 
 def load_report(out: Path, spec: str) -> dict:
     return json.loads((out / f"{spec.replace(':', '_')}.json").read_text())
 
 
+def backward_grads(rank_report: dict) -> list[int]:
+    """Step in backward: per backward, the most gradient bytes alive at one of its in-backward
+    steps (MemoryProfiler.track_backward_grads)."""
+    return [s["grads_in_backward"] for s in rank_report["samples"] if "grads_in_backward" in s]
+
+
 def check_exact(report: dict, planned) -> None:
     assert [r["rank"] for r in report["ranks"]] == list(range(len(planned.ranks)))
     for r, measured_rank in enumerate(report["ranks"]):
-        measured = reference_sample(measured_rank)["tensors"]
+        measured = dict(reference_sample(measured_rank)["tensors"])
+        if planned.settings.step_in_backward:     # no step() call: every gradient freed in backward
+            assert measured["grads"] == 0 and not any(s["name"] == "step" for s in measured_rank["samples"])
+            in_backward = backward_grads(measured_rank)
+            assert len(in_backward) == len([s for s in measured_rank["samples"] if s["name"] == "after_backward"])
+            assert len(set(in_backward)) == 1, in_backward       # every backward alike
+            measured["grads"] = in_backward[0]
         for category in EXACT_CATEGORIES:
             assert measured[category] == planned.ranks[r][category], (
                 f"rank {r} {category}: measured {measured[category]}, planned {planned.ranks[r][category]}")
@@ -197,6 +217,168 @@ def test_planner_equals_measured_with_adapters(adapter_reports, spec):
         assert 0.5 * base * model_bytes <= frozen <= 0.75 * base * model_bytes
     if spec.split(":")[1] == "lora":              # gradients of the adapters only
         assert planned.ranks[0]["grads"] < 0.1 * frozen
+
+
+# Step in backward and bf16 parameters under FSDP2. With a vocabulary of 1601 the root unit
+# (embeddings + lm_head + norm, 801 / 800 rows) holds the largest sharded gradients; RUNS has the
+# vocabulary-101 case, where a decoder layer does. sib: mlorc_dist.step_in_backward.
+BACKWARD_RUNS = ["fsdp2:mlorc-adamw:pbf16", "fsdp2:mlorc-adamw:pbf16:local:sib", "fsdp2:mlorc-adamw:fp32:local:sib",
+                 "fsdp2:mlorc-adamw:bf16:local:sib"]
+
+
+@pytest.fixture(scope="module")
+def backward_reports(tmp_path_factory):
+    out = tmp_path_factory.mktemp("memory_backward")
+    launch(out, BACKWARD_RUNS, 29696, "--model", "tiny", "--vocab", str(ADAPTER_VOCAB), "--micro-batch",
+           str(MICRO), "--seq", str(SEQ), "--rank", str(RANK), "--steps", "2")
+    return out
+
+
+def _unit_shard_bytes(config, world: int, nbytes: int) -> dict:
+    """Independently of the planner: per FSDP unit (decoder layer i, root -1), the padded rows of
+    its parameters' shards on one rank (ceil(rows / world) rows each), in bytes."""
+    units: dict = {}
+    for name, p in build_meta_model(config).named_parameters():
+        unit = int(name.split(".layers.")[1].split(".")[0]) if ".layers." in name else -1
+        rows = -(-p.shape[0] // world)
+        units[unit] = units.get(unit, 0) + rows * (p.numel() // p.shape[0]) * nbytes
+    return units
+
+
+@pytest.mark.parametrize("spec", BACKWARD_RUNS)
+def test_planner_equals_measured_step_in_backward_and_bf16_params(backward_reports, reports, spec):
+    """bf16 parameters: bf16 shards and grads, no master, fp32 MLorc state; step in backward:
+    the gradients alive at any in-backward step are one FSDP unit's reduce-scatter output (its
+    padded sharded grads view it), measured at the hooks, equal to the plan's grads."""
+    config = llama_config("tiny", ADAPTER_VOCAB)
+    planned = plan("tiny", settings_for(spec), vocab_size=ADAPTER_VOCAB)
+    report = load_report(backward_reports, spec)
+    check_exact(report, planned)
+    for rank_report in report["ranks"]:
+        assert rank_report["peaks"]["activations"] == planned.activations["saved"]
+    nbytes = 2 if ":pbf16" in spec else 4
+    units = _unit_shard_bytes(config, 2, nbytes)
+    assert planned.ranks[0]["weights"] == sum(units.values())
+    assert planned.ranks[0]["master"] == 0
+    if spec.endswith(":sib"):
+        assert planned.ranks[0]["grads"] == max(units.values()) == units[-1]      # the root unit
+        whole = plan("tiny", settings_for(spec.rsplit(":", 2)[0]), vocab_size=ADAPTER_VOCAB)
+        assert planned.ranks[0]["grads"] < whole.ranks[0]["grads"]
+        for category in ("weights", "state_factors", "state_dense"):
+            assert planned.ranks[0][category] == whole.ranks[0][category]
+    # RUNS' vocabulary-101 step in backward: there a decoder layer's unit is the largest
+    small = plan("tiny", settings_for("fsdp2:mlorc-adamw:fp32:local:sib"), vocab_size=VOCAB)
+    small_units = _unit_shard_bytes(llama_config("tiny", VOCAB), 2, 4)
+    assert small.ranks[0]["grads"] == max(small_units.values()) == small_units[0] > small_units[-1]
+    assert backward_grads(load_report(reports, "fsdp2:mlorc-adamw:fp32:local:sib")["ranks"][0])[0] == small_units[0]
+
+
+@pytest.mark.parametrize("vocab,param_dtype,checkpointing", [(VOCAB, "fp32", False), (ADAPTER_VOCAB, "bf16", True),
+                                                             (VOCAB, "bf16", False)])
+def test_step_in_backward_and_bf16_params_single_process(vocab, param_dtype, checkpointing):
+    """One process, as launch/train.py --step-in-backward [--param-dtype bf16] builds it: every
+    exact category against the profiler's tensors; the gradients alive at the in-backward steps
+    (measured at the hooks) are the largest single parameter's, which the plan counts."""
+    dtype = torch.bfloat16 if param_dtype == "bf16" else torch.float32
+    config = llama_config("tiny", vocab)
+    model = build_model(config, seed=0, dtype=dtype)
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    model.train()
+    optimizer = mlorc_dist.MLorcAdamW(mlorc_dist.param_groups(model), lr=1e-3, rank=RANK)
+    prof = MemoryProfiler("single", model, optimizer, "cpu")
+    prof.track_backward_grads()
+    handle = mlorc_dist.step_in_backward(optimizer, model)
+    before = [p.detach().clone() for p in model.parameters()]
+    ids = torch.randint(0, vocab, (MICRO, SEQ), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        with prof.track_activations() as acts:
+            out = model(input_ids=ids, labels=ids)
+            acts.hold(out.logits)
+        prof.sample("after_forward")
+        out.loss.backward()
+        del out
+        prof.sample("after_backward")
+    handle.remove()
+    prof.close()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))     # stepped in backward
+    planned = plan_model(build_meta_model(config), config,
+                         PlanSettings(engine="single", optimizer="mlorc-adamw", rank=RANK, micro_batch=MICRO,
+                                      seq=SEQ, activation_checkpointing=checkpointing, step_in_backward=True,
+                                      param_dtype=param_dtype), "tiny")
+    report = prof.to_dict()
+    check_exact({"ranks": [report]}, planned)
+    assert report["peaks"]["activations"] == planned.activations["saved"]
+    largest = max(p.numel() for p in model.parameters())
+    assert planned.ranks[0]["grads"] == largest * dtype.itemsize
+    assert planned.ranks[0]["weights"] == sum(p.numel() for p in model.parameters()) * dtype.itemsize
+    # fp32 factors and dense state whatever the parameters' dtype
+    assert all(t.dtype == torch.float32 for st in optimizer.state.values() for t in _tensors(st) if t.dim())
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def test_step_in_backward_and_bf16_params_plans_and_refusals():
+    """The peak counts the in-backward step's workspace in forward/backward; each option is
+    refused where a run refuses it; plan_for_run and the CLI pass both through."""
+    config = llama_config("tiny", VOCAB)
+    base = dict(engine="fsdp2", world_size=2, optimizer="mlorc-adamw", rank=RANK, micro_batch=MICRO, seq=SEQ)
+    plain = plan("tiny", PlanSettings(**base), vocab_size=VOCAB)
+    sib = plan("tiny", PlanSettings(**base, step_in_backward=True), vocab_size=VOCAB)
+    step_ws = [v for k, v in sib.transients.items() if k.startswith("step workspace")][0]
+    fwd = {k: v for k, v in sib.transients.items() if not k.startswith("step workspace")}
+    assert "in backward" in [k for k in sib.transients if k.startswith("step workspace")][0]
+    assert sib.peak["forward_backward"] == (sib.peak["persistent"] + sib.activations["peak"] + sib.ranks[0]["grads"]
+                                            + sum(fwd.values()) + step_ws)
+    assert sib.peak["persistent"] == plain.peak["persistent"]
+    for bad in (dict(base, engine="zero2"), dict(base, optimizer="adamw"), dict(base, scope="global")):
+        with pytest.raises(ValueError, match="step in backward needs"):
+            PlanSettings(**bad, step_in_backward=True).validate()
+    for bad in (dict(base, engine="zero3"), dict(base, optimizer="mofasgd"), dict(base, bf16=True)):
+        with pytest.raises(ValueError, match="param_dtype bf16"):
+            PlanSettings(**bad, param_dtype="bf16").validate()
+    run = plan_for_run(config, engine="fsdp2", world_size=2, optimizer="mlorc-adamw", rank=RANK, micro_batch=MICRO,
+                       seq=SEQ, step_in_backward=True, param_dtype="bf16")
+    same = plan("tiny", settings_for("fsdp2:mlorc-adamw:pbf16:local:sib"), vocab_size=VOCAB)
+    assert run.ranks == same.ranks and run.peak == same.peak
+    from mlorc_dist.memory.planner import main
+    cli = main(["--model", "tiny", "--vocab-size", str(VOCAB), "--engine", "fsdp2", "--world-size", "2",
+                "--rank", str(RANK), "--micro-batch", str(MICRO), "--seq", str(SEQ), "--step-in-backward",
+                "--param-dtype", "bf16"])
+    assert cli.ranks == same.ranks and cli.peak == same.peak
+    # launch/train.py --dry-run plans the run with both flags
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    dry = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--fsdp", "--model", "tiny",
+                          "--vocab-size", str(VOCAB), "--world-size", "2", "--global-batch", str(2 * MICRO),
+                          "--micro-batch", str(MICRO), "--seq-len", str(SEQ), "--rank", str(RANK), "--clip-grad", "0",
+                          "--step-in-backward", "--param-dtype", "bf16", "--dry-run"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr
+    summary = json.loads(dry.stdout[dry.stdout.index("{"):])
+    assert summary["plan"]["per_gpu_peak"] == peak_line(same)
+
+
+def test_step_in_backward_grads_at_scale():
+    """LLaMA-2 70B, FSDP2 on 8: the gradients alive in backward are the largest unit's padded
+    shard (a decoder layer's, in bf16), not the whole shard."""
+    config = load_config("llama-70b")
+    settings = PlanSettings(engine="fsdp2", world_size=8, optimizer="mlorc-adamw", micro_batch=1, seq=4096,
+                            activation_checkpointing=True, step_in_backward=True, param_dtype="bf16")
+    planned = plan_model(build_meta_model(config), config, settings, "llama-70b")
+    h, f, kv = 8192, 28672, 1024
+    layer = 2 * h * h + 2 * kv * h + 3 * h * f + 2 * h
+    assert planned.ranks[0]["grads"] == 2 * layer // 8
+    assert planned.ranks[0]["weights"] == 2 * planned.n_params // 8      # every dimension 0 divides by 8
+    assert planned.ranks[0]["master"] == 0
 
 
 @pytest.mark.skipif(os.environ.get("MLORC_MEMORY_100M") != "1", reason="set MLORC_MEMORY_100M=1 (~1 min)")

@@ -63,7 +63,11 @@ Categories (bytes per rank):
                     own as frozen_weights, a part of weights)
     grads           gradients the optimizer is handed when it steps, numel x element size
                     (DeepSpeed: the fp32 flat partition's .grad, per group / sub-group; FSDP2:
-                    the local shards of the sharded grads, which live in a padded buffer)
+                    the local shards of the sharded grads, which live in a padded buffer); with
+                    step_in_backward the most gradient bytes alive at one in-backward step: FSDP2,
+                    the padded reduce-scatter output of the largest unit (a decoder layer or the
+                    root), which all of the unit's sharded grads view; one process, the largest
+                    parameter's gradient (each is stepped and freed as its AccumulateGrad runs)
     master          a separate fp32 copy of the rank's partition (DeepSpeed: always, fp32 runs
                     included; 0.19.8's ZeRO-3 "no copy when already fp32" branch compares a
                     torch.device with a device-name string and never fires; FSDP2, single: none)
@@ -72,10 +76,14 @@ Categories (bytes per rank):
     state_scalars   0-d tensors (torch AdamW's step)
     engine_buffers  buffers the engine keeps for the whole run (ZeRO-3 gradient partition buffer
                     and reduce bucket)
+param_dtype "bf16" (one process and FSDP2, MLorc): weights and grads bf16, no master (FSDP2
+without a MixedPrecisionPolicy: bf16 shards); MLorc's factors and dense state stay fp32.
 The first six are exact: tests/test_memory.py compares them with the tensors of real 2-process
-jobs (LoRA at ZeRO-1/2/3 and FSDP2, SwitchLoRA at ZeRO-1/2, fp32 and bf16) and of one process
-(both adapters). Activations, transients and the peak are estimates (the activations are exact on
-CPU in those runs); every assumption is printed with -v.
+jobs (LoRA at ZeRO-1/2/3 and FSDP2, SwitchLoRA at ZeRO-1/2, fp32 and bf16; FSDP2 with step in
+backward and bf16 params, its grads measured at the in-backward steps' hooks) and of one process
+(both adapters; step in backward, fp32 and bf16 params). Activations, transients and the peak
+are estimates (the activations are exact on CPU in those runs); every assumption is printed with
+-v.
 """
 from __future__ import annotations
 
@@ -119,13 +127,17 @@ GB = 1e9
 # fp32 values since negative_stats stopped making full-size int64 / where() temporaries: c1 = 3.0
 # (measured 3.0); c = 1.75 (measured 1.0 at 512x256, 1.6 at 96x64: the factors and sketches
 # weigh more next to small blocks).
+# bf16 params are written with stochastic rounding (optim.rounding.write_weight_, one body or
+# dense region at a time): its int64 element indices and hash temporaries add 7.5 fp32 copies of
+# that body (measured at 512x256 and 1024x512: 13.0 alone, 2 B + 11.0 batched, 11.0 dense; the
+# global-scope entries are not re-measured with it).
 #   global: the matrices of the call in consecutive batches of at most BATCH_ELEMENTS whole-matrix
 #     elements (optim.base._global_batches), one batch rebuilt and compressed at a time:
 #     4.125 sum(this rank's blocks of the batch) + c
 #   dense regions (1-D, embeddings, partial rows): d copies of the largest
 MLORC_STEP_WORKSPACE = {
     4: {"batch": 2.0, "block": 1.75, "unbatched": 3.0, "global": 4.125, "global_block": 0.25, "dense": 1.0},
-    2: {"batch": 2.0, "block": 3.5, "unbatched": 5.5, "global": 4.125, "global_block": 1.5, "dense": 3.5},
+    2: {"batch": 2.0, "block": 11.0, "unbatched": 13.0, "global": 4.125, "global_block": 1.5, "dense": 11.0},
 }
 # The fused step (fused=True, local scope), measured the same way (512 x 256 and 256 x 128,
 # r = 4, AdamW and Lion): fp32 0.08-0.11 per body alone, 0.08-0.22 per body of a batch (the
@@ -178,6 +190,8 @@ class PlanSettings:
     sub_group_size: int = 1_000_000_000            # DeepSpeed sub_group_size
     batched: bool = True                           # MLorc's batched=True default
     fused: bool = False                            # MLorc's fused step (local scope only)
+    step_in_backward: bool = False                 # mlorc_dist.step_in_backward (--step-in-backward)
+    param_dtype: str = "fp32"                      # --param-dtype: bf16 weights and grads, no fp32 master
 
     def validate(self) -> None:
         if self.engine not in ENGINES:
@@ -191,6 +205,19 @@ class PlanSettings:
         if self.fused and (self.optimizer not in ("mlorc-adamw", "mlorc-lion") or self.scope != "local"):
             raise ValueError("fused applies to mlorc-adamw and mlorc-lion in local scope, got "
                              f"{self.optimizer} with scope {self.scope!r}")
+        if self.step_in_backward and (self.optimizer not in ("mlorc-adamw", "mlorc-lion")
+                                      or self.scope != "local" or self.engine not in ("single", "fsdp2")):
+            raise ValueError("step in backward needs mlorc-adamw or mlorc-lion in local scope, in one process "
+                             "or under fsdp2 (DeepSpeed reduces and steps in its engine), got "
+                             f"{self.optimizer} with scope {self.scope!r} under {self.engine}")
+        if self.param_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"param_dtype must be fp32 or bf16, got {self.param_dtype!r}")
+        if self.param_dtype == "bf16" and (self.optimizer not in ("mlorc-adamw", "mlorc-lion")
+                                           or self.engine not in ("single", "fsdp2") or self.bf16):
+            raise ValueError("param_dtype bf16 (bf16 weights written with stochastic rounding, no fp32 master) "
+                             "needs mlorc-adamw or mlorc-lion, in one process or under fsdp2, without bf16 "
+                             f"(mixed precision); got {self.optimizer} under {self.engine}"
+                             + (" with bf16" if self.bf16 else ""))
         if self.optimizer == "switchlora" and self.engine not in SWITCHLORA_ENGINES:
             raise ValueError(f"SwitchLoRA needs whole W, A and B on every rank, which {self.engine} shards: "
                              f"plan it with engine {', '.join(SWITCHLORA_ENGINES)}")
@@ -467,10 +494,16 @@ def _zero3(params_by_group, all_params, settings, world, model_bytes, lowrank_of
     return rows
 
 
-def _fsdp2(params_by_group, settings, world):
+def _fsdp2(params_by_group, settings, world, units=None):
     """FSDP2 with fp32 sharded parameters (with --bf16: MixedPrecisionPolicy(param_dtype=bf16,
-    reduce_dtype=fp32), the sharded params stay fp32 and are the master)."""
+    reduce_dtype=fp32), the sharded params stay fp32 and are the master); param_dtype bf16: bf16
+    shards and gradients, no policy. Step in backward: "grads" is the largest unit's sharded
+    gradients, i.e. its reduce-scatter output (padded rows; every sharded grad of the unit views it),
+    alive while the unit's hooks step (units: parameter name -> FSDP unit)."""
+    nbytes = 2 if settings.param_dtype == "bf16" else 4
+    dtype = torch.bfloat16 if nbytes == 2 else torch.float32
     rows = [dict(weights=0, grads=0, master=0, engine_buffers=0, held=[], staging=0) for _ in range(world)]
+    unit_grads = [{} for _ in range(world)]
     for group in params_by_group:
         for p in group:
             row_elems = math.prod(p.shape[1:]) if len(p.shape) > 1 else 1
@@ -479,12 +512,27 @@ def _fsdp2(params_by_group, settings, world):
             for r in range(world):
                 start, stop = _shard0_row_range(p.shape[0], world, r)
                 local = (stop - start) * row_elems
-                rows[r]["weights"] += padded_rows * row_elems * 4
-                rows[r]["grads"] += local * 4
+                rows[r]["weights"] += padded_rows * row_elems * nbytes
+                rows[r]["grads"] += local * nbytes
+                unit = (units or {}).get(p.name, -1)
+                unit_grads[r][unit] = unit_grads[r].get(unit, 0) + padded_rows * row_elems * nbytes
                 piece = Piece(spec, start * row_elems, stop * row_elems, 0)
                 layout = Layout([piece], [spec] if spec.lowrank else [], None, "fsdp2", padding=[])
-                rows[r]["held"].append((torch.empty(local, device="meta"), layout, p.group))
+                rows[r]["held"].append((torch.empty(local, dtype=dtype, device="meta"), layout, p.group))
+    if settings.step_in_backward:
+        for row, per_unit in zip(rows, unit_grads):
+            row["grads"] = max(per_unit.values(), default=0)
     return rows
+
+
+def _fsdp2_units(model: torch.nn.Module) -> dict[str, int]:
+    """Parameter name -> the FSDP unit launch/train.py wraps it in: the index of its decoder layer
+    (each is fully_shard-ed on its own), -1 for the root (embeddings, lm_head, final norm)."""
+    prefixes = [name + "." for name, m in model.named_modules() if type(m).__name__.endswith("DecoderLayer")]
+    units = {}
+    for name, _ in model.named_parameters():
+        units[name] = next((i for i, prefix in enumerate(prefixes) if name.startswith(prefix)), -1)
+    return units
 
 
 def _single(params_by_group, settings, model_bytes, model_dtype):
@@ -496,20 +544,22 @@ def _single(params_by_group, settings, model_bytes, model_dtype):
             spec = MatrixSpec(p.name, p.shape, p.lowrank and len(p.shape) == 2)
             layout = Layout([Piece(spec, 0, p.numel, 0)], [spec] if spec.lowrank else [], None, "plain")
             row["held"].append((torch.empty(p.numel, dtype=model_dtype, device="meta"), layout, p.group))
+    if settings.step_in_backward:   # each parameter's gradient is stepped and freed by its own hook
+        row["grads"] = max((p.numel for group in params_by_group for p in group), default=0) * model_bytes
     return [row]
 
 
 # --------------------------------------------------------------------------- the plan
-def _frozen_bytes(frozen: list[_Param], engine: str, world: int, model_bytes: int) -> int:
+def _frozen_bytes(frozen: list[_Param], engine: str, world: int, model_bytes: int, shard_bytes: int = 4) -> int:
     """Bytes per rank of the parameters no optimizer holds (the same on every rank)."""
     if engine in ("single", "zero1", "zero2"):       # ZeRO-1/2 flatten trainable params only
         return sum(p.numel for p in frozen) * model_bytes
     if engine == "zero3":                            # each its own partition (ds_tensor)
         return sum(-(-p.numel // world) for p in frozen) * model_bytes
-    total = 0                                        # fsdp2: padded Shard(0), fp32
+    total = 0                                        # fsdp2: padded Shard(0), fp32 (or bf16 params)
     for p in frozen:
         row_elems = math.prod(p.shape[1:]) if len(p.shape) > 1 else 1
-        total += -(-p.shape[0] // world) * row_elems * 4
+        total += -(-p.shape[0] // world) * row_elems * shard_bytes
     return total
 
 
@@ -538,8 +588,10 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
     frozen = [_Param(n, tuple(p.shape), -1, False) for n, p in model.named_parameters() if not p.requires_grad]
     n_params = sum(p.numel for p in all_params)
     n_trainable = n_params - sum(p.numel for p in frozen)
-    model_dtype = torch.bfloat16 if settings.bf16 else torch.float32
+    param_bf16 = settings.param_dtype == "bf16"
+    model_dtype = torch.bfloat16 if settings.bf16 or param_bf16 else torch.float32
     model_bytes = _dtype_bytes(model_dtype)
+    shard_bytes = 2 if param_bf16 else 4             # FSDP2's sharded parameters and gradients
     assumptions = []
 
     if engine in ("zero1", "zero2"):
@@ -547,11 +599,11 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
     elif engine == "zero3":
         rows = _zero3(params_by_group, all_params, settings, world, model_bytes, lowrank_of_group)
     elif engine == "fsdp2":
-        rows = _fsdp2(params_by_group, settings, world)
+        rows = _fsdp2(params_by_group, settings, world, _fsdp2_units(model))
     else:
         rows = _single(params_by_group, settings, model_bytes, model_dtype)
     if frozen:
-        frozen_bytes = _frozen_bytes(frozen, engine, world, model_bytes)
+        frozen_bytes = _frozen_bytes(frozen, engine, world, model_bytes, shard_bytes)
         for row in rows:
             row["weights"] += frozen_bytes
             row["frozen_weights"] = frozen_bytes      # a part of weights, shown on its own
@@ -583,8 +635,9 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
         for row in rows:
             state = _empty_state()
             calls: dict = {}      # DeepSpeed: one step() per flat tensor; FSDP2/single: one per step
-            for i, (tensor, layout, gi) in enumerate(row["held"]):
-                call = calls.setdefault(0 if engine in ("single", "fsdp2") else i,
+            for i, (tensor, layout, gi) in enumerate(row["held"]):   # (step in backward: per tensor)
+                one_call = engine in ("single", "fsdp2") and not settings.step_in_backward
+                call = calls.setdefault(0 if one_call else i,
                                         {"batches": {}, "global": [], "global_max": 0, "dense": 0})
                 for plan in planner.add(tensor, layout, gi, state):
                     if plan.mode == "local":
@@ -650,7 +703,7 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
                                "projects each rank's own rows, whose state is close to that split")
 
     # ---- activations (one micro-batch per rank)
-    act_bytes = 2 if settings.bf16 else 4
+    act_bytes = 2 if settings.bf16 or param_bf16 else 4
     targets = sum(1 for p in all_params if p.name.endswith(".lora_A") or ".lora_A." in p.name)
     layers = int(getattr(config, "num_hidden_layers", 0) or 0)
     items, extra = llama_activation_items(
@@ -680,11 +733,18 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
     if engine == "fsdp2":
         transients["unsharded root (embeddings, lm_head, norm)"] = root_numel * model_bytes
         transients["unsharded layer params (current + prefetch)"] = 2 * layer_numel * model_bytes
-        transients["unsharded layer grads + fp32 reduce-scatter in/out"] = int(
-            layer_grads * (model_bytes + 4 + 4 / world))
+        reduce_bytes = shard_bytes      # reduce_dtype fp32 with --bf16; no policy: the param dtype
+        if settings.step_in_backward:   # the reduce-scatter output is the grads category
+            transients[f"unsharded layer grads + {'bf16' if param_bf16 else 'fp32'} reduce-scatter in"] = \
+                layer_grads * (model_bytes + reduce_bytes)
+        else:
+            transients[f"unsharded layer grads + {'bf16' if param_bf16 else 'fp32'} reduce-scatter in/out"] = int(
+                layer_grads * (model_bytes + reduce_bytes + reduce_bytes / world))
     if settings.optimizer.startswith("mlorc") and settings.fused:
         transients["step workspace (MLorc fused: factors and sketches; bf16: fp32 gradient copies)"] = \
             int(mlorc_workspace * 4)
+    elif settings.optimizer.startswith("mlorc") and settings.step_in_backward:
+        transients["step workspace (MLorc in backward: one tensor per step, fp32)"] = int(mlorc_workspace * 4)
     elif settings.optimizer.startswith("mlorc"):
         transients["step workspace (MLorc: batched rebuild of same-shaped blocks, fp32)"] = \
             int(mlorc_workspace * 4)
@@ -707,6 +767,8 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
         grads_bwd = row["grads"] if engine in ("single", "fsdp2") else 0
         grads_step = row.get("largest_sub_group", row["grads"])
         fwd_bwd = persistent + activations["peak"] + row["staging"] + grads_bwd + fwd_extra
+        if settings.step_in_backward:   # the steps run inside backward
+            fwd_bwd += step_extra
         step = persistent + grads_step + row["staging"] + step_extra
         phases.append((max(fwd_bwd, step), fwd_bwd, step, persistent))
     worst = max(phases)
@@ -752,6 +814,19 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
     if engine == "fsdp2" and settings.bf16:
         assumptions.append("fsdp2 --bf16: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32); "
                            "sharded params, grads and optimizer state stay fp32")
+    if settings.param_dtype == "bf16":
+        assumptions.append("param_dtype bf16: weights and gradients bf16, no fp32 master (the optimizer writes "
+                           "each weight with stochastic rounding); MLorc's factors and dense state fp32"
+                           + ("; FSDP2 without a MixedPrecisionPolicy: bf16 shards, all-gathers and "
+                              "reduce-scatters" if engine == "fsdp2" else ""))
+    if settings.step_in_backward:
+        assumptions.append(
+            "step in backward (mlorc_dist.step_in_backward): each tensor is stepped by its post-accumulate-grad "
+            "hook and its gradient freed; grads = the largest set alive when a hook steps (exact, measured at "
+            "the hooks): " + ("one unit's sharded gradients, i.e. the padded reduce-scatter output of the "
+                              "largest FSDP unit (a decoder layer or the root), which they view"
+                              if engine == "fsdp2" else "the largest single parameter's gradient")
+            + "; the step workspace is one tensor's (no batching) and counts in the backward phase")
     if engine == "single" and settings.bf16:
         assumptions.append("single --bf16: pure bf16 (weights, grads and torch AdamW state in bf16, "
                            "no master copy); MLorc keeps fp32 factors and dense state")
@@ -801,17 +876,20 @@ def plan(model: str, settings: PlanSettings, vocab_size: int | None = None) -> P
 
 def plan_for_run(config, *, engine: str, world_size: int, optimizer: str, rank: int, micro_batch: int,
                  seq: int, bf16: bool = False, activation_checkpointing: bool = False, scope: str = "local",
-                 fused: bool = False, compress_embeddings: bool = False, model_name: str | None = None) -> Plan:
+                 fused: bool = False, compress_embeddings: bool = False, model_name: str | None = None,
+                 step_in_backward: bool = False, param_dtype: str = "fp32") -> Plan:
     """The plan of one training run, for a launcher's dry run: `config` is an HF config object
     (what the run builds its model from), the model is built from it on the meta device as plan()
     does (adapters too, for lora / switchlora, with `rank`). engine: single, zero1, zero2, zero3 or
     fsdp2; optimizer: one of OPTIMIZERS. Everything else is PlanSettings' defaults (DeepSpeed's
     bucket and threshold defaults). ValueError for a combination the run refuses too (SwitchLoRA
-    with zero3 / fsdp2, fused with another optimizer or global scope)."""
+    with zero3 / fsdp2, fused with another optimizer or global scope, step in backward or bf16
+    params outside MLorc / one process / fsdp2)."""
     settings = PlanSettings(engine=engine, world_size=world_size, optimizer=optimizer, rank=rank,
                             micro_batch=micro_batch, seq=seq, bf16=bf16,
                             activation_checkpointing=activation_checkpointing, scope=scope, fused=fused,
-                            compress_embeddings=compress_embeddings)
+                            compress_embeddings=compress_embeddings, step_in_backward=step_in_backward,
+                            param_dtype=param_dtype)
     settings.validate()                 # before building anything
     name = model_name or getattr(config, "_name_or_path", None) or getattr(config, "model_type", "?")
     return plan_model(build_meta_model(config), config, settings, name)
@@ -844,13 +922,17 @@ def format_plan(p: Plan, verbose: bool = False) -> str:
     row = p.ranks[worst_rank]
     lines = [f"{p.model}: {p.n_params / 1e9:.3f}B parameters | engine {s.engine}, world {s.world_size}, "
              f"{s.optimizer}" + (f" r={s.rank}" if s.optimizer != "adamw" else "")
-             + f", micro-batch {s.micro_batch} x seq {s.seq}, {'bf16' if s.bf16 else 'fp32'}"
+             + f", micro-batch {s.micro_batch} x seq {s.seq}, "
+             + ("bf16 params (no master)" if s.param_dtype == "bf16" else "bf16" if s.bf16 else "fp32")
+             + (", step in backward" if s.step_in_backward else "")
              + (", activation checkpointing" if s.activation_checkpointing else ""),
              f"per GPU (GB = 1e9 bytes; rank {worst_rank}, the largest):"]
     state = row["state_factors"] + row["state_dense"] + row["state_scalars"]
     weights_name = (f"weights (frozen base {_gb(row['frozen_weights'])})" if "frozen_weights" in row
                     else "weights")
-    table = [(weights_name, row["weights"]), ("gradients (optimizer view)", row["grads"]),
+    grads_name = ("gradients (step in backward: largest set alive)" if s.step_in_backward
+                  else "gradients (optimizer view)")
+    table = [(weights_name, row["weights"]), (grads_name, row["grads"]),
              ("fp32 master", row["master"]),
              (f"optimizer state (factors {_gb(row['state_factors'])}, "
               f"dense {_gb(row['state_dense'] + row['state_scalars'])})", state),
@@ -900,6 +982,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-batched", action="store_true", help="MLorc with batched=False")
     ap.add_argument("--fused", action="store_true", help="MLorc with fused=True (its kept buffers "
                     "and step workspace)")
+    ap.add_argument("--step-in-backward", action="store_true", help="each tensor stepped by its gradient "
+                    "hook during backward, its gradient freed (MLorc, local scope; single or fsdp2)")
+    ap.add_argument("--param-dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: bf16 weights and "
+                    "gradients, no fp32 master (MLorc; single or fsdp2; instead of --bf16)")
     ap.add_argument("--json", type=Path, default=None, help="also write the plan as JSON")
     ap.add_argument("-v", "--verbose", action="store_true", help="activation items and assumptions")
     return ap
@@ -912,7 +998,8 @@ def main(argv=None) -> Plan:
                             activation_checkpointing=args.activation_checkpointing, scope=args.scope,
                             factor_dtype=args.factor_dtype, compress_embeddings=args.compress_embeddings,
                             reduce_bucket_size=args.reduce_bucket_size, batched=not args.no_batched,
-                            fused=args.fused)
+                            fused=args.fused, step_in_backward=args.step_in_backward,
+                            param_dtype=args.param_dtype)
     result = plan(args.model, settings, args.vocab_size)
     print(format_plan(result, args.verbose))
     if args.json:

@@ -17,6 +17,11 @@ too). The profiler hooks the client optimizer's step (`register_step_pre_hook`):
 step() call of a training step it measures everything, and over that step's calls (DeepSpeed
 calls step() once per param group / sub-group) it adds up the gradients the optimizer is handed;
 this becomes a sample named "step", recorded before the next named sample.
+With mlorc_dist.step_in_backward there is no step() call: track_backward_grads(), called before
+step_in_backward, adds post-accumulate-grad hooks that run before each in-backward step and
+record the bytes of the gradients alive then (distinct storages of the held tensors' .grad: under
+FSDP2 the unit's reduce-scatter output, which its sharded grads view); the largest goes into the
+next sample as "grads_in_backward" (and into peaks).
 
 Categories (bytes; each storage is counted once, in the first category that claims it):
     weights          parameter storage the rank keeps (ZeRO-1/2 flat bit16/fp32 buffers; ZeRO-3
@@ -188,6 +193,8 @@ class MemoryProfiler:
         self.notes: list[str] = []
         self._pending_step: dict | None = None
         self._activations: int | None = None
+        self._backward_grads: int | None = None
+        self._grad_hooks: list = []
         self._t0 = time.time()
         self._hardware_notes()
         self._hook = None
@@ -321,6 +328,25 @@ class MemoryProfiler:
         self._pending_step["tensors"]["grads"] = sum(c["logical"] for c in calls)
         self._pending_step["step_calls"] = len(self._pending_step["step_call_grads"])
 
+    def track_backward_grads(self) -> None:
+        """Record, at every post-accumulate-grad hook of the tensors the optimizer holds, the
+        bytes of their gradients alive at that moment (each storage once). Call it before
+        mlorc_dist.step_in_backward, so that these hooks run before its steps free each gradient."""
+        params = list(self._param_tensors())
+
+        def hook(_param) -> None:
+            seen, total = set(), 0
+            for p in params:
+                g = p.grad
+                if g is None:
+                    continue
+                storage = _local(g).untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+            self._backward_grads = max(self._backward_grads or 0, total)
+        self._grad_hooks += [p.register_post_accumulate_grad_hook(hook) for p in params]
+
     # ------------------------------------------------------------------ samples
     def _record(self, name: str) -> dict:
         return {"name": name, "t": round(time.time() - self._t0, 4), "tensors": self.measure(),
@@ -335,6 +361,9 @@ class MemoryProfiler:
         if self._activations is not None:
             record["tensors"]["activations"] = self._activations
             self._activations = None
+        if self._backward_grads is not None:
+            record["grads_in_backward"] = self._backward_grads
+            self._backward_grads = None
         self.samples.append(record)
         return record
 
@@ -360,7 +389,7 @@ class MemoryProfiler:
                 peaks[k] = max(peaks.get(k, 0), v)
             total = sum(v for k, v in s["tensors"].items() if k != "activations")
             peaks["tensor_total"] = max(peaks.get("tensor_total", 0), total)
-            for key in ("rss", "rss_peak"):
+            for key in ("rss", "rss_peak", "grads_in_backward"):
                 if s.get(key) is not None:
                     peaks[key] = max(peaks.get(key, 0), s[key])
             for key, value in (s.get("cuda") or {}).items():
@@ -393,3 +422,6 @@ class MemoryProfiler:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks = []

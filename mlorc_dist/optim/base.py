@@ -25,6 +25,7 @@ from .. import lowrank
 from ..pieces import Layout, Piece, plain_layout
 from ..scopes import SCOPES, RowBlock, all_reduce_sum, global_randomized_svd
 from . import cpu_kernels, skinny
+from .rounding import Rounding, rounding_seed
 
 logger = logging.getLogger("mlorc_dist")
 
@@ -74,7 +75,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
     reshardable: bool = True     # checkpoints of compressed blocks load at another layout
 
     def __init__(self, params, defaults: dict, *, scope: str = "local", seed: int = 0,
-                 nonfinite: str = "skip", batched: bool = True, fused: bool = False):
+                 nonfinite: str = "skip", batched: bool = True, fused: bool = False,
+                 stochastic_rounding: bool = False):
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
         if nonfinite not in NONFINITE_POLICIES:
@@ -83,6 +85,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             raise ValueError(f"seed must be an int, got {seed!r}")
         if not isinstance(fused, bool):
             raise ValueError(f"fused must be True or False, got {fused!r}")
+        if not isinstance(stochastic_rounding, bool):
+            raise ValueError(f"stochastic_rounding must be True or False, got {stochastic_rounding!r}")
         if fused and scope != "local":
             raise ValueError("fused=True is implemented for scope='local' (each rank's blocks); "
                              "global scope runs the reference path: pass fused=False")
@@ -91,7 +95,9 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         self.batched = batched
         self.fused = fused
         self.nonfinite = nonfinite
+        self.stochastic_rounding = stochastic_rounding
         self.skipped_steps = 0
+        self.skipped_tensors = 0     # step_tensors' skips (step in backward: one tensor at a time)
         self._layouts: dict[int, Layout] = {}
         self._attached: dict[int, tuple[torch.Tensor, dict]] = {}
         self._plans: dict[int, list[PiecePlan]] = {}
@@ -378,7 +384,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["mlorc"] = {"algorithm": self.algorithm, "scope": self.scope, "seed": self.seed,
-                          "skipped_steps": self.skipped_steps}
+                          "skipped_steps": self.skipped_steps, "skipped_tensors": self.skipped_tensors}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -416,8 +422,19 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             self.state[param] = entry
         self.seed = meta["seed"]
         self.skipped_steps = meta["skipped_steps"]
+        self.skipped_tensors = meta.get("skipped_tensors", 0)
 
     # ------------------------------------------------------------------ step
+    def _rounding(self, param: torch.Tensor, step: int, key: str, start: int) -> Rounding | None:
+        """How the update writes this parameter's region that starts at global element `start`:
+        stochastically rounded for bf16 weights (stochastic_rounding=True), else None (to nearest)."""
+        if not self.stochastic_rounding or param.dtype in (torch.float32, torch.float64):
+            return None
+        if param.dtype != torch.bfloat16:
+            raise ValueError(f"{self.algorithm}: stochastic rounding writes bfloat16 weights; {key} is "
+                             f"{param.dtype} (pass stochastic_rounding=False to round it to nearest)")
+        return Rounding(rounding_seed(self.seed, step, str(key)), start)
+
     def _collect_work(self, only: set | None = None):
         """(group, param, position, plans, state) of every tensor with a gradient (of those whose
         id is in `only`, when given), state created at its first step."""
@@ -453,7 +470,19 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         self._step_work(self._collect_work())
         return loss
 
-    def _step_work(self, work) -> bool:
+    @torch.no_grad()
+    def step_tensors(self, tensors) -> bool:
+        """Step only `tensors` (those of them that have a gradient), each with its own step
+        count: what mlorc_dist.step_in_backward calls as each gradient becomes final. Local
+        scope only (global scope's collectives span every matrix of a step). A non-finite
+        gradient (nonfinite="skip") leaves these tensors and their state unchanged, is counted
+        in .skipped_tensors and warned about; returns False then."""
+        if self.scope != "local":
+            raise ValueError(f"{self.algorithm}: step_tensors needs scope='local' (global scope compresses "
+                             "every matrix of a step together, with collectives over all of them)")
+        return self._step_work(self._collect_work(only={id(t) for t in tensors}), per_tensor=True)
+
+    def _step_work(self, work, per_tensor: bool = False) -> bool:
         """One step of the tensors in `work` (_collect_work). False when a non-finite gradient
         skipped it (nonfinite="skip"): nothing changed."""
         global_matrices = self._global_matrices(work) if self.scope == "global" else []
@@ -467,6 +496,12 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             if self.nonfinite == "raise":
                 raise FloatingPointError(f"{self.algorithm}: non-finite gradient in "
                                          f"{int(bad.item())} tensor(s)")
+            if per_tensor:
+                self.skipped_tensors += 1
+                keys = ", ".join(str(plans[0].piece.key) for _, _, _, plans, _ in work if plans)
+                warnings.warn(f"{self.algorithm}: non-finite gradient of {keys}: its step skipped (it and its "
+                              f"state unchanged; {self.skipped_tensors} tensor steps skipped so far)", stacklevel=4)
+                return False
             self.skipped_steps += 1
             warnings.warn(f"{self.algorithm}: non-finite gradient, step skipped (no parameter or "
                           f"state changed; {self.skipped_steps} skipped so far)", stacklevel=3)
@@ -478,7 +513,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
             for plan, entry in zip(plans, state["pieces"]):
                 value, grad = plan.piece.view(flat_param), plan.piece.view(flat_grad)
                 if plan.mode == "dense":
-                    self._dense_update(group, value, grad, entry, "", state["step"])
+                    self._dense_update(group, value, grad, entry, "", state["step"],
+                                       self._rounding(param, state["step"], plan.piece.key, plan.piece.start))
                 elif plan.mode == "local":
                     bodies.append(self._local_piece_update(group, plan, value, grad, entry, state["step"]))
         if self.batched:
@@ -493,11 +529,12 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
     def _local_piece_update(self, group, plan: PiecePlan, value, grad, entry, step: int) -> tuple:
         """Dense updates of the head and tail rows; returns the body's work for _local_update."""
         head, body_numel = plan.head, plan.body_rows * plan.piece.matrix.cols
+        rounding = self._rounding(value, step, plan.piece.key, plan.piece.start)
         if plan.head:
-            self._dense_update(group, value[:head], grad[:head], entry, "head_", step)
+            self._dense_update(group, value[:head], grad[:head], entry, "head_", step, rounding)
         if plan.tail:
             self._dense_update(group, value[head + body_numel:], grad[head + body_numel:], entry,
-                               "tail_", step)
+                               "tail_", step, rounding and rounding.offset(head + body_numel))
         cols = plan.piece.matrix.cols
         body = value[head:head + body_numel].view(plan.body_rows, cols)       # (k, n), no copy
         body_grad = grad[head:head + body_numel].view(plan.body_rows, cols)
@@ -509,7 +546,12 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         return [rebuild(entry[f"{name}_u"], entry[f"{name}_s"], entry[f"{name}_vh"], dtype)
                 for name in self.moment_names]
 
-    def _body_moments(self, group, body, body_grad, entry, step: int, prevs=None, floors=None) -> list:
+    def _body_rounding(self, plan: PiecePlan, body: torch.Tensor, step: int) -> Rounding | None:
+        """_rounding of a body: its elements start at global element body_row0 x cols."""
+        return self._rounding(body, step, plan.piece.key, plan.body_row0 * plan.piece.matrix.cols)
+
+    def _body_moments(self, group, body, body_grad, entry, step: int, prevs=None, floors=None,
+                      rounding: Rounding | None = None) -> list:
         """The reference path: update this body's weights from the rebuilt previous moments
         (`prevs`, rebuilt here when not given) and return its new moments (to compress,
         lowrank.compress). A batch passes its bodies' `floors` (_noise_floors), made for all at once."""
@@ -517,7 +559,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         grad = body_grad.to(compute)
         floors = self._noise_floors(entry, compute) if floors is None else floors
         prevs = self._rebuild_moments(entry, compute) if prevs is None else prevs
-        return self._lowrank_update(group, body, grad, prevs, floors, self._moment_stats(prevs, floors), step)
+        return self._lowrank_update(group, body, grad, prevs, floors, self._moment_stats(prevs, floors), step,
+                                    rounding)
 
     def _noise_floors(self, entry: dict, dtype: torch.dtype) -> list[torch.Tensor]:
         """Per moment, the size of rounding noise in its rebuilt entries (see
@@ -580,7 +623,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         for i, (_, plan, body, body_grad, entry, step) in enumerate(items):
             mine = [p[i] for p in moments]
             for buffer, moment in zip(mine, self._body_moments(group, body, body_grad, entry, step, mine,
-                                                               floors=floors[i])):
+                                                               floors=floors[i],
+                                                               rounding=self._body_rounding(plan, body, step))):
                 if moment.data_ptr() != buffer.data_ptr():          # an update that was not in place
                     buffer.copy_(moment)
         del floors
@@ -593,7 +637,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         if self.fused:
             self._fused_local_update([(group, plan, body, body_grad, entry, step)])
             return
-        moments = self._body_moments(group, body, body_grad, entry, step)
+        moments = self._body_moments(group, body, body_grad, entry, step,
+                                     rounding=self._body_rounding(plan, body, step))
         key = plan.piece.key
         self._store_factors(entry, [
             compress(moment, plan.rank, group["oversample"], group["niter"],
@@ -610,8 +655,10 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         factors = self._batch_factors(entries, compute)
         grad = self._stacked_gradients([item[3] for item in items], shape, compute)
         buffer = self._workspace("moment", shape, compute, device) if self.fused_buffers else None
+        roundings = [self._body_rounding(item[1], item[2], item[5]) for item in items]
         moments = self._fused_update(group, [item[2] for item in items], grad, factors,
-                                     [item[5] for item in items], buffer)
+                                     [item[5] for item in items], buffer,
+                                     None if roundings[0] is None else roundings)
         del factors
         self._compress_batch(items, moments)
 
@@ -730,7 +777,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
                 grad = piece.view(_flat(param.grad)).to(compute)
                 stats = [t.to(compute) for t in item["stats"]]
                 prevs = self._piece_moments(item["entry"], spec, plan, compute)
-                moments = self._lowrank_update(group, value, grad, prevs, item["floors"], stats, step)
+                moments = self._lowrank_update(group, value, grad, prevs, item["floors"], stats, step,
+                                               self._rounding(param, step, spec.key, piece.start))
                 del prevs, grad
                 row0, rows = piece.first_row, piece.row_count
             setting = (group["rank"], group["oversample"], group["niter"], compute)
@@ -772,25 +820,31 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         """Sums over a block's elements that the update needs whole-matrix values of."""
         return []
 
-    def _dense_update(self, group, value, grad, entry, prefix: str, step: int) -> None:
+    def _dense_update(self, group, value, grad, entry, prefix: str, step: int,
+                      rounding: Rounding | None = None) -> None:
+        """Update one dense region; write `value` with `rounding` (rounding.write_weight_)."""
         raise NotImplementedError
 
-    def _lowrank_update(self, group, value, grad, prevs, floors, stats, step: int) -> list[torch.Tensor]:
+    def _lowrank_update(self, group, value, grad, prevs, floors, stats, step: int,
+                        rounding: Rounding | None = None) -> list[torch.Tensor]:
         """Update `value` in place from grad and the rebuilt previous moments (all the same
         shape, in the compute dtype; `floors`: their rounding-noise levels; `stats`: the sums of
-        _moment_stats over the whole block or matrix); return the new moments to compress."""
+        _moment_stats over the whole block or matrix), written with `rounding`; return the new
+        moments to compress."""
         raise NotImplementedError
 
     # how many of the new moments the fused step writes out (into the (B, k, n) `buffer`); the
     # others it returns unformed (lowrank.MomentUpdate)
     fused_buffers: int = 0
 
-    def _fused_update(self, group, values: list, grad, factors, steps: list, buffer) -> list:
+    def _fused_update(self, group, values: list, grad, factors, steps: list, buffer,
+                      roundings: list | None = None) -> list:
         """fused=True, local scope: the same update as _lowrank_update, for a batch of B
         same-shaped bodies at once and from the factors instead of rebuilt moments. `values`:
         the B weights (k, n); `grad` (B, k, n) in the compute dtype; `factors`: per moment
         (U diag(s) (B, k, r), Vh (B, r, n), noise floors (B,)) (_batch_factors); `steps`: each
-        body's step count. Returns per moment the new moments of the batch, to compress:
+        body's step count; `roundings`: each body's Rounding (bf16 weights written stochastically),
+        or None. Returns per moment the new moments of the batch, to compress:
         `buffer` written (when fused_buffers), or a lowrank.MomentUpdate."""
         raise NotImplementedError(f"{self.algorithm} has no fused step")
 

@@ -18,6 +18,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -123,25 +125,70 @@ std::pair<double, double> negative_stats(const T* us, const T* vh, int64_t k, in
   return {double(floor) * count - below, count};
 }
 
+// Stochastic rounding of the weights (optim/rounding.py, the same function): 16 random bits per
+// element from a hash of (seed, the element's index in the whole parameter), added to the float32
+// pattern before the low 16 bits are cut. key.start: the body's first element in the parameter.
+struct RoundKey {
+  uint32_t lo = 0, hi = 0;
+  int64_t start = 0;
+};
+
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x2C1B3C6Du;
+  return x ^ (x >> 16);
+}
+
+inline uint32_t round_bits(const RoundKey& key, int64_t index) {
+  return mix32(mix32(uint32_t(uint64_t(key.start + index)) ^ key.lo) ^ key.hi) >> 16;
+}
+
+inline c10::BFloat16 round_stochastic(float x, uint32_t bits) {
+  uint32_t pattern;
+  std::memcpy(&pattern, &x, sizeof pattern);
+  if ((pattern & 0x7F800000u) == 0x7F800000u) return c10::BFloat16(x);   // inf, NaN: to nearest
+  return c10::BFloat16(uint16_t((pattern + bits) >> 16), c10::BFloat16::from_bits());
+}
+
+// the weight's new value x written as W: stochastically rounded (SR, bf16 weights) or to nearest
+template <bool SR, typename W, typename T>
+inline W store(T x, const RoundKey& key, int64_t index) {
+  if constexpr (SR && std::is_same_v<W, c10::BFloat16> && std::is_same_v<T, float>) {
+    return round_stochastic(x, round_bits(key, index));
+  } else {
+    return W(x);
+  }
+}
+
+// f(std::bool_constant<SR>{}) for the batch's rounding: stochastic when the caller gave seeds
+template <typename F>
+void for_rounding(bool stochastic, F&& f) {
+  if (stochastic) return f(std::true_type{});
+  return f(std::false_type{});
+}
+
 template <typename T>
 struct AdamWConstants {
   T floor, fill, one_minus_beta1, beta2, one_minus_beta2, step_size, eps, decay;
 };
 
 // one entry: the negative fix of the rebuilt v, the new moments, the weight update
-template <typename W, typename T>
-inline void adamw_entry(W& w, T g, T m_prev, T v_prev, T& v_out, const AdamWConstants<T>& c) {
+template <bool SR, typename W, typename T>
+inline void adamw_entry(W& w, T g, T m_prev, T v_prev, T& v_out, const AdamWConstants<T>& c, const RoundKey& key,
+                        int64_t index) {
   v_prev = v_prev < -c.floor ? c.fill : (v_prev < c.floor ? c.floor : v_prev);  // lowrank.fill_negatives_
   const T m = m_prev + c.one_minus_beta1 * (g - m_prev);
   const T v = c.beta2 * v_prev + c.one_minus_beta2 * (g * g);
-  w = W((T(w) - c.step_size * m / (std::sqrt(v) + c.eps)) * c.decay);
+  w = store<SR, W>((T(w) - c.step_size * m / (std::sqrt(v) + c.eps)) * c.decay, key, index);
   v_out = v;
 }
 
-template <int R, typename W, typename T>
+template <int R, bool SR, typename W, typename T>
 void adamw_body(W* __restrict w, const T* __restrict g, const T* m_us, const T* __restrict m_vh, const T* v_us,
                 const T* __restrict v_vh, T* __restrict v_out, int64_t k, int64_t n, int64_t r, T floor, T beta1,
-                T beta2, T step_size, T eps, T decay) {
+                T beta2, T step_size, T eps, T decay, RoundKey key) {
   const auto [abs_sum, count] = negative_stats<R>(v_us, v_vh, k, r, n, floor);
   const AdamWConstants<T> c{floor, T(abs_sum) / std::max(T(count), T(1)),   // lowrank.negative_fill_value
                             T(1) - beta1, beta2, T(1) - beta2, step_size, eps, decay};
@@ -160,7 +207,8 @@ void adamw_body(W* __restrict w, const T* __restrict g, const T* m_us, const T* 
         }
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j)
-          adamw_entry(wi[j], gi[j], rank_sum_at<R>(cm, m_vh, n, j), rank_sum_at<R>(cv, v_vh, n, j), vi[j], c);
+          adamw_entry<SR>(wi[j], gi[j], rank_sum_at<R>(cm, m_vh, n, j), rank_sum_at<R>(cv, v_vh, n, j), vi[j], c,
+                          key, i * n + j);
       } else {
         for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
           const int64_t len = std::min(kChunk, n - j0);
@@ -168,7 +216,7 @@ void adamw_body(W* __restrict w, const T* __restrict g, const T* m_us, const T* 
           rebuild_chunk(v_us + i * r, v_vh, r, n, j0, len, v_chunk);
 #pragma omp simd
           for (int64_t j = 0; j < len; ++j)
-            adamw_entry(wi[j0 + j], gi[j0 + j], m_chunk[j], v_chunk[j], vi[j0 + j], c);
+            adamw_entry<SR>(wi[j0 + j], gi[j0 + j], m_chunk[j], v_chunk[j], vi[j0 + j], c, key, i * n + j0 + j);
         }
       }
     }
@@ -176,16 +224,16 @@ void adamw_body(W* __restrict w, const T* __restrict g, const T* m_us, const T* 
 }
 
 // one entry: sign of the interpolated moment, the weight update
-template <typename W, typename T>
-inline void lion_entry(W& w, T g, T m_prev, T one_minus_beta1, T lr, T decay) {
+template <bool SR, typename W, typename T>
+inline void lion_entry(W& w, T g, T m_prev, T one_minus_beta1, T lr, T decay, const RoundKey& key, int64_t index) {
   const T x = m_prev + one_minus_beta1 * (g - m_prev);
   const T direction = T(x > T(0)) - T(x < T(0));            // torch.sign
-  w = W((T(w) - lr * direction) * decay);
+  w = store<SR, W>((T(w) - lr * direction) * decay, key, index);
 }
 
-template <int R, typename W, typename T>
+template <int R, bool SR, typename W, typename T>
 void lion_body(W* __restrict w, const T* __restrict g, const T* m_us, const T* __restrict m_vh, int64_t k,
-               int64_t n, int64_t r, T beta1, T lr, T decay) {
+               int64_t n, int64_t r, T beta1, T lr, T decay, RoundKey key) {
   const T one_minus_beta1 = T(1) - beta1;
   at::parallel_for(0, k, kGrain, [&](int64_t begin, int64_t end) {
     alignas(64) T m_chunk[kChunk];
@@ -197,14 +245,14 @@ void lion_body(W* __restrict w, const T* __restrict g, const T* m_us, const T* _
         for (int l = 0; l < R; ++l) cm[l] = m_us[i * R + l];
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j)
-          lion_entry(wi[j], gi[j], rank_sum_at<R>(cm, m_vh, n, j), one_minus_beta1, lr, decay);
+          lion_entry<SR>(wi[j], gi[j], rank_sum_at<R>(cm, m_vh, n, j), one_minus_beta1, lr, decay, key, i * n + j);
       } else {
         for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
           const int64_t len = std::min(kChunk, n - j0);
           rebuild_chunk(m_us + i * r, m_vh, r, n, j0, len, m_chunk);
 #pragma omp simd
           for (int64_t j = 0; j < len; ++j)
-            lion_entry(wi[j0 + j], gi[j0 + j], m_chunk[j], one_minus_beta1, lr, decay);
+            lion_entry<SR>(wi[j0 + j], gi[j0 + j], m_chunk[j], one_minus_beta1, lr, decay, key, i * n + j0 + j);
         }
       }
     }
@@ -247,13 +295,25 @@ void check_batch(const std::vector<at::Tensor>& ws, const at::Tensor& g,
                 "mlorc block update: factors must be contiguous (B, k, r) and (B, r, n) CPU tensors of g's dtype");
 }
 
+// round_keys: empty (weights rounded to nearest) or (seed_lo, seed_hi, start) per body, for bf16 weights
+std::vector<RoundKey> round_keys_of(const std::vector<int64_t>& flat, const std::vector<at::Tensor>& ws) {
+  std::vector<RoundKey> keys;
+  if (flat.empty()) return keys;
+  TORCH_CHECK(flat.size() == 3 * ws.size(), "mlorc block update: round_keys must hold 3 numbers per body");
+  TORCH_CHECK(ws[0].scalar_type() == at::kBFloat16, "mlorc block update: stochastic rounding writes bfloat16 weights");
+  for (size_t b = 0; b < ws.size(); ++b)
+    keys.push_back(RoundKey{uint32_t(flat[3 * b]), uint32_t(flat[3 * b + 1]), flat[3 * b + 2]});
+  return keys;
+}
+
 }  // namespace
 
 void adamw_blocks(const std::vector<at::Tensor>& ws, const at::Tensor& g, const at::Tensor& m_us,
                   const at::Tensor& m_vh, const at::Tensor& v_us, const at::Tensor& v_vh, const at::Tensor& floors,
                   double beta1, double beta2, const std::vector<double>& step_sizes, double eps, double decay,
-                  const at::Tensor& v_out) {
+                  const at::Tensor& v_out, const std::vector<int64_t>& round_keys) {
   check_batch(ws, g, {{m_us, m_vh}, {v_us, v_vh}});
+  const std::vector<RoundKey> keys = round_keys_of(round_keys, ws);
   const int64_t batch = g.size(0), k = g.size(1), n = g.size(2), r = m_us.size(2);
   TORCH_CHECK(v_us.size(2) == r, "adamw_blocks: both moments' factors must have one rank");
   TORCH_CHECK(v_out.sizes() == g.sizes() && v_out.is_contiguous() && v_out.device().is_cpu() &&
@@ -267,28 +327,35 @@ void adamw_blocks(const std::vector<at::Tensor>& ws, const at::Tensor& g, const 
     using T = decltype(compute);
     using W = decltype(weight);
     for_rank(r, [&](auto rank) {
-      for (int64_t b = 0; b < batch; ++b)
-        adamw_body<decltype(rank)::value, W, T>(
-            ws[b].data_ptr<W>(), g.data_ptr<T>() + b * k * n, m_us.data_ptr<T>() + b * k * r,
-            m_vh.data_ptr<T>() + b * r * n, v_us.data_ptr<T>() + b * k * r, v_vh.data_ptr<T>() + b * r * n,
-            v_out.data_ptr<T>() + b * k * n, k, n, r, T(floor_values.data_ptr<double>()[b]), T(beta1), T(beta2),
-            T(step_sizes[b]), T(eps), T(decay));
+      for_rounding(!keys.empty(), [&](auto sr) {
+        for (int64_t b = 0; b < batch; ++b)
+          adamw_body<decltype(rank)::value, decltype(sr)::value, W, T>(
+              ws[b].data_ptr<W>(), g.data_ptr<T>() + b * k * n, m_us.data_ptr<T>() + b * k * r,
+              m_vh.data_ptr<T>() + b * r * n, v_us.data_ptr<T>() + b * k * r, v_vh.data_ptr<T>() + b * r * n,
+              v_out.data_ptr<T>() + b * k * n, k, n, r, T(floor_values.data_ptr<double>()[b]), T(beta1), T(beta2),
+              T(step_sizes[b]), T(eps), T(decay), keys.empty() ? RoundKey{} : keys[b]);
+      });
     });
   });
 }
 
 void lion_blocks(const std::vector<at::Tensor>& ws, const at::Tensor& g, const at::Tensor& m_us,
-                 const at::Tensor& m_vh, double beta1, double lr, double decay) {
+                 const at::Tensor& m_vh, double beta1, double lr, double decay,
+                 const std::vector<int64_t>& round_keys) {
   check_batch(ws, g, {{m_us, m_vh}});
+  const std::vector<RoundKey> keys = round_keys_of(round_keys, ws);
   const int64_t batch = g.size(0), k = g.size(1), n = g.size(2), r = m_us.size(2);
   for_dtypes(g.scalar_type(), ws[0].scalar_type(), [&](auto compute, auto weight) {
     using T = decltype(compute);
     using W = decltype(weight);
     for_rank(r, [&](auto rank) {
-      for (int64_t b = 0; b < batch; ++b)
-        lion_body<decltype(rank)::value, W, T>(ws[b].data_ptr<W>(), g.data_ptr<T>() + b * k * n,
-                                               m_us.data_ptr<T>() + b * k * r, m_vh.data_ptr<T>() + b * r * n, k, n,
-                                               r, T(beta1), T(lr), T(decay));
+      for_rounding(!keys.empty(), [&](auto sr) {
+        for (int64_t b = 0; b < batch; ++b)
+          lion_body<decltype(rank)::value, decltype(sr)::value, W, T>(
+              ws[b].data_ptr<W>(), g.data_ptr<T>() + b * k * n, m_us.data_ptr<T>() + b * k * r,
+              m_vh.data_ptr<T>() + b * r * n, k, n, r, T(beta1), T(lr), T(decay),
+              keys.empty() ? RoundKey{} : keys[b]);
+      });
     });
   });
 }

@@ -14,9 +14,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> range_finder(const at::Tensor& a,
 void adamw_blocks(const std::vector<at::Tensor>& ws, const at::Tensor& g, const at::Tensor& m_us,
                   const at::Tensor& m_vh, const at::Tensor& v_us, const at::Tensor& v_vh, const at::Tensor& floors,
                   double beta1, double beta2, const std::vector<double>& step_sizes, double eps, double decay,
-                  const at::Tensor& v_out);
+                  const at::Tensor& v_out, const std::vector<int64_t>& round_keys);
 void lion_blocks(const std::vector<at::Tensor>& ws, const at::Tensor& g, const at::Tensor& m_us,
-                 const at::Tensor& m_vh, double beta1, double lr, double decay);
+                 const at::Tensor& m_vh, double beta1, double lr, double decay, const std::vector<int64_t>& round_keys);
 
 // The kernels touch no Python object: each releases the GIL while it runs.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -28,7 +28,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "and vh (B, r0, n) (both empty: A = a), keep, mix, seeds (B), q <= 8, niter, rank -> U, s, Vh");
   m.def("adamw_blocks", &adamw_blocks, release(),
         "fused.adamw_block_ on each body of a batch: ws (B weights (k, n)), g (B, k, n), factors "
-        "(B, k, r) and (B, r, n) of both moments, floors (B,), betas, step sizes (B), eps, decay, v_out (B, k, n)");
+        "(B, k, r) and (B, r, n) of both moments, floors (B,), betas, step sizes (B), eps, decay, v_out (B, k, n), "
+        "round_keys (empty: to nearest; else seed_lo, seed_hi, start per body: bf16 stochastic rounding)");
   m.def("lion_blocks", &lion_blocks, release(),
-        "fused.lion_block_ on each body of a batch: ws, g (B, k, n), factors (B, k, r) and (B, r, n), beta1, lr, decay");
+        "fused.lion_block_ on each body of a batch: ws, g (B, k, n), factors (B, k, r) and (B, r, n), beta1, lr, decay, "
+        "round_keys (as adamw_blocks)");
 }

@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from .rounding import Rounding, write_weight_
+
 __all__ = [
     "adam_step_size",
     "adamw_dense_step",
@@ -18,6 +20,7 @@ __all__ = [
     "lion_direction",
     "lion_moment_",
     "decoupled_weight_decay",
+    "decay_factor",
     "apply_direction",
     "apply_low_rank_direction",
 ]
@@ -50,25 +53,37 @@ def adam_moments_(grad: torch.Tensor, m_prev: torch.Tensor, v_prev: torch.Tensor
 
 
 def adam_apply(param: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, step_size: float,
-               eps: float) -> None:
-    """W -= step_size * M / (sqrt(V) + eps), computed in m's dtype, written in param's dtype."""
+               eps: float, decay: float = 1.0, rounding: Rounding | None = None) -> None:
+    """W = (W - step_size * M / (sqrt(V) + eps)) * decay (decay = 1 - lr wd: the decoupled weight
+    decay, after the update), computed in m's dtype and written once in param's dtype: rounded
+    stochastically with `rounding` (bf16 weights), else to nearest."""
     denom = v.sqrt().add_(eps)
     if param.dtype == m.dtype:
         param.addcdiv_(m, denom, value=-step_size)
-    else:
-        param.copy_(param.to(m.dtype).addcdiv_(m, denom, value=-step_size).to(param.dtype))
+        if decay != 1.0:
+            param.mul_(decay)
+        return
+    new = param.to(m.dtype).addcdiv_(m, denom, value=-step_size)
+    if decay != 1.0:
+        new.mul_(decay)
+    write_weight_(param, new, rounding)
+
+
+def decay_factor(lr: float, weight_decay: float) -> float:
+    """The decoupled weight decay as a factor: 1 - lr wd (decoupled_weight_decay's)."""
+    return 1.0 - lr * weight_decay if weight_decay != 0.0 else 1.0
 
 
 def adamw_dense_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                      exp_avg_sq: torch.Tensor, *, lr: float, beta1: float, beta2: float,
-                     eps: float, weight_decay: float, step: int, correct_bias: bool) -> None:
+                     eps: float, weight_decay: float, step: int, correct_bias: bool,
+                     rounding: Rounding | None = None) -> None:
     """Plain AdamW on one dense region, with the same conventions as MLorc-AdamW."""
     g = grad.to(exp_avg.dtype)
     exp_avg.lerp_(g, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-    adam_apply(param, exp_avg, exp_avg_sq,
-               step_size=adam_step_size(lr, beta1, beta2, step, correct_bias), eps=eps)
-    decoupled_weight_decay(param, lr, weight_decay)
+    adam_apply(param, exp_avg, exp_avg_sq, step_size=adam_step_size(lr, beta1, beta2, step, correct_bias),
+               eps=eps, decay=decay_factor(lr, weight_decay), rounding=rounding)
 
 
 def lion_direction(grad: torch.Tensor, m_prev: torch.Tensor, beta1: float) -> torch.Tensor:
@@ -81,13 +96,20 @@ def lion_moment_(grad: torch.Tensor, m_prev: torch.Tensor, beta2: float) -> torc
     return m_prev.lerp_(grad, 1.0 - beta2)
 
 
-def apply_direction(param: torch.Tensor, direction: torch.Tensor, lr: float) -> None:
-    """W -= lr * direction, computed in the direction's dtype, written in param's (Lion's sign,
-    MoFaSGD's U V^T, GaLore's projected-back update)."""
+def apply_direction(param: torch.Tensor, direction: torch.Tensor, lr: float, *, decay: float = 1.0,
+                    rounding: Rounding | None = None) -> None:
+    """W = (W - lr * direction) * decay, computed in the direction's dtype, written once in
+    param's (rounded stochastically with `rounding`) (Lion's sign, MoFaSGD's U V^T, GaLore's
+    projected-back update)."""
     if param.dtype == direction.dtype:
         param.add_(direction, alpha=-lr)
-    else:
-        param.copy_((param.to(direction.dtype) - lr * direction).to(param.dtype))
+        if decay != 1.0:
+            param.mul_(decay)
+        return
+    new = param.to(direction.dtype) - lr * direction
+    if decay != 1.0:
+        new.mul_(decay)
+    write_weight_(param, new, rounding)
 
 
 def apply_low_rank_direction(param: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
@@ -102,11 +124,12 @@ def apply_low_rank_direction(param: torch.Tensor, left: torch.Tensor, right: tor
 
 
 def lion_dense_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, *,
-                    lr: float, beta1: float, beta2: float, weight_decay: float) -> None:
+                    lr: float, beta1: float, beta2: float, weight_decay: float,
+                    rounding: Rounding | None = None) -> None:
     """Plain Lion on one dense region, with the same conventions as MLorc-Lion
     (update, then decoupled weight decay)."""
     g = grad.to(exp_avg.dtype)
-    apply_direction(param, lion_direction(g, exp_avg, beta1), lr)
+    apply_direction(param, lion_direction(g, exp_avg, beta1), lr, decay=decay_factor(lr, weight_decay),
+                    rounding=rounding)
     exp_avg.lerp_(g, 1.0 - beta2)
-    decoupled_weight_decay(param, lr, weight_decay)
 

@@ -27,6 +27,7 @@ import torch
 
 from ..lowrank import negative_fill_value
 from . import cpu_kernels
+from .rounding import flat_keys, hashed_bits, stochastic_round
 
 __all__ = [
     "rank_sum",
@@ -80,10 +81,20 @@ def scalars(*values, like: torch.Tensor) -> list[torch.Tensor]:
             for x in values]
 
 
+def written(w: torch.Tensor, new: torch.Tensor, round_key: torch.Tensor | None) -> torch.Tensor:
+    """The block's new weights as w.copy_ should take them: stochastically rounded to bf16 under
+    round_key (int64 (seed_lo, seed_hi, start): optim/rounding.py's bits of each element's index in
+    the parameter), else as they are (copy_ rounds to nearest)."""
+    if round_key is None:
+        return new
+    index = round_key[2] + torch.arange(new.numel(), device=new.device).view(new.shape)
+    return stochastic_round(new, hashed_bits(index, round_key[0], round_key[1]))
+
+
 def adamw_block_(w: torch.Tensor, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Tensor,
                  v_us: torch.Tensor, v_vh: torch.Tensor, floor: torch.Tensor, beta1: torch.Tensor,
                  beta2: torch.Tensor, step_size: torch.Tensor, eps: torch.Tensor, decay: torch.Tensor,
-                 v_out: torch.Tensor) -> None:
+                 v_out: torch.Tensor, round_key: torch.Tensor | None = None) -> None:
     """One MLorc-AdamW block update: writes this step's V into v_out and sets w to
     (w - step_size M / (sqrt(V) + eps)) * decay. The rebuilt previous second moment's entries
     below -floor become the mean |v| over them, those in [-floor, floor) become floor
@@ -98,17 +109,18 @@ def adamw_block_(w: torch.Tensor, g: torch.Tensor, m_us: torch.Tensor, m_vh: tor
     v_prev = torch.where(v_prev < -floor, fill, torch.clamp_min(v_prev, floor))
     m = m_prev + (1 - beta1) * (g - m_prev)
     v = beta2 * v_prev + (1 - beta2) * (g * g)
-    w.copy_((w.to(m.dtype) - step_size * m / (torch.sqrt(v) + eps)) * decay)
+    w.copy_(written(w, (w.to(m.dtype) - step_size * m / (torch.sqrt(v) + eps)) * decay, round_key))
     v_out.copy_(v)
 
 
 def lion_block_(w: torch.Tensor, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Tensor,
-                beta1: torch.Tensor, lr: torch.Tensor, decay: torch.Tensor) -> None:
+                beta1: torch.Tensor, lr: torch.Tensor, decay: torch.Tensor,
+                round_key: torch.Tensor | None = None) -> None:
     """One MLorc-Lion block update: sets w to (w - lr sign(b1 M~ + (1 - b1) G)) * decay. The new
     moment b2 M~ + (1 - b2) G is not formed here (lowrank.MomentUpdate)."""
     m_prev = rank_sum(m_us, m_vh)
     direction = torch.sign(m_prev + (1 - beta1) * (g - m_prev))
-    w.copy_((w.to(m_prev.dtype) - lr * direction) * decay)
+    w.copy_(written(w, (w.to(m_prev.dtype) - lr * direction) * decay, round_key))
 
 
 def runs_cpu_kernels(t: torch.Tensor) -> bool:
@@ -125,35 +137,47 @@ def _written_in_place(tensors: list) -> None:
 
 def adamw_blocks_(ws: list, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Tensor, v_us: torch.Tensor,
                   v_vh: torch.Tensor, floors: torch.Tensor, beta1: float, beta2: float, step_sizes: list,
-                  eps: float, decay: float, v_out: torch.Tensor) -> None:
+                  eps: float, decay: float, v_out: torch.Tensor, roundings: list | None = None) -> None:
     """adamw_block_ on every body of a batch: ws (B weights (k, n)), g (B, k, n) in the compute
     dtype, the factors stacked ((B, k, r), (B, r, n)), floors (B,) (the second moment's), one
-    step size per body, v_out (B, k, n). On the CPU one call of the C++ kernel (blocks.cpp);
+    step size per body, v_out (B, k, n), roundings (one rounding.Rounding per body: bf16 weights
+    written stochastically; None: to nearest). On the CPU one call of the C++ kernel (blocks.cpp);
     elsewhere the compiled adamw_block_ per body."""
     if runs_cpu_kernels(g):
         cpu_kernels.extension().adamw_blocks(ws, g, m_us.contiguous(), m_vh.contiguous(), v_us.contiguous(),
                                              v_vh.contiguous(), floors, beta1, beta2, step_sizes, eps,
-                                             decay, v_out)
+                                             decay, v_out, flat_keys(roundings))
         _written_in_place([*ws, v_out])
         return
     block = compiled(adamw_block_)
+    keys = _round_keys(roundings, g.device, len(ws))
     for i, w in enumerate(ws):
         block(w, g[i], m_us[i], m_vh[i], v_us[i], v_vh[i],
-              *scalars(floors[i], beta1, beta2, step_sizes[i], eps, decay, like=g), v_out[i])
+              *scalars(floors[i], beta1, beta2, step_sizes[i], eps, decay, like=g), v_out[i], keys[i])
 
 
 def lion_blocks_(ws: list, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Tensor, beta1: float,
-                 lr: float, decay: float) -> None:
+                 lr: float, decay: float, roundings: list | None = None) -> None:
     """lion_block_ on every body of a batch (shapes as adamw_blocks_): one C++ call on the CPU,
     the compiled lion_block_ per body elsewhere."""
     if runs_cpu_kernels(g):
-        cpu_kernels.extension().lion_blocks(ws, g, m_us.contiguous(), m_vh.contiguous(), beta1, lr, decay)
+        cpu_kernels.extension().lion_blocks(ws, g, m_us.contiguous(), m_vh.contiguous(), beta1, lr, decay,
+                                            flat_keys(roundings))
         _written_in_place(ws)
         return
     block = compiled(lion_block_)
     hyper = scalars(beta1, lr, decay, like=g)
+    keys = _round_keys(roundings, g.device, len(ws))
     for i, w in enumerate(ws):
-        block(w, g[i], m_us[i], m_vh[i], *hyper)
+        block(w, g[i], m_us[i], m_vh[i], *hyper, keys[i])
+
+
+def _round_keys(roundings: list | None, device, bodies: int) -> list:
+    """Per body the compiled functions' round_key (an int64 tensor (seed_lo, seed_hi, start)) or None."""
+    if not roundings:
+        return [None] * bodies
+    flat = torch.tensor(flat_keys(roundings), dtype=torch.int64).view(-1, 3).to(device)
+    return list(flat.unbind(0))
 
 
 # Graphs allowed per fused function: ranks 1..UNROLLED_RANK, x parameter dtypes, x bodies of

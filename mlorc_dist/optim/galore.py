@@ -79,7 +79,7 @@ class GaLoreAdamW(LowRankMomentumOptimizer):
                 "exp_avg": torch.zeros(moment, dtype=compute, device=device),
                 "exp_avg_sq": torch.zeros(moment, dtype=compute, device=device)}
 
-    def _dense_update(self, group, value, grad, entry, prefix: str, step: int) -> None:
+    def _dense_update(self, group, value, grad, entry, prefix: str, step: int, rounding=None) -> None:
         beta1, beta2 = group["betas"]
         adamw_dense_step(value, grad, entry[prefix + "exp_avg"], entry[prefix + "exp_avg_sq"],
                          lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],

@@ -6,7 +6,7 @@ import torch
 from ..lowrank import MomentUpdate, fill_negatives_, negative_fill_value, negative_stats
 from .base import LowRankMomentumOptimizer
 from .fused import adamw_blocks_
-from .functional import adam_apply, adam_moments_, adam_step_size, adamw_dense_step, decoupled_weight_decay
+from .functional import adam_apply, adam_moments_, adam_step_size, adamw_dense_step, decay_factor
 
 __all__ = ["MLorcAdamW"]
 
@@ -46,6 +46,10 @@ class MLorcAdamW(LowRankMomentumOptimizer):
                                        steps; on the CPU C++ kernels (optim/cpu_kernels.py: the
                                        block updates, one call per batch, and the range finder's
                                        products), on a GPU torch.compile; local scope only
+        stochastic_rounding*           bf16 weights are written with stochastic rounding (every
+                                       path; bits from seed, step, parameter and element:
+                                       optim/rounding.py); False rounds to nearest. float32 /
+                                       float64 weights are written exactly either way
     """
 
     moment_names = ("exp_avg", "exp_avg_sq")
@@ -56,41 +60,42 @@ class MLorcAdamW(LowRankMomentumOptimizer):
                  weight_decay: float = 0.01, *, rank: int = 4, oversample: int = 0, niter: int = 1,
                  correct_bias: bool = True, factor_dtype=None, lowrank: bool = True,
                  dense_when_no_saving: bool = True, scope: str = "local", seed: int = 0,
-                 nonfinite: str = "skip", batched: bool = True, fused: bool = False):
+                 nonfinite: str = "skip", batched: bool = True, fused: bool = False,
+                 stochastic_rounding: bool = True):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
                         oversample=oversample, niter=niter, correct_bias=correct_bias,
                         factor_dtype=factor_dtype, lowrank=lowrank,
                         dense_when_no_saving=dense_when_no_saving)
         super().__init__(params, defaults, scope=scope, seed=seed, nonfinite=nonfinite,
-                         batched=batched, fused=fused)
+                         batched=batched, fused=fused, stochastic_rounding=stochastic_rounding)
 
-    def _dense_update(self, group, value, grad, entry, prefix: str, step: int) -> None:
+    def _dense_update(self, group, value, grad, entry, prefix: str, step: int, rounding=None) -> None:
         beta1, beta2 = group["betas"]
         adamw_dense_step(value, grad, entry[prefix + "exp_avg"], entry[prefix + "exp_avg_sq"],
                          lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                          weight_decay=group["weight_decay"], step=step,
-                         correct_bias=group["correct_bias"])
+                         correct_bias=group["correct_bias"], rounding=rounding)
 
     def _moment_stats(self, prevs, floors):
         """Sum of |v| over the negative entries of the rebuilt v, and their count."""
         return list(negative_stats(prevs[1], floors[1]))
 
-    def _lowrank_update(self, group, value, grad, prevs, floors, stats, step: int):
+    def _lowrank_update(self, group, value, grad, prevs, floors, stats, step: int, rounding=None):
         beta1, beta2 = group["betas"]
         m_prev, v_prev = prevs
         fill_negatives_(v_prev, negative_fill_value(stats[0], stats[1]), floors[1])
         m, v = adam_moments_(grad, m_prev, v_prev, beta1, beta2)
         adam_apply(value, m, v, eps=group["eps"],
-                   step_size=adam_step_size(group["lr"], beta1, beta2, step, group["correct_bias"]))
-        decoupled_weight_decay(value, group["lr"], group["weight_decay"])
+                   step_size=adam_step_size(group["lr"], beta1, beta2, step, group["correct_bias"]),
+                   decay=decay_factor(group["lr"], group["weight_decay"]), rounding=rounding)
         return [m, v]
 
     fused_buffers = 1      # V; M stays unformed
 
-    def _fused_update(self, group, values, grad, factors, steps, buffer) -> list:
+    def _fused_update(self, group, values, grad, factors, steps, buffer, roundings=None) -> list:
         beta1, beta2 = group["betas"]
         (m_us, m_vh, _), (v_us, v_vh, v_floors) = factors
         step_sizes = [adam_step_size(group["lr"], beta1, beta2, step, group["correct_bias"]) for step in steps]
         adamw_blocks_(values, grad, m_us, m_vh, v_us, v_vh, v_floors, beta1, beta2, step_sizes, group["eps"],
-                      1.0 - group["lr"] * group["weight_decay"], buffer)
+                      1.0 - group["lr"] * group["weight_decay"], buffer, roundings)
         return [MomentUpdate(m_us, m_vh, grad, beta1, 1.0 - beta1), buffer]

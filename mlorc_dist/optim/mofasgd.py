@@ -76,7 +76,7 @@ class MoFaSGD(LowRankMomentumOptimizer):
                 "s": torch.zeros(plan.rank, dtype=dtype, device=device),
                 "v": torch.zeros(cols, plan.rank, dtype=dtype, device=device)}
 
-    def _dense_update(self, group, value, grad, entry, prefix: str, step: int) -> None:
+    def _dense_update(self, group, value, grad, entry, prefix: str, step: int, rounding=None) -> None:
         beta1, beta2 = group["betas"]
         adamw_dense_step(value, grad, entry[prefix + "exp_avg"], entry[prefix + "exp_avg_sq"],
                          lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],

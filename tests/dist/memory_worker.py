@@ -3,7 +3,10 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/dist/memory_worker.py --out DIR \
         --model tiny --runs zero2:mlorc-adamw zero3:adamw fsdp2:mlorc-adamw:bf16 ...
 
-A run is engine:optimizer[:precision[:scope]], the optimizer one of mlorc-adamw, adamw, lora
+A run is engine:optimizer[:precision[:scope[:sib]]], precision fp32, bf16 (mixed precision) or
+pbf16 (FSDP2: bf16 parameters and gradients, no policy: --param-dtype bf16), "sib" stepping in
+backward (mlorc_dist.step_in_backward, FSDP2 and MLorc only: the profiler's
+track_backward_grads records the gradients alive at its hooks), the optimizer one of mlorc-adamw, adamw, lora
 (peft adapters of rank --rank, MLorcAdamW with every group dense, as mlorc_dist.methods builds
 it) or switchlora (SwitchLoRA layers of rank --rank, SwitchLoRAAdamW; ZeRO-1/2 only). Each
 trains a Llama of the named shape (mlorc_dist.models.llama_config, vocabulary --vocab) or of
@@ -49,7 +52,9 @@ def run(spec: str, args) -> None:
     precision = parts[2] if len(parts) > 2 else "fp32"
     scope = parts[3] if len(parts) > 3 else "local"
     world, rank = dist.get_world_size(), dist.get_rank()
-    model = build_model(load_config(args.model, args.vocab), seed=1234)
+    in_backward = len(parts) > 4 and parts[4] == "sib"
+    model = build_model(load_config(args.model, args.vocab), seed=1234,
+                        dtype=torch.bfloat16 if precision == "pbf16" else torch.float32)
     micro = args.micro_batch
     lr = 1e-3
     adapter = opt_name in ("lora", "switchlora")
@@ -76,6 +81,9 @@ def run(spec: str, args) -> None:
         else:
             optimizer = mlorc_dist.MLorcAdamW(groups, lr=lr, rank=args.rank, scope=scope)
         profiler = MemoryProfiler("fsdp2", model, optimizer, "cpu")
+        if in_backward:                  # the profiler's hooks first: they see each gradient before its step
+            profiler.track_backward_grads()
+            mlorc_dist.step_in_backward(optimizer, model)
 
         def forward(ids):
             return model(input_ids=ids, labels=ids)
@@ -84,8 +92,9 @@ def run(spec: str, args) -> None:
             loss.backward()
 
         def step():
-            optimizer.step()
-            optimizer.zero_grad()
+            if not in_backward:
+                optimizer.step()
+                optimizer.zero_grad()
     else:
         import deepspeed
         import mlorc_dist.deepspeed as mds
