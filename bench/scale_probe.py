@@ -2,13 +2,16 @@
 hold (the planner's exact categories for it: weights, grads, master, optimizer state).
 
     python bench/scale_probe.py                                      # configs/100m.json, FSDP2 and ZeRO-3
-    python bench/scale_probe.py --model configs/llama-1b.json --engines fsdp2
+    python bench/scale_probe.py --model configs/llama-1b.json --engines fsdp2,zero2,zero3 --scope global
 
 Phases, each its own launch measured by ../shared/tools/peak_rss.py (largest process):
     train      build, load data, 2 steps, the final checkpoint (world size 2)
-    resume@N   the world-size-2 checkpoint resumed at world size N (1, 2, 3), one more step
     export     resume at world size 2 (nothing left to do) and --export
-Prints a table and writes JSON.
+    init-from  --init-from the exported directory (each rank reading its slices), one step
+    resume@N   the world-size-2 checkpoint resumed at world size N (--resume-worlds), one more step
+Beside each: the rank's ideal (the planner's exact categories for that engine and world size:
+weights, grads, master, optimizer state) and the target 1.25 x ideal + 600 MB (a process's
+baseline: Python, torch, transformers, DeepSpeed). Prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -36,11 +39,16 @@ def measure(cmd: list[str], env: dict) -> float:
     return float(re.findall(r"peak_rank_rss_mb=(\d+)", result.stdout + result.stderr)[-1])
 
 
+BASELINE_MB = 600
+
+
 def ideal_mb(args, engine: str, world: int) -> float:
     """The planner's exact bytes of the worst rank: what it cannot avoid holding."""
     from transformers import AutoConfig
     from mlorc_dist.memory import planner
     config = AutoConfig.from_pretrained(args.model, local_files_only=True)
+    if world == 1:
+        engine = "single"
     plan = planner.plan_for_run(config, engine=engine, world_size=world, optimizer="mlorc-adamw", rank=4,
                                 micro_batch=1, seq=args.seq_len, scope=args.scope)
     return max(sum(rank[c] for c in planner.EXACT_CATEGORIES) for rank in plan.ranks) / 2 ** 20
@@ -50,9 +58,10 @@ def launcher(engine: str, world: int, port: int, args, folder: Path) -> list[str
     if engine == "fsdp2":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
                 str(port), TRAIN, "--fsdp", "--optimizer", "mlorc-adamw", "--scope", args.scope]
-    config = json.loads((ROOT / "ds_configs" / "mlorc_zero3.json").read_text())
+    shipped = {"zero2": "mlorc.json", "zero3": "mlorc_zero3.json"}[engine]
+    config = json.loads((ROOT / "ds_configs" / shipped).read_text())
     config["mlorc"]["scope"] = args.scope
-    path = folder / f"zero3_{args.scope}.json"
+    path = folder / f"{engine}_{args.scope}.json"
     path.write_text(json.dumps(config))
     return [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", str(world), "--master_port",
             str(port), TRAIN, "--deepspeed", str(path)]
@@ -64,35 +73,48 @@ def main(argv=None) -> int:
     p.add_argument("--engines", default="fsdp2,zero3")
     p.add_argument("--scope", default="local")
     p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--resume-worlds", default="1,2,3")
+    p.add_argument("--phases", default="train,export,init-from,resume", help="the phases to run (train always)")
+    p.add_argument("--port", type=int, default=29640)
     p.add_argument("--out", type=Path, default=Path("runs/scale_probe.json"))
     args = p.parse_args(argv)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu",
                PYTHONPATH=str(ROOT), PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-    common = ["--model", args.model, "--seq-len", str(args.seq_len), "--global-batch", "6", "--micro-batch", "1",
+    common = ["--seq-len", str(args.seq_len), "--global-batch", "6", "--micro-batch", "1",
               "--warmup-steps", "1", "--threads", "1"]
+    model = ["--model", args.model]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for engine in args.engines.split(","):
             out = folder / engine
-            phases = [("train", 2, ["--steps", "2"], out)]
-            for world in (1, 2, 3):
-                phases.append((f"resume@{world}", world, ["--steps", "3", "--resume", "--extend-schedule"],
-                               folder / f"{engine}_resume{world}"))
-            phases.append(("export", 2, ["--steps", "2", "--resume", "--export", "--no-final-checkpoint"], out))
+            phases = [("train", 2, [*model, "--steps", "2"], out),
+                      ("export", 2, [*model, "--steps", "2", "--resume", "--export", "--no-final-checkpoint"], out),
+                      ("init-from", 2, ["--init-from", str(out / "export"), "--steps", "1", "--no-final-checkpoint"],
+                       folder / f"{engine}_init")]
+            for world in map(int, args.resume_worlds.split(",")):
+                phases.append((f"resume@{world}", world, [*model, "--steps", "3", "--resume", "--extend-schedule",
+                                                          "--no-final-checkpoint"], folder / f"{engine}_resume{world}"))
+            wanted = {"train", *args.phases.split(",")}
+            phases = [ph for ph in phases if ph[0].split("@")[0] in wanted]
             for index, (phase, world, extra, run_out) in enumerate(phases):
                 if phase.startswith("resume"):
                     shutil.copytree(out / "checkpoints" / "step_00000002", run_out / "checkpoints" / "step_00000002")
-                cmd = launcher(engine, world, 29890 + index, args, folder) + common + extra + ["--out", str(run_out)]
+                cmd = launcher(engine, world, args.port + index, args, folder) + common + extra + ["--out", str(run_out)]
                 peak = measure(cmd, env)
-                ideal = ideal_mb(args, engine if engine == "fsdp2" else "zero3", world)
-                rows.append({"engine": engine, "phase": phase, "world_size": world, "peak_rank_mb": peak,
-                             "ideal_mb": ideal})
-                print(f"{engine:6} {phase:10} ws={world} peak {peak:8.0f} MB  ideal {ideal:8.0f} MB", flush=True)
-    print("\n| engine | phase | world size | peak RSS per rank, MB | rank's ideal, MB | peak - ideal |\n|---|---|---:|---:|---:|---:|")
+                ideal = ideal_mb(args, engine, world)
+                target = 1.25 * ideal + BASELINE_MB
+                rows.append({"engine": engine, "scope": args.scope, "phase": phase, "world_size": world,
+                             "peak_rank_mb": peak, "ideal_mb": ideal, "target_mb": target})
+                print(f"{engine:6} {phase:10} ws={world} peak {peak:8.0f} MB  ideal {ideal:8.0f} MB  target "
+                      f"{target:8.0f} MB", flush=True)
+                if phase.startswith("resume"):
+                    shutil.rmtree(run_out)
+    print("\n| engine | scope | phase | world size | peak RSS per rank, MB | rank's ideal, MB | target, MB | within |\n"
+          "|---|---|---|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['engine']} | {r['phase']} | {r['world_size']} | {r['peak_rank_mb']:.0f} | {r['ideal_mb']:.0f} | "
-              f"{r['peak_rank_mb'] - r['ideal_mb']:.0f} |")
+        print(f"| {r['engine']} | {r['scope']} | {r['phase']} | {r['world_size']} | {r['peak_rank_mb']:.0f} | "
+              f"{r['ideal_mb']:.0f} | {r['target_mb']:.0f} | {'yes' if r['peak_rank_mb'] <= r['target_mb'] else 'no'} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
     return 0

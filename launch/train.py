@@ -170,25 +170,16 @@ def build_config(args, tokenizer=None):
     return llama_config(args.model, vocab)
 
 
-def build_model(args, config, kind: str):
-    """The model in --param-dtype. Under FSDP2 (no adapters) its parameters are left on the meta
-    device, and each rank fills only its shard after fully_shard (Trainer); elsewhere it is built
-    whole. Either way its initial weights are mlorc_dist.build's: the same at every world size."""
-    from transformers import AutoModelForCausalLM
-    from mlorc_dist.build import has_sharded_init, init_weights, meta_model
-    torch.manual_seed(args.seed)
-    dtype = PARAM_DTYPES[args.param_dtype]
-    if args.init_from:
-        model = AutoModelForCausalLM.from_pretrained(args.init_from, local_files_only=True, dtype=dtype)
-    elif not has_sharded_init(config):     # the model's own initialisation, whole on every rank
-        logger.info("model type %r: its own Hugging Face initialisation, the whole model built on every rank",
-                    config.model_type)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    elif kind == "fsdp2" and args.optimizer not in ("lora", "switchlora"):
-        model = meta_model(config, dtype)
-    else:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        init_weights(model, args.seed)
+def build_model(args, config, kind: str, ds_config: dict | None = None):
+    """The model in --param-dtype, no rank holding more of it than it trains with (mlorc_dist.build):
+    under FSDP2 (no adapters) on the meta device, each rank filling only its rows after
+    fully_shard (Trainer); under ZeRO-3 partitioned as it is built (deepspeed.zero.Init);
+    elsewhere whole. Its values are --init-from's (each rank reading only its slices of the
+    safetensors files) or mlorc_dist.build's initialisation: the same at every world size."""
+    from mlorc_dist.build import build_model as build
+    model = build(config, engine=kind, seed=args.seed, device=device_for(kind), init_from=args.init_from,
+                  ds_config=ds_config, shard_later=kind == "fsdp2" and args.optimizer not in ("lora", "switchlora"),
+                  dtype=PARAM_DTYPES[args.param_dtype])
     if args.activation_checkpointing:
         model.activation_checkpointing_enable()   # the forward turns the KV cache off while it recomputes
     return model
@@ -389,8 +380,8 @@ class Trainer:
                     fully_shard(layer, mesh=mesh, mp_policy=policy)
                 fully_shard(model, mesh=mesh, mp_policy=policy)
             if on_meta:
-                from mlorc_dist.build import materialize
-                materialize(model, args.seed, device)      # this rank's rows only
+                from mlorc_dist.build import fill, model_source
+                fill(model, device, model_source(model, args.seed, args.init_from))   # this rank's rows only
             self.model = model
             self.optimizer = make_torch_optimizer(args, model)
             self.lr_groups = self.optimizer.param_groups
@@ -765,7 +756,7 @@ def run(args, given: set[str]) -> int:
     config = build_config(args, tokenizer)
     if config.vocab_size < len(tokenizer):
         raise ValueError(f"model vocab {config.vocab_size} < tokenizer vocab {len(tokenizer)}")
-    model = build_model(args, config, kind)
+    model = build_model(args, config, kind, ds_config)
     if not args.deepspeed:      # under DeepSpeed the config's "adapter" block says (mlorc_dist.deepspeed)
         from mlorc_dist.methods import prepare_model
         model = prepare_model(args.optimizer, model, rank=args.rank, seed=args.seed,

@@ -21,8 +21,8 @@ import hashlib
 import torch
 from torch import nn
 
-__all__ = ["meta_model", "materialize", "init_weights", "parameter_values", "has_sharded_init",
-           "SHARDED_INIT_MODEL_TYPES"]
+__all__ = ["meta_model", "materialize", "fill", "zero3_model", "SeededInit", "init_weights", "parameter_values",
+           "has_sharded_init", "SHARDED_INIT_MODEL_TYPES"]
 
 # Model types whose Hugging Face `_init_weights` these rules reproduce (norms x * w with w = 1,
 # no scaled projections). Others (Gemma's x * (1 + w) norms, GPT-2's scaled c_proj, ...) keep
@@ -42,7 +42,9 @@ def meta_model(config, dtype: torch.dtype = torch.float32) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()     # init_empty_weights leaves tied parameters (lm_head = embeddings) apart
+    return model
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -77,30 +79,125 @@ def _owned(model: nn.Module):
             yield module, attr, f"{prefix}.{attr}" if prefix else attr, param
 
 
+class SeededInit:
+    """The initial values of mlorc_dist.build's rules: each parameter drawn whole from its
+    (seed, name) generator, then cut to the part asked for (the same at every world size)."""
+
+    def __init__(self, seed: int, std: float):
+        self.seed, self.std = seed, std
+
+    def whole(self, module, attr, name, shape):
+        return parameter_values(module, attr, shape, self.std, self.seed, name)
+
+    def rows(self, module, attr, name, shape, start, stop):
+        return self.whole(module, attr, name, shape)[start:stop]
+
+    def flat(self, module, attr, name, shape, start, stop):
+        return self.whole(module, attr, name, shape).reshape(-1)[start:stop]
+
+
 @torch.no_grad()
 def init_weights(model: nn.Module, seed: int) -> None:
     """Every (whole, local) parameter set to its initial value."""
-    std = model.config.initializer_range
+    source = SeededInit(seed, model.config.initializer_range)
     for module, attr, name, param in _owned(model):
-        param.copy_(parameter_values(module, attr, tuple(param.shape), std, seed, name).to(param.dtype))
+        param.copy_(source.whole(module, attr, name, tuple(param.shape)).to(param.dtype))
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, seed: int, device: torch.device) -> None:
-    """After fully_shard on a meta_model: allocate this rank's shards on `device` and fill them
-    with their rows of the initial values; buffers keep the values the constructor computed."""
+def fill(model: nn.Module, device: torch.device, source) -> None:
+    """Give every parameter its values from `source` (SeededInit, or mlorc_dist.load's FileSource
+    for --init-from), each rank only its part: an FSDP2 DTensor its rows, a ZeRO-3 parameter
+    (deepspeed.zero.Init) its flat partition, any other parameter the whole. Parameters still on
+    the meta device are first allocated on `device` (to_empty); buffers keep the values the
+    constructor computed, or the source's where it holds them."""
     from torch.distributed.tensor import DTensor
     from .engines.fsdp2 import _shard0_row_range
-    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
-    model.to_empty(device=device)
-    for name, buffer in model.named_buffers():
-        buffer.copy_(buffers[name])
-    std = model.config.initializer_range
+    if any(p.is_meta for p in model.parameters()):
+        buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+        model.to_empty(device=device)     # a new Parameter per module: tied ones come apart
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    for buffer, value in getattr(source, "buffers", lambda m: ())(model):
+        buffer.copy_(value.to(buffer.dtype))
     for module, attr, name, param in _owned(model):
-        if not isinstance(param, DTensor):
-            param.copy_(parameter_values(module, attr, tuple(param.shape), std, seed, name).to(param.dtype))
-            continue
-        mesh = param.device_mesh
-        start, stop = _shard0_row_range(param.shape[0], mesh.size(), mesh.get_local_rank())
-        whole = parameter_values(module, attr, tuple(param.shape), std, seed, name)
-        param.to_local().copy_(whole[start:stop].to(param.dtype))
+        if isinstance(param, DTensor):
+            shape = tuple(param.shape)
+            mesh = param.device_mesh
+            start, stop = _shard0_row_range(shape[0], mesh.size(), mesh.get_local_rank())
+            param.to_local().copy_(source.rows(module, attr, name, shape, start, stop).to(param.dtype))
+        elif hasattr(param, "ds_tensor"):       # ZeRO-3: DeepSpeed's partition of the flat parameter
+            import torch.distributed as dist
+            shape, total = tuple(param.ds_shape), param.ds_numel
+            size = param.ds_tensor.ds_numel
+            start = min(size * dist.get_rank(group=param.ds_process_group), total)
+            stop = min(start + size, total)
+            part = param.ds_tensor.data
+            part.zero_()
+            if stop > start:
+                part[: stop - start].copy_(source.flat(module, attr, name, shape, start, stop).to(part.dtype))
+        else:
+            param.copy_(source.whole(module, attr, name, tuple(param.shape)).to(param.dtype))
+
+
+def materialize(model: nn.Module, seed: int, device: torch.device) -> None:
+    """After fully_shard on a meta_model: allocate this rank's shards on `device` and fill them
+    with their rows of the initial values."""
+    fill(model, device, SeededInit(seed, model.config.initializer_range))
+
+
+def zero3_model(config, ds_config: dict, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model built under deepspeed.zero.Init: each parameter is partitioned over the ranks as
+    its module is constructed, so the whole model never exists on one rank. Its values are
+    Hugging Face's initialisation of empty partitions until `fill` gives them theirs."""
+    import importlib
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    importlib.import_module("torch._dynamo")    # imported inside zero.Init it fails (Tensor.__new__ is patched)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):     # its dtype: the config's (bf16 if enabled)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def model_source(model: nn.Module, seed: int, init_from=None):
+    """Where `model`'s values come from: the --init-from directory's files (read by slices),
+    else the seeded initialisation."""
+    if init_from:
+        from .load import SafetensorsDir
+        return SafetensorsDir(init_from).source_for(model)
+    return SeededInit(seed, model.config.initializer_range)
+
+
+def build_model(config, *, engine: str, seed: int, device: torch.device, init_from=None,
+                ds_config: dict | None = None, shard_later: bool = False,
+                dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of `config`, its values from --init-from or the seeded initialisation, built so
+    that no rank holds more than it trains with:
+
+    - engine "fsdp2" with shard_later: on the meta device; after fully_shard,
+      fill(model, device, model_source(model, seed, init_from)) gives each rank its rows;
+    - "deepspeed" at ZeRO stage 3 (no adapter): under deepspeed.zero.Init, each rank filling
+      only its partition;
+    - otherwise whole, allocated once on `device` (no second copy in another dtype or place).
+
+    A model type without sharded initialisation rules (has_sharded_init) and no --init-from
+    keeps Hugging Face's own initialisation, built whole on every rank with the same seed."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    if not init_from and not has_sharded_init(config):
+        import logging
+        logging.getLogger("mlorc_dist.train").info(
+            "model type %r: its own Hugging Face initialisation, the whole model built on every rank",
+            config.model_type)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    ds_config = ds_config or {}
+    if (engine == "deepspeed" and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+            and not ds_config.get("adapter")):
+        model = zero3_model(config, ds_config, dtype)
+    else:
+        model = meta_model(config, dtype)
+        if engine == "fsdp2" and shard_later:
+            return model
+    fill(model, device, model_source(model, seed, init_from))
+    return model

@@ -138,7 +138,8 @@ def load_master_records(optimizer: LowRankMomentumOptimizer, records: list[tuple
 
 
 def optimizer_records(optimizer: LowRankMomentumOptimizer) -> list[dict]:
-    """This rank's optimizer state, one record per piece, in global coordinates."""
+    """This rank's optimizer state, one record per piece, in global coordinates (views of the
+    state's tensors, as master_records)."""
     records = []
     for _, _, plan, entry, step in _pieces(optimizer):
         if entry is None:

@@ -31,7 +31,7 @@ from .groups import param_groups, set_group_lrs
 from .optim import GaLoreAdamW, MLorcAdamW, MLorcLion, MoFaSGD
 
 __all__ = ["initialize", "build_optimizer", "attach_layouts", "load_config", "check_mlorc_block",
-           "MLORC_KEYS", "OPTIMIZERS"]
+           "model_sized_buckets", "MLORC_KEYS", "OPTIMIZERS"]
 
 logger = logging.getLogger("mlorc_dist")
 
@@ -83,6 +83,34 @@ def _auto_keys(config: dict, prefix: str = "") -> list[str]:
         elif value == "auto":
             found.append(prefix + key)
     return found
+
+
+# ZeRO's communication buckets sized to the model, as transformers' DeepSpeed integration fills
+# "auto": DeepSpeed's defaults (5e8-element reduce and all-gather buckets, 5e7-element prefetch)
+# suit 7B+ models on GPUs and hold gigabytes of buffers a smaller model never fills. ZeRO-3's
+# live and reuse limits (which transformers leaves at DeepSpeed's 1e9) are two Llama decoder
+# layers (12 h^2 each): at 1e9 a model under a billion parameters stays gathered whole on every
+# rank from forward to backward (seen: 0.95B at world size 2 killed at 10.9 GB per rank). ZeRO-3's
+# step flattens the fp32 gradients of one sub-group into a fresh tensor: sub_group_size (DeepSpeed's
+# default 1e9, the whole partition of a model this size) bounds that copy, also to two layers.
+MODEL_SIZED_KEYS = {"reduce_bucket_size": lambda h: h * h, "allgather_bucket_size": lambda h: h * h,
+                    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+                    "stage3_param_persistence_threshold": lambda h: 10 * h,
+                    "stage3_max_live_parameters": lambda h: 24 * h * h,
+                    "stage3_max_reuse_distance": lambda h: 24 * h * h,
+                    "sub_group_size": lambda h: 24 * h * h}
+
+
+def model_sized_buckets(config: dict, hidden_size: int) -> list[str]:
+    """Replace every "auto" among zero_optimization's MODEL_SIZED_KEYS by its value for a model
+    of `hidden_size` (in place); returns the keys filled. Values the config gives stay."""
+    zero = config.get("zero_optimization") or {}
+    filled = []
+    for key, rule in MODEL_SIZED_KEYS.items():
+        if zero.get(key) == "auto":
+            zero[key] = int(rule(int(hidden_size)))
+            filled.append(key)
+    return filled
 
 
 def normalized_type(name: str) -> str:

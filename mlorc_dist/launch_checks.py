@@ -368,6 +368,9 @@ def resolve_deepspeed_config(config: dict, args, given: set[str], world: int, pa
                          f"{args.global_batch} / (micro batch {args.micro_batch} x world size {world}) = {accumulation}; "
                          "write \"auto\" there")
     config["gradient_accumulation_steps"] = accumulation
+    from .deepspeed import MODEL_SIZED_KEYS, model_sized_buckets
+    if any(_lookup(config, f"zero_optimization.{key}") == "auto" for key in MODEL_SIZED_KEYS):
+        model_sized_buckets(config, model_hidden_size(args))
     _check_resolved(config, args, path)
     if isinstance(config.get("bf16"), dict) and config["bf16"].get("enabled") is False:
         del config["bf16"]
@@ -379,12 +382,26 @@ def resolve_deepspeed_config(config: dict, args, given: set[str], world: int, pa
     return config
 
 
+def model_hidden_size(args) -> int:
+    """The hidden size of the model the flags name (--init-from's or --model's config, or a
+    named shape), read without building it."""
+    if args.init_from or args.model.endswith(".json"):
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(args.init_from or args.model, local_files_only=True)
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+        _require(isinstance(hidden, int), f"{args.init_from or args.model}: no hidden_size to size ZeRO's \"auto\" buckets by")
+        return hidden
+    from .models import llama_config
+    return llama_config(args.model, 2).hidden_size
+
+
 def _check_resolved(config: dict, args, path: str) -> None:
     """The values the JSON set, checked as the flags are; and no "auto" left for DeepSpeed."""
     from .deepspeed import _auto_keys
     left = _auto_keys(config)
     _require(not left, f"--deepspeed {path}: {left} are \"auto\", which launch/train.py fills only for batch sizes, "
-             "gradient clipping, bf16 and the optimizer's lr, betas and weight decay: give numbers there")
+             "gradient clipping, bf16, the optimizer's lr, betas and weight decay, and ZeRO's bucket sizes: give "
+             "numbers there")
     _require(isinstance(args.clip_grad, (int, float)) and args.clip_grad >= 0,
              f"--deepspeed {path}: \"gradient_clipping\" must be a number >= 0, got {args.clip_grad!r}")
     _require(isinstance(args.lr, (int, float)) and math.isfinite(args.lr) and args.lr > 0,

@@ -220,7 +220,7 @@ def test_help_shows_every_default():
 
 def _args(**overrides):
     base = dict(micro_batch=None, global_batch=8, clip_grad=1.0, lr=1e-3, weight_decay=0.0, betas=None, bf16=False,
-                save_every=0, no_final_checkpoint=False, seed=0)
+                save_every=0, no_final_checkpoint=False, seed=0, init_from=None, model="tiny")
     return argparse.Namespace(**{**base, **overrides})
 
 
@@ -251,8 +251,8 @@ def test_deepspeed_config_precedence():
         resolve_deepspeed_config(json.loads(json.dumps(own)), _args(), set(), 2, "own.json")
     resolve_deepspeed_config(json.loads(json.dumps(own)), _args(no_final_checkpoint=True), set(), 2, "own.json")
     # what launch/train.py does not fill may not stay "auto"; a scheduler would be overridden every step
-    bucket = dict(shipped, zero_optimization={"stage": 3, "reduce_bucket_size": "auto"})
-    with pytest.raises(UsageError, match=r"\['zero_optimization.reduce_bucket_size'\] are \"auto\""):
+    bucket = dict(shipped, zero_optimization={"stage": 3, "round_robin_gradients": "auto"})
+    with pytest.raises(UsageError, match=r"\['zero_optimization.round_robin_gradients'\] are \"auto\""):
         resolve_deepspeed_config(json.loads(json.dumps(bucket)), _args(), set(), 2, "bucket.json")
     with pytest.raises(UsageError, match="remove the JSON's \"scheduler\" block"):
         resolve_deepspeed_config(dict(shipped, scheduler={"type": "WarmupLR"}), _args(), set(), 2, "s.json")
@@ -260,6 +260,30 @@ def test_deepspeed_config_precedence():
         resolve_deepspeed_config(dict(shipped, train_micro_batch_size_per_gpu=0), _args(), set(), 2, "zero.json")
     with pytest.raises(UsageError, match="--seed 3 disagrees"):       # the sketches' seed is the JSON's
         resolve_deepspeed_config(json.loads(json.dumps(shipped)), _args(seed=3), {"seed"}, 2, "mlorc.json")
+
+
+def test_zero_buckets_written_auto_follow_the_model_and_given_ones_stay(tmp_path):
+    """transformers' rules: reduce / all-gather buckets hidden^2, ZeRO-3 prefetch 0.9 hidden^2,
+    persistence threshold 10 hidden; ZeRO-3's live and reuse limits 24 hidden^2 (two decoder
+    layers); from the model the flags name (shape, config.json, --init-from)."""
+    from mlorc_dist.models import llama_config
+    shipped = json.loads((ROOT / "ds_configs" / "mlorc_zero3.json").read_text())
+    assert shipped["zero_optimization"]["reduce_bucket_size"] == "auto"
+    hidden = llama_config("100m", 2).hidden_size
+    config = resolve_deepspeed_config(json.loads(json.dumps(shipped)), _args(model="100m"), set(), 2, "z3.json")
+    zero = config["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"], zero["stage3_param_persistence_threshold"]) \
+        == (hidden ** 2, int(0.9 * hidden ** 2), 0)       # the shipped threshold (0) is a number: it stays
+    assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == zero["sub_group_size"] \
+        == 24 * hidden ** 2
+    llama_config("tiny", 2).save_pretrained(tmp_path / "m")
+    mine = dict(shipped, zero_optimization={"stage": 2, "reduce_bucket_size": 12345, "allgather_bucket_size": "auto"})
+    zero = resolve_deepspeed_config(mine, _args(model=str(tmp_path / "m" / "config.json")), set(), 2,
+                                    "z2.json")["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["allgather_bucket_size"]) == (12345, llama_config("tiny", 2).hidden_size ** 2)
+    auto = dict(shipped, zero_optimization={"stage": 3, "stage3_param_persistence_threshold": "auto"})
+    zero = resolve_deepspeed_config(auto, _args(init_from=str(tmp_path / "m")), set(), 2, "x.json")["zero_optimization"]
+    assert zero["stage3_param_persistence_threshold"] == 10 * llama_config("tiny", 2).hidden_size
 
 
 def test_dry_run_reports_the_json_micro_batch(tmp_path):

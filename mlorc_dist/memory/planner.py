@@ -100,7 +100,7 @@ import torch
 
 from ..engines.deepspeed_layouts import zero3_layouts, zero12_layouts
 from ..engines.fsdp2 import _shard0_row_range
-from ..optim.base import batch_cap, batch_chunks, fused_kept_elements, resolve_fused
+from ..optim.base import BATCH_ELEMENTS, batch_cap, batch_chunks, fused_kept_elements, resolve_fused
 from ..pieces import Layout, MatrixSpec, Piece
 from .activations import llama_activation_items
 from .profiler import add_state_bytes
@@ -131,7 +131,9 @@ GB = 1e9
 # dense region at a time): its int64 element indices and hash temporaries add 7.5 fp32 copies of
 # that body (measured at 512x256 and 1024x512: 13.0 alone, 2 B + 11.0 batched, 11.0 dense; the
 # global-scope entries are not re-measured with it).
-#   global: every matrix of the call is rebuilt and compressed together: 4.125 sum(blocks) + c
+#   global: the matrices of the call in consecutive batches of at most BATCH_ELEMENTS whole-matrix
+#     elements (optim.base._global_batches), one batch rebuilt and compressed at a time:
+#     4.125 sum(this rank's blocks of the batch) + c
 #   dense regions (1-D, embeddings, partial rows): d copies of the largest
 MLORC_STEP_WORKSPACE = {
     4: {"batch": 2.0, "block": 1.75, "unbatched": 3.0, "global": 4.125, "global_block": 0.25, "dense": 1.0},
@@ -632,13 +634,15 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
                  "switchlora": SWITCHLORA_STEP_WORKSPACE}.get(settings.optimizer, MLORC_STEP_WORKSPACE)
         ws = (FUSED_STEP_WORKSPACE if settings.fused else table)[2 if held_bytes == 2 else 4]
         batched = settings.batched and settings.optimizer != "mofasgd"
+        # MoFaSGD's global step still holds every matrix of the call at once
+        global_cap = math.inf if settings.optimizer == "mofasgd" else BATCH_ELEMENTS
         for row in rows:
             state = _empty_state()
             calls: dict = {}      # DeepSpeed: one step() per flat tensor; FSDP2/single: one per step
             for i, (tensor, layout, gi) in enumerate(row["held"]):   # (step in backward: per tensor)
                 one_call = engine in ("single", "fsdp2") and not settings.step_in_backward
                 call = calls.setdefault(0 if one_call else i,
-                                        {"batches": {}, "global": 0, "global_max": 0, "dense": 0})
+                                        {"batches": {}, "global": [], "global_max": 0, "dense": 0})
                 for plan in planner.add(tensor, layout, gi, state):
                     if plan.mode == "local":
                         numel = plan.body_rows * plan.piece.matrix.cols
@@ -649,7 +653,12 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
                         call["dense"] = max(call["dense"], plan.head, plan.tail)
                     elif plan.mode == "global":
                         numel = plan.piece.row_count * plan.piece.matrix.cols
-                        call["global"] += numel
+                        whole = plan.piece.matrix.rows * plan.piece.matrix.cols
+                        batches = call["global"]   # [whole-matrix elements, this rank's] per batch
+                        if not batches or (batches[-1][0] and batches[-1][0] + whole > global_cap):
+                            batches.append([0, 0])
+                        batches[-1][0] += whole
+                        batches[-1][1] += numel
                         call["global_max"] = max(call["global_max"], numel)
                     else:
                         call["dense"] = max(call["dense"], plan.piece.numel)
@@ -667,7 +676,9 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
                         local = max(local, ws["unbatched"] * one)
                     else:
                         local = max(local, ws["batch"] * batch + ws["block"] * one)
-                glob = ws["global"] * call["global"] + ws["global_block"] * call["global_max"] \
+                # one batch of matrices alive at a time (the matrices this rank holds no rows of
+                # also count towards the optimizer's batches: this can only overestimate)
+                glob = ws["global"] * max(mine for _, mine in call["global"]) + ws["global_block"] * call["global_max"] \
                     if call["global"] else 0
                 mlorc_workspace = max(mlorc_workspace, local, glob, ws["dense"] * call["dense"])
             if settings.fused:    # V and the stacked gradients (fp32) and weights, kept between steps
@@ -786,7 +797,7 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
         "(mlorc_dist.memory.workspace) and on an H100 (the same), in fp32 copies of a block: "
         "MLorc-AdamW local batched (default) 2 B + %.2f for the B same-shaped blocks of one "
         "step() call (%.2f for bf16 params), plus 2 B of the previous batch, still alive; "
-        "unbatched %.2f (%.2f), global 4.125 x all blocks of the call, dense regions "
+        "unbatched %.2f (%.2f), global 4.125 x the blocks of one batch of matrices, dense regions "
         "%.2f (%.2f); torch AdamW with foreach (the CUDA default) 1.00x all the tensors of a "
         "param group at once (2.00x one tensor with the for-loop); GaLore's is not counted"
         % (MLORC_STEP_WORKSPACE[4]["block"], MLORC_STEP_WORKSPACE[2]["block"],

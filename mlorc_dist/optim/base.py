@@ -715,7 +715,10 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         return buffer[:numel].view(shape)
 
     def _global_prepare(self, matrices) -> list:
-        """Rebuild this rank's elements of every previous moment: piece-flat tensors."""
+        """Per matrix piece of this rank: the sums of its previous moments that the update needs
+        whole-matrix values of (_moment_stats, summed over ranks by the first all-reduce). The
+        moments are rebuilt one piece at a time and dropped: _global_update rebuilds them again
+        batch by batch, so that the step never holds more than one batch of full-size moments."""
         prepared = []
         for group, param, spec, plan in matrices:
             if plan is None:
@@ -723,12 +726,16 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
                 continue
             entry = self._state_entry(param, spec.key)
             compute = compute_dtype_for(param.dtype)
-            skip = plan.piece.start - plan.piece.first_row * spec.cols
-            prevs = [rows.reshape(-1)[skip:skip + plan.piece.numel]
-                     for rows in self._rebuild_moments(entry, compute)]
-            prepared.append({"prevs": prevs, "floors": self._noise_floors(entry, compute),
-                             "entry": entry})
+            floors = self._noise_floors(entry, compute)
+            stats = self._moment_stats(self._piece_moments(entry, spec, plan, compute), floors) \
+                if self.stats_per_matrix else []
+            prepared.append({"local_stats": stats, "floors": floors, "entry": entry})
         return prepared
+
+    def _piece_moments(self, entry, spec, plan, compute) -> list[torch.Tensor]:
+        """This rank's elements of every previous moment of a matrix piece: piece-flat tensors."""
+        skip = plan.piece.start - plan.piece.first_row * spec.cols
+        return [rows.reshape(-1)[skip:skip + plan.piece.numel] for rows in self._rebuild_moments(entry, compute)]
 
     def _global_first_all_reduce(self, matrices, prepared, bad: torch.Tensor) -> torch.Tensor:
         """One small all-reduce: the non-finite flag, then per matrix the moment statistics
@@ -739,15 +746,39 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         for j, item in enumerate(prepared):
             if item is not None and width:
                 buffer[1 + width * j:1 + width * (j + 1)] = torch.stack(
-                    [t.to(torch.float64).cpu() for t in self._moment_stats(item["prevs"], item["floors"])])
+                    [t.to(torch.float64).cpu() for t in item.pop("local_stats")])
         all_reduce_sum(buffer, self._shared_group(matrices))
         for j, item in enumerate(prepared):
             if item is not None:
                 item["stats"] = list(buffer[1 + width * j:1 + width * (j + 1)])
         return buffer[0]
 
+    def _global_batches(self, matrices) -> list[list[int]]:
+        """`matrices` cut into consecutive batches whose whole matrices hold at most
+        BATCH_ELEMENTS elements per moment (a larger matrix is a batch alone). The rule reads
+        only whole-matrix shapes, the same on every rank, so every rank makes the same batches
+        and the same collectives in the same order."""
+        batches, current, size = [], [], 0
+        for j, (_, _, spec, _) in enumerate(matrices):
+            numel = spec.rows * spec.cols
+            if current and size + numel > BATCH_ELEMENTS:
+                batches.append(current)
+                current, size = [], 0
+            current.append(j)
+            size += numel
+        return batches + ([current] if current else [])
+
     def _global_update(self, matrices, prepared) -> None:
-        """Update every matrix piece, then compress all of them whole, batched per setting."""
+        """Update every matrix piece and compress the new moments of whole matrices, one batch
+        of matrices at a time (_global_batches): a batch's previous and new moments are rebuilt,
+        used and freed before the next batch's are made. Each matrix's result depends only on
+        its own blocks and seeds, so the batching does not change it."""
+        group_handle = self._shared_group(matrices)
+        for batch in self._global_batches(matrices):
+            self._global_update_batch([matrices[j] for j in batch], [prepared[j] for j in batch],
+                                      group_handle)
+
+    def _global_update_batch(self, matrices, prepared, group_handle) -> None:
         by_setting: dict[tuple, list] = {}
         for (group, param, spec, plan), item in zip(matrices, prepared):
             m, n = spec.shape
@@ -761,8 +792,10 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
                 value = piece.view(_flat(param))
                 grad = piece.view(_flat(param.grad)).to(compute)
                 stats = [t.to(compute) for t in item["stats"]]
-                moments = self._lowrank_update(group, value, grad, item["prevs"], item["floors"],
-                                               stats, step, self._rounding(param, step, spec.key, piece.start))
+                prevs = self._piece_moments(item["entry"], spec, plan, compute)
+                moments = self._lowrank_update(group, value, grad, prevs, item["floors"], stats, step,
+                                               self._rounding(param, step, spec.key, piece.start))
+                del prevs, grad
                 row0, rows = piece.first_row, piece.row_count
             setting = (group["rank"], group["oversample"], group["niter"], compute)
             blocks = by_setting.setdefault(setting, [])
@@ -773,7 +806,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
                     padded.view(-1)[skip:skip + plan.piece.numel] = moment
                 seed = sketch_seed(self.seed, step, spec.key, 0, state_id)
                 blocks.append((RowBlock(padded, row0, (m, n), seed), item))
-        group_handle = self._shared_group(matrices)
+            del moments
         for (rank, oversample, niter, compute), blocks in by_setting.items():
             results = global_randomized_svd([b for b, _ in blocks], rank, oversample, niter,
                                             group_handle, compute)

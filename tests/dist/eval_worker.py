@@ -41,7 +41,7 @@ def main() -> None:
     device = train.device_for(kind)
     torch.manual_seed(0)
     config = train.build_config(args)
-    trainer = train.Trainer(args, kind, train.build_model(args, config, kind), world, device, ds_config)
+    trainer = train.Trainer(args, kind, train.build_model(args, config, kind, ds_config), world, device, ds_config)
     generator = torch.Generator().manual_seed(1)
     inputs = torch.randint(3, config.vocab_size, (max(largest, args.global_batch), args.seq_len), generator=generator)
     labels = inputs.clone()
