@@ -391,8 +391,8 @@ def model_hidden_size(args) -> int:
         hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
         _require(isinstance(hidden, int), f"{args.init_from or args.model}: no hidden_size to size ZeRO's \"auto\" buckets by")
         return hidden
-    from .models import llama_config
-    return llama_config(args.model, 2).hidden_size
+    from .models import LLAMA_SHAPES
+    return LLAMA_SHAPES[args.model].hidden_size      # the shape's own number: no config (and its warnings) built
 
 
 def _check_resolved(config: dict, args, path: str) -> None:

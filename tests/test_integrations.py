@@ -355,7 +355,8 @@ def test_trl_trainer_steps_mlorc(trl_runs, engine, name, kind):
         assert summary["eval_loss"] < math.log(2)          # DPO starts at log 2 (policy = reference)
     # the log shows the treatment counts over all ranks and per rank
     assert f"MLorc-AdamW under {kind}, world size 2: low-rank momentum on 14 of 16 2-D parameters" in log
-    assert f"MLorc-AdamW (scope=local) under {kind}, this rank's pieces" in log
+    assert (f"MLorc-AdamW (scope=local, fused step (fused=None: the default for these devices and scope)) "
+            f"under {kind}, this rank's pieces") in log
     assert f"({trainer}): low-rank momentum on 14 of 16 2-D parameters" in log
 
 
