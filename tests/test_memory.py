@@ -273,6 +273,17 @@ def test_planner_equals_measured_step_in_backward_and_bf16_params(backward_repor
     assert backward_grads(load_report(reports, "fsdp2:mlorc-adamw:fp32:local:sib")["ranks"][0])[0] == small_units[0]
 
 
+def profiled_forward_backward(prof, model, ids) -> None:
+    """One forward (its logits held as activations) and backward, sampled after each."""
+    with prof.track_activations() as acts:
+        out = model(input_ids=ids, labels=ids)
+        acts.hold(out.logits)
+    prof.sample("after_forward")
+    out.loss.backward()
+    del out
+    prof.sample("after_backward")
+
+
 @pytest.mark.parametrize("vocab,param_dtype,checkpointing", [(VOCAB, "fp32", False), (ADAPTER_VOCAB, "bf16", True),
                                                              (VOCAB, "bf16", False)])
 def test_step_in_backward_and_bf16_params_single_process(vocab, param_dtype, checkpointing):
@@ -292,13 +303,7 @@ def test_step_in_backward_and_bf16_params_single_process(vocab, param_dtype, che
     before = [p.detach().clone() for p in model.parameters()]
     ids = torch.randint(0, vocab, (MICRO, SEQ), generator=torch.Generator().manual_seed(0))
     for _ in range(2):
-        with prof.track_activations() as acts:
-            out = model(input_ids=ids, labels=ids)
-            acts.hold(out.logits)
-        prof.sample("after_forward")
-        out.loss.backward()
-        del out
-        prof.sample("after_backward")
+        profiled_forward_backward(prof, model, ids)
     handle.remove()
     prof.close()
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))     # stepped in backward
@@ -446,13 +451,7 @@ def test_adapters_single_process(method, checkpointing):
     prof = MemoryProfiler("single", model, optimizer, "cpu")
     ids = torch.randint(0, VOCAB, (MICRO, SEQ), generator=torch.Generator().manual_seed(0))
     for _ in range(2):
-        with prof.track_activations() as acts:
-            out = model(input_ids=ids, labels=ids)
-            acts.hold(out.logits)
-        prof.sample("after_forward")
-        out.loss.backward()
-        del out
-        prof.sample("after_backward")
+        profiled_forward_backward(prof, model, ids)
         optimizer.step()
         optimizer.zero_grad()
         prof.sample("after_step")
@@ -601,12 +600,7 @@ def test_profiler_without_gpu_or_nvml(tmp_path, monkeypatch):
     optimizer = torch.optim.AdamW(mlorc_dist.param_groups(model), lr=1e-3)
     prof = MemoryProfiler("single", model, optimizer, "cpu")
     ids = torch.randint(0, VOCAB, (2, 8))
-    with prof.track_activations() as acts:
-        out = model(input_ids=ids, labels=ids)
-        acts.hold(out.logits)
-    prof.sample("after_forward")
-    out.loss.backward()
-    prof.sample("after_backward")
+    profiled_forward_backward(prof, model, ids)
     optimizer.step()
     prof.sample("after_step")
     report = prof.gather_and_write(tmp_path / "m.json", tmp_path / "m.png")
