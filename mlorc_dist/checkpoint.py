@@ -18,6 +18,9 @@ All functions work on this rank only, on the optimizer's layouts: no collectives
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import mmap
 from collections import defaultdict
 
 import torch
@@ -71,13 +74,17 @@ def _mappings_of(path) -> list[tuple[int, int]]:
     return ranges
 
 
+@functools.cache
+def _libc():
+    """The C library this process runs on (its madvise), loaded once."""
+    return ctypes.CDLL(None)
+
+
 def release_pages(tensor: torch.Tensor) -> None:
     """Drop the pages of a record read by read_file from this process's resident set (madvise
     MADV_DONTNEED; the file's pages stay in the page cache, and reading the record again faults
     them back in). Only for addresses inside a mapping of a checkpoint file: anonymous memory
     would be zeroed, so anything else is left alone."""
-    import ctypes
-    import mmap
     if tensor.numel() == 0:
         return
     begin = tensor.data_ptr()
@@ -86,7 +93,7 @@ def release_pages(tensor: torch.Tensor) -> None:
         if lo <= begin and end <= hi:
             page = mmap.PAGESIZE
             first, last = begin // page * page, min(hi, -(-end // page) * page)
-            ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+            _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
             return
 
 
