@@ -22,7 +22,7 @@ def _run(shapes, steps=3, cls=mlorc_dist.MLorcAdamW):
     return params, optimizer
 
 
-@pytest.mark.parametrize("cls", [mlorc_dist.MLorcAdamW, mlorc_dist.MLorcLion])
+@pytest.mark.parametrize("cls", [mlorc_dist.MLorcAdamW, mlorc_dist.MLorcLion, mlorc_dist.MoFaSGD])
 def test_batches_give_bitwise_the_result_of_one_batch(monkeypatch, cls):
     whole, whole_opt = _run(SHAPES, cls=cls)
     monkeypatch.setattr(base, "BATCH_ELEMENTS", 2 * 96 * 64)
@@ -62,5 +62,29 @@ def test_global_step_workspace_is_one_batch_and_planned(monkeypatch):
     ws = [v for k, v in planned.transients.items() if k.startswith("step workspace")][0]
     ws_rule = MLORC_STEP_WORKSPACE[4]
     assert ws == 4 * (ws_rule["global"] * 2 * block + ws_rule["global_block"] * block)
+    assert measured <= ws * 1.03, (measured, ws)
+    assert measured < 0.4 * all_at_once, (measured, all_at_once)
+
+
+def test_mofasgd_global_step_workspace_is_one_batch_and_planned(monkeypatch):
+    """MoFaSGD's global step also holds one batch of matrices at a time, within the planner's bound."""
+    from mlorc_dist.memory import planner
+    from mlorc_dist.memory.planner import PlanSettings, plan_model
+    from mlorc_dist.memory.workspace import measure_step_workspace_bytes
+    from mlorc_dist.models import llama_config
+    shapes = [(512, 256)] * 8
+    block = 512 * 256
+
+    def make(ps):
+        return mlorc_dist.MoFaSGD([{"params": ps, "lowrank": True}], rank=4, scope="global")
+    all_at_once = measure_step_workspace_bytes(make, shapes)
+    monkeypatch.setattr(base, "BATCH_ELEMENTS", 2 * block)
+    monkeypatch.setattr(planner, "BATCH_ELEMENTS", 2 * block)
+    measured = measure_step_workspace_bytes(make, shapes)
+    module = torch.nn.Module()
+    module.blocks = torch.nn.ParameterList([torch.nn.Parameter(torch.empty(s, device="meta")) for s in shapes])
+    planned = plan_model(module, llama_config("tiny", 2048),
+                         PlanSettings(engine="single", optimizer="mofasgd", rank=4, scope="global"), "blocks")
+    ws = [v for k, v in planned.transients.items() if k.startswith("step workspace")][0]
     assert measured <= ws * 1.03, (measured, ws)
     assert measured < 0.4 * all_at_once, (measured, all_at_once)

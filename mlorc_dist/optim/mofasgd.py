@@ -116,25 +116,34 @@ class MoFaSGD(LowRankMomentumOptimizer):
         return [None] * len(matrices)           # nothing to rebuild; the first all-reduce is the flag
 
     def _global_update(self, matrices, prepared) -> None:
-        """Every matrix's factor update, batched: one all-reduce per stage for all of them."""
+        """Every matrix's factor update, one batch of whole matrices at a time (_global_batches:
+        the same cut on every rank): one all-reduce per stage for a batch's matrices, whose row
+        blocks are freed before the next batch's are made."""
         group_handle = self._shared_group(matrices)
+        for batch in self._global_batches(matrices):
+            self._global_update_batch([matrices[j] for j in batch], group_handle)
+
+    def _global_update_batch(self, matrices, group_handle) -> None:
         blocks = []
         for group, param, spec, plan in matrices:
             m, n = spec.shape
             compute = compute_dtype_for(param.dtype)
             rank = min(group["rank"], m, n)
+            first = self.state[param]["step"] == 1          # the weights seed the factors (_global_init)
             if plan is None:                    # this rank holds no element: zeros, same collectives
                 blocks.append(dict(group=group, param=param, spec=spec, plan=None, rank=rank, row0=0,
-                                   weight=torch.zeros(0, n, dtype=compute, device=param.device),
+                                   weight=torch.zeros(0, n, dtype=compute, device=param.device) if first else None,
                                    grad=torch.zeros(0, n, dtype=compute, device=param.device),
                                    entry=None, step=self.state[param]["step"]))
                 continue
             piece = plan.piece
             row0, rows = piece.first_row, piece.row_count
             skip = piece.start - row0 * n
-            weight = torch.zeros(rows, n, dtype=compute, device=param.device)
+            weight = None
+            if first:
+                weight = torch.zeros(rows, n, dtype=compute, device=param.device)
+                weight.view(-1)[skip:skip + piece.numel] = piece.view(_flat(param))
             grad = torch.zeros(rows, n, dtype=compute, device=param.device)
-            weight.view(-1)[skip:skip + piece.numel] = piece.view(_flat(param))
             grad.view(-1)[skip:skip + piece.numel] = piece.view(_flat(param.grad))
             blocks.append(dict(group=group, param=param, spec=spec, plan=plan, rank=rank, row0=row0,
                                weight=weight, grad=grad, skip=skip,
