@@ -29,7 +29,12 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-import torch
+# torch's CPU allocations of 2 MiB and more in transparent huge pages (mlorc_dist.host_memory):
+# c10 reads this once, at its first allocation, so it is set before torch is imported;
+# THP_MEM_ALLOC_ENABLE=0 in the environment keeps 4 KiB pages.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -139,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sample memory per rank (after backward, after step; tensor bytes by category, "
                           "RSS, CUDA allocator, NVML) and write memory.json / memory.png in --out")
     out.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (None: torch's)")
+    out.add_argument("--mmap-threshold-mb", type=float, default=1.0, metavar="MB",
+                     help="glibc's mmap threshold, fixed: a freed host block above it goes back to the system at "
+                          "once (mlorc_dist.host_memory); 0 leaves glibc's own, which rises to 32 MiB and keeps "
+                          "freed blocks below that in its heaps")
     out.add_argument("--report-to", nargs="+", default=["none"], choices=("tensorboard", "wandb", "none"),
                      help="also send each step's metrics to TensorBoard (--out/tensorboard) and / or Weights & "
                           "Biases (WANDB_MODE=offline: --out/wandb), from rank 0 (mlorc_dist.reporting)")
@@ -147,6 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- set-up
 PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def bound_host_memory(args) -> None:
+    """glibc's mmap threshold fixed at --mmap-threshold-mb, logged with the huge-pages setting."""
+    from mlorc_dist import host_memory
+    pages = "2 MiB (transparent huge pages)" if host_memory.huge_pages_requested() else "4 KiB"
+    if not args.mmap_threshold_mb:
+        logger.info("host memory: glibc's dynamic mmap threshold; torch's pages %s", pages)
+        return
+    fixed = host_memory.bound_freed_memory(int(args.mmap_threshold_mb * 2 ** 20))
+    logger.info("host memory: %s; torch's pages %s", f"mmap threshold fixed at {args.mmap_threshold_mb:g} MiB"
+                if fixed else "not glibc, the C library's own allocator", pages)
 
 
 def engine_kind(args) -> str:
@@ -266,15 +287,6 @@ def wait_for_rank0() -> None:
         dist.barrier(group=PREPARATION_GROUP)
 
 
-def decoder_layers(model) -> list:
-    """The transformer blocks (FSDP2 units), found by class name so that adapter wrappers
-    (peft's PeftModel) do not hide them."""
-    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-    if not layers:
-        raise ValueError(f"no *DecoderLayer module in {type(model).__name__} to shard with FSDP2")
-    return layers
-
-
 def device_for(kind: str) -> torch.device:
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -336,15 +348,16 @@ def plan_summary(args, ds_config: dict | None, config, world: int, micro: int) -
         rank = adapter.get("rank", block.get("rank", 4))
         scope, fused = block.get("scope", "local"), block.get("fused")
         compress = bool(block.get("compress_embeddings", False))
+        zero = ds_config.get("zero_optimization") or {}       # "auto" sizes already resolved (launch_checks)
     else:
         engine = "fsdp2" if args.fsdp else "single"
         optimizer, rank, scope, fused = args.optimizer, args.rank, args.scope, args.fused
-        compress = args.compress_embeddings
+        compress, zero = args.compress_embeddings, None
     plan = planner.plan_for_run(config, engine=engine, world_size=world, optimizer=optimizer, rank=rank,
                                 micro_batch=micro, seq=args.seq_len, bf16=args.bf16,
                                 activation_checkpointing=args.activation_checkpointing, scope=scope,
                                 fused=fused, compress_embeddings=compress,
-                                step_in_backward=args.step_in_backward, param_dtype=args.param_dtype)
+                                step_in_backward=args.step_in_backward, param_dtype=args.param_dtype, zero=zero)
     return {"engine": engine, "optimizer": optimizer, "per_gpu_peak": planner.peak_line(plan)}
 
 
@@ -372,13 +385,11 @@ class Trainer:
                 model.to(device)
             if kind == "fsdp2":
                 from torch.distributed.device_mesh import init_device_mesh
-                from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-                mesh = init_device_mesh(device.type, (world,))
+                from torch.distributed.fsdp import MixedPrecisionPolicy
+                from mlorc_dist.build import shard_fsdp2
                 policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if args.bf16 else None,
                                               reduce_dtype=torch.float32 if args.bf16 else None)
-                for layer in decoder_layers(model):
-                    fully_shard(layer, mesh=mesh, mp_policy=policy)
-                fully_shard(model, mesh=mesh, mp_policy=policy)
+                shard_fsdp2(model, init_device_mesh(device.type, (world,)), policy)   # layers, embeddings, output
             if on_meta:
                 from mlorc_dist.build import fill, model_source
                 fill(model, device, model_source(model, args.seed, args.init_from))   # this rank's rows only
@@ -742,6 +753,7 @@ def run(args, given: set[str]) -> int:
     schedule = planned_schedule(args, given)               # a resumed run's, checked against the flags
     if args.threads:
         torch.set_num_threads(args.threads)
+    bound_host_memory(args)
     kind = engine_kind(args)
     checked_world = world
     rank, world = init_distributed(kind, args.collective_timeout)

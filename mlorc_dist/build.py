@@ -21,7 +21,7 @@ import hashlib
 import torch
 from torch import nn
 
-__all__ = ["meta_model", "materialize", "fill", "zero3_model", "SeededInit", "init_weights", "parameter_values",
+__all__ = ["meta_model", "materialize", "fill", "zero3_model", "fsdp2_units", "shard_fsdp2", "SeededInit", "init_weights", "parameter_values",
            "has_sharded_init", "SHARDED_INIT_MODEL_TYPES"]
 
 # Model types whose Hugging Face `_init_weights` these rules reproduce (norms x * w with w = 1,
@@ -158,6 +158,44 @@ def zero3_model(config, ds_config: dict, dtype: torch.dtype = torch.float32) -> 
     importlib.import_module("torch._dynamo")    # imported inside zero.Init it fails (Tensor.__new__ is patched)
     with deepspeed.zero.Init(config_dict_or_path=ds_config):     # its dtype: the config's (bf16 if enabled)
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def fsdp2_units(model: nn.Module) -> list[tuple[str, list[nn.Module], bool]]:
+    """The FSDP2 units of `model`, in forward order: (name, modules, reshard_after_forward).
+
+    Each decoder layer is a unit (found by class name, so that peft's wrappers do not hide them).
+    With untied embeddings, the input embedding is a unit and the output projection with the
+    final norm another (torchtitan's layout): each is gathered only while it runs, and the output
+    unit's gradient is reduce-scattered as soon as its backward ends, where in the root they would
+    stay unsharded, with the lm_head's gradient, through the whole backward. The output unit is not
+    resharded after forward (its backward comes next). Tied embeddings stay in the root, which
+    holds whatever no unit took."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not layers:
+        raise ValueError(f"no *DecoderLayer module in {type(model).__name__} to shard with FSDP2")
+    units = []
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    untied = (isinstance(embed, nn.Embedding) and isinstance(output, nn.Linear)
+              and embed.weight is not output.weight)
+    if untied:
+        units.append(("embeddings", [embed], True))
+    units += [(f"layer {i}", [layer], True) for i, layer in enumerate(layers)]
+    if untied:
+        # the final norm: a sibling of the layers' list (LlamaModel.norm), run just before the output
+        norms = [m.norm for m in model.modules() if isinstance(getattr(m, "layers", None), nn.ModuleList)
+                 and any(layer is layers[0] for layer in m.layers) and isinstance(getattr(m, "norm", None), nn.Module)]
+        units.append(("output", norms[:1] + [output], False))
+    return units
+
+
+def shard_fsdp2(model: nn.Module, mesh, mp_policy=None) -> None:
+    """fully_shard each of fsdp2_units(model), then the root (whatever is left)."""
+    from torch.distributed.fsdp import fully_shard
+    for _, modules, reshard in fsdp2_units(model):
+        fully_shard(modules if len(modules) > 1 else modules[0], mesh=mesh, mp_policy=mp_policy,
+                    reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
 
 
 def model_source(model: nn.Module, seed: int, init_from=None):

@@ -297,6 +297,28 @@ def test_dry_run_reports_the_json_micro_batch(tmp_path):
     assert "GB" in summary["plan"]["per_gpu_peak"]
 
 
+
+def test_dry_run_plans_with_the_zero_sizes_the_run_uses():
+    """The shipped ZeRO-3 config writes its sizes "auto": the dry run resolves them from the hidden
+    size and the plan it prints uses them, not DeepSpeed's defaults."""
+    from mlorc_dist.memory import planner
+    from mlorc_dist.models import LLAMA2_VOCAB_SIZE, llama_config
+    result = ok([sys.executable, TRAIN, "--deepspeed", str(ROOT / "ds_configs" / "mlorc_zero3.json"),
+                 "--model", "llama-7b", "--world-size", "8", "--global-batch", "8", "--seq-len", "512", "--dry-run"])
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    zero = summary["deepspeed_config"]["zero_optimization"]
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 4096 ** 2)
+    kwargs = dict(engine="zero3", world_size=8, optimizer="mlorc-adamw", rank=4, micro_batch=1, seq=512,
+                  scope=summary["mlorc"].get("scope", "local"))
+    config = llama_config("llama-7b", LLAMA2_VOCAB_SIZE)
+    sized = planner.plan_for_run(config, zero=zero, **kwargs)
+    default = planner.plan_for_run(config, **kwargs)
+    assert summary["plan"]["per_gpu_peak"] == planner.peak_line(sized) != planner.peak_line(default)
+    gathered = "gathered params (one layer + prefetch bucket)"
+    layer = 4 * 4096 ** 2 + 3 * 4096 * 11008 + 2 * 4096
+    assert sized.transients[gathered] == (layer + zero["stage3_prefetch_bucket_size"]) * 4
+    assert default.transients[gathered] == (layer + 50_000_000) * 4
+
 # --------------------------------------------------------------------------- resume and the schedule
 def test_schedule_extension_is_continuous_and_round_trips():
     base = Schedule(peak=1e-3, warmup=2, total=10, min_ratio=0.1)

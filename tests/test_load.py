@@ -171,3 +171,23 @@ def test_engines_load_the_directory_each_rank_its_slices(tmp_path, tokenizer, en
     assert set(loaded) == set(expected)
     assert all(torch.equal(loaded[k], expected[k]) for k in expected), \
         [k for k in expected if not torch.equal(loaded[k], expected[k])]
+
+
+def test_fsdp2_units_follow_the_forward_and_keep_tied_embeddings_in_the_root():
+    """Untied: the embeddings, each decoder layer, then the final norm with the output projection
+    (not resharded after forward); tied: the layers only (the shared weight stays in the root).
+    The planner maps each parameter to the same units."""
+    from mlorc_dist.build import fsdp2_units
+    from mlorc_dist.memory.planner import _fsdp2_units
+    untied, tied = _make("llama"), _make("llama-tied")
+    units = fsdp2_units(untied)
+    assert [name for name, _, _ in units] == ["embeddings", "layer 0", "layer 1", "output"]
+    assert units[0][1] == [untied.model.embed_tokens] and units[-1][1] == [untied.model.norm, untied.lm_head]
+    assert [reshard for _, _, reshard in units] == [True, True, True, False]
+    owner = _fsdp2_units(untied)
+    assert owner["model.embed_tokens.weight"] == 0 and owner["lm_head.weight"] == owner["model.norm.weight"] == 3
+    assert owner["model.layers.1.mlp.up_proj.weight"] == 2
+    assert [name for name, _, _ in fsdp2_units(tied)] == ["layer 0", "layer 1"]
+    assert _fsdp2_units(tied)["model.embed_tokens.weight"] == -1
+    with pytest.raises(ValueError, match="DecoderLayer"):
+        fsdp2_units(torch.nn.Linear(2, 2))

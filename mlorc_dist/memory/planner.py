@@ -65,8 +65,8 @@ Categories (bytes per rank):
                     (DeepSpeed: the fp32 flat partition's .grad, per group / sub-group; FSDP2:
                     the local shards of the sharded grads, which live in a padded buffer); with
                     step_in_backward the most gradient bytes alive at one in-backward step: FSDP2,
-                    the padded reduce-scatter output of the largest unit (a decoder layer or the
-                    root), which all of the unit's sharded grads view; one process, the largest
+                    the padded reduce-scatter output of the largest unit (a decoder layer, the
+                    embeddings, the output or the root), which all of the unit's sharded grads view; one process, the largest
                     parameter's gradient (each is stepped and freed as its AccumulateGrad runs)
     master          a separate fp32 copy of the rank's partition (DeepSpeed: always, fp32 runs
                     included; 0.19.8's ZeRO-3 "no copy when already fp32" branch compares a
@@ -188,6 +188,7 @@ class PlanSettings:
     overlap_comm: bool | None = None               # DeepSpeed default: True at stage 3 only
     param_persistence_threshold: int = 100_000     # DeepSpeed stage3_param_persistence_threshold
     sub_group_size: int = 1_000_000_000            # DeepSpeed sub_group_size
+    prefetch_bucket_size: int = 50_000_000         # DeepSpeed stage3_prefetch_bucket_size
     batched: bool = True                           # MLorc's batched=True default
     fused: bool | None = None                      # MLorc's fused step: None resolves as the
                                                    # optimizer does on a GPU (validate())
@@ -530,13 +531,22 @@ def _fsdp2(params_by_group, settings, world, units=None):
 
 
 def _fsdp2_units(model: torch.nn.Module) -> dict[str, int]:
-    """Parameter name -> the FSDP unit launch/train.py wraps it in: the index of its decoder layer
-    (each is fully_shard-ed on its own), -1 for the root (embeddings, lm_head, final norm)."""
-    prefixes = [name + "." for name, m in model.named_modules() if type(m).__name__.endswith("DecoderLayer")]
-    units = {}
-    for name, _ in model.named_parameters():
-        units[name] = next((i for i, prefix in enumerate(prefixes) if name.startswith(prefix)), -1)
-    return units
+    """Parameter name -> the FSDP unit launch/train.py wraps it in (mlorc_dist.build.fsdp2_units:
+    decoder layers, untied embeddings, the output projection with the final norm): its index
+    there, -1 for the root (whatever no unit holds)."""
+    from ..build import fsdp2_units
+    owner = {id(p): i for i, (_, modules, _) in enumerate(fsdp2_units(model))
+             for m in modules for p in m.parameters()}
+    return {name: owner.get(id(p), -1) for name, p in model.named_parameters()}
+
+
+def _fsdp2_unit_numels(model: torch.nn.Module, trainable: bool = False) -> tuple[int, int]:
+    """(elements of the largest FSDP2 unit, elements left in the root); trainable=True: counting
+    trainable parameters only."""
+    from ..build import fsdp2_units
+    counted = lambda params: sum(p.numel() for p in params if p.requires_grad or not trainable)  # noqa: E731
+    units = [counted(p for m in modules for p in m.parameters()) for _, modules, _ in fsdp2_units(model)]
+    return max(units, default=0), counted(model.parameters()) - sum(units)
 
 
 def _single(params_by_group, settings, model_bytes, model_dtype):
@@ -634,8 +644,7 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
                  "switchlora": SWITCHLORA_STEP_WORKSPACE}.get(settings.optimizer, MLORC_STEP_WORKSPACE)
         ws = (FUSED_STEP_WORKSPACE if settings.fused else table)[2 if held_bytes == 2 else 4]
         batched = settings.batched and settings.optimizer != "mofasgd"
-        # MoFaSGD's global step still holds every matrix of the call at once
-        global_cap = math.inf if settings.optimizer == "mofasgd" else BATCH_ELEMENTS
+        global_cap = BATCH_ELEMENTS           # global scope: one batch of whole matrices at a time
         for row in rows:
             state = _empty_state()
             calls: dict = {}      # DeepSpeed: one step() per flat tensor; FSDP2/single: one per step
@@ -723,26 +732,27 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
     transients = {}
     layer_numel = _largest_layer_numel(model)
     layer_grads = _largest_layer_numel(model, trainable=True)
-    root_numel = n_params - layer_numel * int(getattr(config, "num_hidden_layers", 0) or 0)
     if engine == "zero2" or engine == "zero1":
         overlap = settings.overlap_comm if settings.overlap_comm is not None else False
         transients["reduce bucket(s)"] = settings.reduce_bucket_size * model_bytes * (2 if overlap else 1)
     if engine == "zero1":
         transients["full gradients before the reduction (ZeRO-1)"] = n_trainable * model_bytes
     if engine == "zero3":
-        prefetch = min(50_000_000, layer_numel)      # stage3_prefetch_bucket_size default
+        prefetch = min(settings.prefetch_bucket_size, layer_numel)
         transients["gathered params (one layer + prefetch bucket)"] = \
             (layer_numel + prefetch) * model_bytes
         transients["unsharded layer grads before the reduce"] = layer_grads * model_bytes
     if engine == "fsdp2":
-        transients["unsharded root (embeddings, lm_head, norm)"] = root_numel * model_bytes
-        transients["unsharded layer params (current + prefetch)"] = 2 * layer_numel * model_bytes
+        unit_numel, root_numel = _fsdp2_unit_numels(model)
+        layer_grads = _fsdp2_unit_numels(model, trainable=True)[0]
+        transients["unsharded root (what no unit holds: tied embeddings, final norm)"] = root_numel * model_bytes
+        transients["unsharded unit params (the largest unit: current + prefetch)"] = 2 * unit_numel * model_bytes
         reduce_bytes = shard_bytes      # reduce_dtype fp32 with --bf16; no policy: the param dtype
         if settings.step_in_backward:   # the reduce-scatter output is the grads category
-            transients[f"unsharded layer grads + {'bf16' if param_bf16 else 'fp32'} reduce-scatter in"] = \
+            transients[f"unsharded unit grads + {'bf16' if param_bf16 else 'fp32'} reduce-scatter in"] = \
                 layer_grads * (model_bytes + reduce_bytes)
         else:
-            transients[f"unsharded layer grads + {'bf16' if param_bf16 else 'fp32'} reduce-scatter in/out"] = int(
+            transients[f"unsharded unit grads + {'bf16' if param_bf16 else 'fp32'} reduce-scatter in/out"] = int(
                 layer_grads * (model_bytes + reduce_bytes + reduce_bytes / world))
     if settings.optimizer.startswith("mlorc") and settings.fused:
         transients["step workspace (MLorc fused: factors and sketches; bf16: fp32 gradient copies)"] = \
@@ -790,9 +800,10 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
         "keep the whole gradient of every parameter overlapping the partition",
         "transients are estimates: DeepSpeed reduce bucket = reduce_bucket_size elements (ZeRO-1 "
         "also holds every gradient before its reduction); ZeRO-3 one decoder layer gathered + the "
-        "5e7-element prefetch bucket + that layer's unsharded grads; FSDP2 root unit unsharded "
-        "through forward/backward, two layers unsharded, one layer's unsharded grads and fp32 "
-        "reduce-scatter buffers",
+        "stage3_prefetch_bucket_size elements (at most a layer) + that layer's unsharded grads; FSDP2 root unsharded through "
+        "forward/backward (what no unit holds: tied embeddings), the largest unit (a decoder layer, "
+        "untied embeddings, the output projection) unsharded twice (current + prefetch), its "
+        "unsharded grads and fp32 reduce-scatter buffers",
         "step workspace, measured with torch.profiler's memory timeline on CPU "
         "(mlorc_dist.memory.workspace) and on an H100 (the same), in fp32 copies of a block: "
         "MLorc-AdamW local batched (default) 2 B + %.2f for the B same-shaped blocks of one "
@@ -829,7 +840,7 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
             "step in backward (mlorc_dist.step_in_backward): each tensor is stepped by its post-accumulate-grad "
             "hook and its gradient freed; grads = the largest set alive when a hook steps (exact, measured at "
             "the hooks): " + ("one unit's sharded gradients, i.e. the padded reduce-scatter output of the "
-                              "largest FSDP unit (a decoder layer or the root), which they view"
+                              "largest FSDP unit (a decoder layer, the embeddings, the output or the root), which they view"
                               if engine == "fsdp2" else "the largest single parameter's gradient")
             + "; the step workspace is one tensor's (no batching) and counts in the backward phase")
     if engine == "single" and settings.bf16:
@@ -879,22 +890,33 @@ def plan(model: str, settings: PlanSettings, vocab_size: int | None = None) -> P
     return plan_model(meta, config, settings, model)
 
 
+# zero_optimization keys of a DeepSpeed config -> the PlanSettings fields they set
+ZERO_SIZE_KEYS = {"reduce_bucket_size": "reduce_bucket_size", "overlap_comm": "overlap_comm",
+                  "stage3_param_persistence_threshold": "param_persistence_threshold",
+                  "sub_group_size": "sub_group_size", "stage3_prefetch_bucket_size": "prefetch_bucket_size"}
+
+
 def plan_for_run(config, *, engine: str, world_size: int, optimizer: str, rank: int, micro_batch: int,
                  seq: int, bf16: bool = False, activation_checkpointing: bool = False, scope: str = "local",
                  fused: bool | None = None, compress_embeddings: bool = False, model_name: str | None = None,
-                 step_in_backward: bool = False, param_dtype: str = "fp32") -> Plan:
+                 step_in_backward: bool = False, param_dtype: str = "fp32", zero: dict | None = None) -> Plan:
     """The plan of one training run, for a launcher's dry run: `config` is an HF config object
     (what the run builds its model from), the model is built from it on the meta device as plan()
     does (adapters too, for lora / switchlora, with `rank`). engine: single, zero1, zero2, zero3 or
     fsdp2; optimizer: one of OPTIMIZERS. Everything else is PlanSettings' defaults (DeepSpeed's
     bucket and threshold defaults). ValueError for a combination the run refuses too (SwitchLoRA
     with zero3 / fsdp2, fused with another optimizer or global scope, step in backward or bf16
-    params outside MLorc / one process / fsdp2)."""
+    params outside MLorc / one process / fsdp2). `zero`: a DeepSpeed config's zero_optimization
+    block as the run resolves it ("auto" sizes filled): its bucket sizes, overlap_comm,
+    persistence threshold and sub_group_size replace DeepSpeed's defaults."""
+    zero = zero or {}
+    sizes = {field: bool(zero[key]) if field == "overlap_comm" else int(zero[key])
+             for key, field in ZERO_SIZE_KEYS.items() if key in zero}
     settings = PlanSettings(engine=engine, world_size=world_size, optimizer=optimizer, rank=rank,
                             micro_batch=micro_batch, seq=seq, bf16=bf16,
                             activation_checkpointing=activation_checkpointing, scope=scope, fused=fused,
                             compress_embeddings=compress_embeddings, step_in_backward=step_in_backward,
-                            param_dtype=param_dtype)
+                            param_dtype=param_dtype, **sizes)
     settings.validate()                 # before building anything
     name = model_name or getattr(config, "_name_or_path", None) or getattr(config, "model_type", "?")
     return plan_model(build_meta_model(config), config, settings, name)
