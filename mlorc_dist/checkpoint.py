@@ -19,12 +19,12 @@ All functions work on this rank only, on the optimizer's layouts: no collectives
 from __future__ import annotations
 
 import ctypes
-import functools
 import mmap
 from collections import defaultdict
 
 import torch
 
+from .host_memory import libc
 from .lowrank import compute_dtype_for, randomized_svd, rebuild, sketch_seed
 from .optim.base import LowRankMomentumOptimizer, _flat
 from .pieces import Piece
@@ -74,12 +74,6 @@ def _mappings_of(path) -> list[tuple[int, int]]:
     return ranges
 
 
-@functools.cache
-def _libc():
-    """The C library this process runs on (its madvise), loaded once."""
-    return ctypes.CDLL(None)
-
-
 def release_pages(tensor: torch.Tensor) -> None:
     """Drop the pages of a record read by read_file from this process's resident set (madvise
     MADV_DONTNEED; the file's pages stay in the page cache, and reading the record again faults
@@ -93,7 +87,7 @@ def release_pages(tensor: torch.Tensor) -> None:
         if lo <= begin and end <= hi:
             page = mmap.PAGESIZE
             first, last = begin // page * page, min(hi, -(-end // page) * page)
-            _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+            libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
             return
 
 
