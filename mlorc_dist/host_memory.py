@@ -51,15 +51,15 @@ def huge_pages_requested() -> bool:
 def bound_freed_memory(threshold_bytes: int) -> bool:
     """Fix glibc's mmap threshold (and trim threshold) at `threshold_bytes`: freed blocks above
     it go back to the system at once, those below return from the top of a heap. Returns False,
-    changing nothing, where the C library is not glibc; ValueError for a threshold glibc refuses
-    (it takes at most 32 MiB on 64-bit)."""
+    changing nothing, where the C library is not glibc; ValueError for a threshold <= 0 or one
+    glibc refuses."""
     if threshold_bytes <= 0:
         raise ValueError(f"mmap threshold must be > 0 bytes, got {threshold_bytes}")
     if not is_glibc():
         return False
     lib = libc()
     if not lib.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(threshold_bytes)):
-        raise ValueError(f"glibc refused an mmap threshold of {threshold_bytes} bytes (at most 32 MiB)")
+        raise ValueError(f"glibc refused an mmap threshold of {threshold_bytes} bytes")
     lib.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(threshold_bytes))
     lib.malloc_trim(ctypes.c_size_t(0))        # what the process kept before now
     return True

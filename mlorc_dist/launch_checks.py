@@ -101,7 +101,7 @@ def check_args(args, given: set[str], world: int) -> dict | None:
         value = getattr(args, dest)
         _require(value is None or value >= 1, f"{flag} must be >= 1, got {value}")
     _require(math.isfinite(args.mmap_threshold_mb) and 0 <= args.mmap_threshold_mb <= 32,
-             f"--mmap-threshold-mb must be within [0, 32] (glibc takes at most 32 MiB; 0: its own), "
+             f"--mmap-threshold-mb must be within [0, 32] (0: glibc's own threshold, which rises to 32 MiB), "
              f"got {args.mmap_threshold_mb}")
     _require(args.seq_len >= 2, f"--seq-len must be >= 2 (a token and its successor), got {args.seq_len}")
     for dest, flag in {"lr": "--lr", "dense_lr": "--dense-lr", "galore_scale": "--galore-scale"}.items():
