@@ -66,8 +66,9 @@ Categories (bytes per rank):
                     the local shards of the sharded grads, which live in a padded buffer); with
                     step_in_backward the most gradient bytes alive at one in-backward step: FSDP2,
                     the padded reduce-scatter output of the largest unit (a decoder layer, the
-                    embeddings, the output or the root), which all of the unit's sharded grads view; one process, the largest
-                    parameter's gradient (each is stepped and freed as its AccumulateGrad runs)
+                    embeddings, the output or the root), which all of the unit's sharded grads
+                    view; one process, the largest parameter's gradient (each is stepped and
+                    freed as its AccumulateGrad runs)
     master          a separate fp32 copy of the rank's partition (DeepSpeed: always, fp32 runs
                     included; 0.19.8's ZeRO-3 "no copy when already fp32" branch compares a
                     torch.device with a device-name string and never fires; FSDP2, single: none)
