@@ -56,3 +56,26 @@ def test_a_failed_export_leaves_the_previous_one(tmp_path):
     with pytest.raises(RuntimeError, match="a gather failed"):
         write_hf_model(failing(), model.config, tmp_path / "export")
     assert sorted(p.name for p in target.iterdir()) == before
+
+
+def test_the_stream_writes_what_safetensors_reads(tmp_path):
+    """SafetensorsStream (one tensor held at a time) against safetensors' own reader: every dtype
+    an export writes, an empty tensor, a 0-d one; nothing left beside the file."""
+    from safetensors.torch import load_file
+    from mlorc_dist.export import SafetensorsStream
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(5, 3, generator=g), "b": torch.randn(7, generator=g).bfloat16(),
+               "h": torch.randn(2, 2, generator=g).half(), "d": torch.randn(3, generator=g).double(),
+               "i": torch.arange(9).reshape(3, 3), "mask": torch.tensor([True, False, True]),
+               "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5), "t": torch.randn(4, 6, generator=g).t()}
+    stream = SafetensorsStream(tmp_path / "x.safetensors")
+    for name, value in tensors.items():
+        stream.add(name, value)
+    stream.close()
+    loaded = load_file(tmp_path / "x.safetensors")
+    assert set(loaded) == set(tensors)
+    for name, value in tensors.items():
+        assert loaded[name].dtype == value.dtype and torch.equal(loaded[name], value), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]
+    with pytest.raises(ValueError, match="complex64"):
+        SafetensorsStream(tmp_path / "y.safetensors").add("c", torch.zeros(2, dtype=torch.complex64))
