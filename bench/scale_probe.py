@@ -47,8 +47,6 @@ def ideal_mb(args, engine: str, world: int) -> float:
     from transformers import AutoConfig
     from mlorc_dist.memory import planner
     config = AutoConfig.from_pretrained(args.model, local_files_only=True)
-    if world == 1:
-        engine = "single"
     plan = planner.plan_for_run(config, engine=engine, world_size=world, optimizer="mlorc-adamw", rank=4,
                                 micro_batch=1, seq=args.seq_len, scope=args.scope)
     return max(sum(rank[c] for c in planner.EXACT_CATEGORIES) for rank in plan.ranks) / 2 ** 20
