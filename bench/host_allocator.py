@@ -29,6 +29,7 @@ PEAK_RSS = ROOT.parent / "shared" / "tools" / "peak_rss.py"
 SETTINGS = {"glibc dynamic threshold, 4 KiB pages": ("0", "0"),
             "glibc dynamic threshold, huge pages": ("0", "1"),
             "1 MiB threshold, 4 KiB pages": ("1", "0"),
+            "8 MiB threshold, huge pages": ("8", "1"),
             "1 MiB threshold, huge pages (default)": ("1", "1")}
 
 
