@@ -64,14 +64,13 @@ def run(spec: str, args) -> None:
 
     if engine_name == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        from mlorc_dist.build import shard_fsdp2
         mesh = init_device_mesh("cpu", (world,))
         bf16 = precision == "bf16"
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                                       reduce_dtype=torch.float32 if bf16 else None)
-        for layer in [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]:
-            fully_shard(layer, mesh=mesh, mp_policy=policy)    # found by class name: peft wraps the model
-        fully_shard(model, mesh=mesh, mp_policy=policy)
+        shard_fsdp2(model, mesh, policy)        # launch/train.py's units: layers, embeddings, output
         groups = mlorc_dist.param_groups(model)
         if adapter:
             from mlorc_dist.methods import build_optimizer
