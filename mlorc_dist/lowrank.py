@@ -139,7 +139,7 @@ def hashed_normal(seeds: list[int], rows: int, cols: int, dtype: torch.dtype,
     golden), key_b = splitmix64(seeds[b]) (a counter-based generator: no state, no per-matrix
     call). One small copy of the B keys to the device and a fixed number of operators, whatever
     B; the same numbers on every device up to the last bit of float64 log and cos."""
-    keys = torch.tensor([_splitmix64(s) for s in seeds], dtype=torch.int64)
+    keys = _mix64(torch.tensor(seeds, dtype=torch.int64))             # seeds are 63-bit: no wrap
     keys = keys.to(device, non_blocking=True)
     counter = torch.arange(1, rows * cols + 1, dtype=torch.int64, device=device)   # (rows cols,)
     z = _mix64(keys[:, None] + counter * _GOLDEN)                                 # (B, rows cols)
@@ -181,9 +181,12 @@ def uses_gram_algebra(a: torch.Tensor) -> bool:
 
 
 # The widest Gram matrix (q = rank + oversample) whose eigendecomposition takes jacobi_eigh; wider
-# ones take torch.linalg.eigh (a host synchronisation on a GPU). jacobi_eigh's compiled graph
-# grows as q log q rounds of q x q work: at 16, 15 rounds x 12 sweeps.
-JACOBI_MAX_WIDTH = 16
+# ones take torch.linalg.eigh (a host synchronisation on a GPU). A sweep is q - 1 rounds of
+# q x q work in one compiled graph, and there are 3 ceil(log2 q) sweeps: measured with inductor's
+# C++ on this project's 2-core CPU VM (448 matrices, float64), q = 4 compiles in 30 s and runs
+# in 2.3 ms (LAPACK's eigh 0.8 ms), q = 8 in 67 s and 60 ms (eigh 3.3), q = 16 in 160 s and
+# 190 ms (eigh 9); on a GPU it is untimed.
+JACOBI_MAX_WIDTH = 8
 
 
 def uses_jacobi(b: torch.Tensor) -> bool:
@@ -276,9 +279,10 @@ def gram_eigh_svds(smalls: list) -> list[tuple]:
 
 def jacobi_sweeps(q: int) -> int:
     """jacobi_eigh's fixed number of sweeps for q x q matrices: 3 ceil(log2 q). Measured on float64
-    batches (random symmetric, PSD of rank q / 2, clusters 1e-9 apart): eigenvalues to ~1e-15
-    ||G|| and V diag(w) V^T = G to ~1e-14 after 4 sweeps at q = 4, 8 at q = 8, 11 at q = 16 (a
-    rank-deficient PSD batch is the slowest); the formula leaves a sweep or two to spare."""
+    batches (random symmetric, PSD of rank q / 2, two eigenvalues of multiplicity q / 2, clusters
+    1e-9 apart; tests/test_jacobi.py): V diag(w) V^T = G to ~1e-15 max|G| after 4 sweeps at
+    q = 4, 8 at q = 8, 10 at q = 16 (rank-deficient PSD and repeated eigenvalues are the
+    slowest); the formula leaves one or two sweeps to spare."""
     return 3 * max(1, math.ceil(math.log2(max(q, 2))))
 
 
@@ -323,7 +327,8 @@ def jacobi_sweep(a: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.
     layout) and the eigenvectors so far v (.., n, n); returns both, in the same layout. Each
     round turns the n / 2 pairs (i, i + n / 2) at once by t = tan(theta), the smaller root of
     t^2 + 2 tau t - 1 = 0 with tau = (a_rr - a_pp) / (2 a_pr) (Golub and Van Loan's sym.schur2;
-    t = 0 where a_pr = 0), sets the pairs' entries to their exact values (a_pr = 0, a_pp - t a_pr,
+    t = 0 where |a_pr| <= eps sqrt(|a_pp a_rr|), a pair already decoupled: turning it by up to
+    45 degrees made repeated eigenvalues converge linearly), sets the pairs' entries to their exact values (a_pr = 0, a_pp - t a_pr,
     a_rr + t a_pr: this keeps rank-deficient matrices converging quadratically), then moves to
     the next round's layout by a fixed permutation."""
     n = a.shape[-1]
@@ -335,7 +340,8 @@ def jacobi_sweep(a: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.
         diagonal = a.diagonal(dim1=-2, dim2=-1)
         a_pp, a_rr = diagonal[..., :half], diagonal[..., half:]
         a_pr = a[..., :half, half:].diagonal(dim1=-2, dim2=-1)                 # (.., n/2)
-        zero = a_pr == 0
+        # a pair already decoupled to rounding (|a_pr| <= eps sqrt(|a_pp a_rr|)) does not turn
+        zero = a_pr.abs() <= torch.finfo(a.dtype).eps * (a_pp * a_rr).abs().sqrt()
         tau = (a_rr - a_pp) / (2 * torch.where(zero, torch.ones_like(a_pr), a_pr))
         t = torch.where(tau >= 0, 1.0, -1.0) / (tau.abs() + torch.hypot(torch.ones_like(tau), tau))
         t = torch.where(zero, torch.zeros_like(t), t)
