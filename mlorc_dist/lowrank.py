@@ -312,7 +312,7 @@ def jacobi_eigh(g: torch.Tensor, sweeps: int | None = None,
     first, perm = _circle_layouts(n)
     a = torch.nn.functional.pad(g, (0, n - q, 0, n - q)) if n != q else g
     a = a[..., first, :][..., :, first]
-    v = torch.eye(n, dtype=g.dtype, device=g.device)[:, first].expand(a.shape)
+    v = torch.eye(n, dtype=g.dtype, device=g.device)[:, first].expand(a.shape).contiguous()
     held = first                 # held[j]: the index whose vector is column j (after every sweep)
     for _ in range(jacobi_sweeps(q) if sweeps is None else sweeps):
         a, v = (sweep or jacobi_sweep)(a, v)
@@ -368,8 +368,18 @@ def _compiled_jacobi_sweep():
     on a GPU). A sweep, not the whole solver, is the graph: compiling 6 (q = 4) to 12 (q = 16)
     sweeps unrolled took minutes on the CPU."""
     if not _JACOBI:
-        _JACOBI.append(torch.compile(jacobi_sweep, dynamic=True, fullgraph=True))
+        compiled = torch.compile(jacobi_sweep, dynamic=True, fullgraph=True)
+
+        def sweep(a, v):
+            # a graph per n and per batch of one (a size-1 dimension is specialised): more than
+            # dynamo's default of 8 per function, which with fullgraph=True is an error
+            with torch._dynamo.config.patch(recompile_limit=_JACOBI_RECOMPILE_LIMIT):
+                return compiled(a, v)
+        _JACOBI.append(sweep)
     return _JACOBI[0]
+
+
+_JACOBI_RECOMPILE_LIMIT = 64
 
 
 def _svd_from_eigh(b: torch.Tensor, b64: torch.Tensor, values: torch.Tensor,
