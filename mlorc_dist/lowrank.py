@@ -172,11 +172,13 @@ def takes_gpu_rules(device) -> bool:
 def uses_gram_algebra(a: torch.Tensor) -> bool:
     """The fixed rule for the range finder's small linear algebra: batches (3-D) of float32
     blocks on a GPU use cholesky_qr and gram_eigh_svd (batched GEMMs, one batched Cholesky and
-    one batched eigh for the whole batch); everything else (CPU, float64, a single GPU block)
-    uses Householder QR and SVD. Measured on an H100 (bench/gpu_algebra.py, 4096 x 4 sketches,
+    one batched eigendecomposition for the whole batch); everything else (CPU, float64, a single
+    GPU block) uses Householder QR and SVD (a single float32 GPU block takes gram_eigh_svd for
+    its SVD all the same: uses_jacobi). Measured on an H100 (bench/gpu_algebra.py, 4096 x 4 sketches,
     docs/BENCHMARKS.md): a batch of 8, QR 0.79 -> 0.49 ms and SVD 3.18 -> 0.75 ms (cuSOLVER's
     batched SVD makes a call per matrix); a single block, QR 0.11 vs 0.46 ms and SVD 0.48 vs
-    0.57 ms, so a single block keeps cuSOLVER. All of these are host-bound there."""
+    0.57 ms (with eigh; jacobi_eigh is untimed there), so a single block keeps cuSOLVER's QR.
+    All of these are host-bound there."""
     return takes_gpu_rules(a.device) and a.dtype == torch.float32 and a.dim() == 3
 
 
@@ -503,8 +505,9 @@ def compress_range(moment, rank: int, oversample: int, niter: int, seeds: list[i
 
 def finish_compress(pending: list[tuple]) -> list[tuple]:
     """compress_batch's second half for several batches, [(basis, small, rank)] ->
-    [(U, s, Vh)]: their Gram-algebra small SVDs in one eigh call per sketch width
-    (gram_eigh_svds), so a step synchronises once for all its batches on a GPU."""
+    [(U, s, Vh)]: their Gram-algebra small SVDs in one eigensolver call per sketch width
+    (gram_eigh_svds): jacobi_eigh's sweeps once for all the step's batches (no synchronisation),
+    or, for q > JACOBI_MAX_WIDTH, one eigh (one synchronisation) for all of them."""
     svds = gram_eigh_svds([small for _, small, _ in pending])
     return [factors_from_range(basis, small, rank, svd) for (basis, small, rank), svd in zip(pending, svds)]
 

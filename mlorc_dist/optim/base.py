@@ -648,7 +648,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
 
     def _local_update_batches(self, bodies: list[tuple]) -> None:
         """_local_update_batched's work, with the small SVDs of Gram-algebra batches (a GPU's
-        float32 batches) left in self._deferred: one eigh call for all of them afterwards."""
+        float32 batches) left in self._deferred: one eigensolver call for all of them afterwards
+        (lowrank.finish_compress)."""
         batches: dict[tuple, list] = {}
         for body in bodies:
             group, plan, value = body[0], body[1], body[2]
