@@ -311,7 +311,7 @@ def jacobi_eigh(g: torch.Tensor, sweeps: int | None = None,
     rotation touches. The eigenvector signs are arbitrary, as eigh's."""
     q = g.shape[-1]
     n = q + q % 2
-    first, perm = _circle_layouts(n)
+    first, _ = _circle_layouts(n)
     a = torch.nn.functional.pad(g, (0, n - q, 0, n - q)) if n != q else g
     a = a[..., first, :][..., :, first]
     v = torch.eye(n, dtype=g.dtype, device=g.device)[:, first].expand(a.shape).contiguous()
@@ -330,9 +330,9 @@ def jacobi_sweep(a: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.
     round turns the n / 2 pairs (i, i + n / 2) at once by t = tan(theta), the smaller root of
     t^2 + 2 tau t - 1 = 0 with tau = (a_rr - a_pp) / (2 a_pr) (Golub and Van Loan's sym.schur2;
     t = 0 where |a_pr| <= eps sqrt(|a_pp a_rr|), a pair already decoupled: turning it by up to
-    45 degrees made repeated eigenvalues converge linearly), sets the pairs' entries to their exact values (a_pr = 0, a_pp - t a_pr,
-    a_rr + t a_pr: this keeps rank-deficient matrices converging quadratically), then moves to
-    the next round's layout by a fixed permutation."""
+    45 degrees made repeated eigenvalues converge linearly), sets the pairs' entries to their
+    exact values (a_pr = 0, a_pp - t a_pr, a_rr + t a_pr: this keeps rank-deficient matrices
+    converging quadratically), then moves to the next round's layout by a fixed permutation."""
     n = a.shape[-1]
     half = n // 2
     _, perm = _circle_layouts(n)
