@@ -8,6 +8,7 @@ built from the same steps; `gaussian_test_matrix` is shared so that both draw th
 """
 from __future__ import annotations
 
+import math
 import os
 import zlib
 from typing import NamedTuple
@@ -38,6 +39,10 @@ __all__ = [
     "compress_range",
     "finish_compress",
     "gram_eigh_svds",
+    "JACOBI_MAX_WIDTH",
+    "uses_jacobi",
+    "jacobi_sweeps",
+    "jacobi_eigh",
     "range_and_small",
     "factors_from_range",
     "range_finder_svd",
@@ -134,7 +139,7 @@ def hashed_normal(seeds: list[int], rows: int, cols: int, dtype: torch.dtype,
     golden), key_b = splitmix64(seeds[b]) (a counter-based generator: no state, no per-matrix
     call). One small copy of the B keys to the device and a fixed number of operators, whatever
     B; the same numbers on every device up to the last bit of float64 log and cos."""
-    keys = torch.tensor([_splitmix64(s) for s in seeds], dtype=torch.int64)
+    keys = _mix64(torch.tensor(seeds, dtype=torch.int64))             # seeds are 63-bit: no wrap
     keys = keys.to(device, non_blocking=True)
     counter = torch.arange(1, rows * cols + 1, dtype=torch.int64, device=device)   # (rows cols,)
     z = _mix64(keys[:, None] + counter * _GOLDEN)                                 # (B, rows cols)
@@ -167,12 +172,31 @@ def takes_gpu_rules(device) -> bool:
 def uses_gram_algebra(a: torch.Tensor) -> bool:
     """The fixed rule for the range finder's small linear algebra: batches (3-D) of float32
     blocks on a GPU use cholesky_qr and gram_eigh_svd (batched GEMMs, one batched Cholesky and
-    one batched eigh for the whole batch); everything else (CPU, float64, a single GPU block)
-    uses Householder QR and SVD. Measured on an H100 (bench/gpu_algebra.py, 4096 x 4 sketches,
+    one batched eigendecomposition for the whole batch); everything else (CPU, float64, a single
+    GPU block) uses Householder QR and SVD (a single float32 GPU block takes gram_eigh_svd for
+    its SVD all the same: uses_jacobi). Measured on an H100 (bench/gpu_algebra.py, 4096 x 4 sketches,
     docs/BENCHMARKS.md): a batch of 8, QR 0.79 -> 0.49 ms and SVD 3.18 -> 0.75 ms (cuSOLVER's
     batched SVD makes a call per matrix); a single block, QR 0.11 vs 0.46 ms and SVD 0.48 vs
-    0.57 ms, so a single block keeps cuSOLVER. All of these are host-bound there."""
+    0.57 ms (with eigh; jacobi_eigh is untimed there), so a single block keeps cuSOLVER's QR.
+    All of these are host-bound there."""
     return takes_gpu_rules(a.device) and a.dtype == torch.float32 and a.dim() == 3
+
+
+# The widest Gram matrix (q = rank + oversample) whose eigendecomposition takes jacobi_eigh; wider
+# ones take torch.linalg.eigh (a host synchronisation on a GPU). A sweep is q - 1 rounds of
+# q x q work in one compiled graph, and there are 3 ceil(log2 q) sweeps: measured with inductor's
+# C++ on this project's 2-core CPU VM (448 matrices, float64), q = 4 compiles in 30 s and runs
+# in 2.3 ms (LAPACK's eigh 0.8 ms), q = 8 in 67 s and 60 ms (eigh 3.3), q = 16 in 160 s and
+# 190 ms (eigh 9); on a GPU it is untimed.
+JACOBI_MAX_WIDTH = 8
+
+
+def uses_jacobi(b: torch.Tensor) -> bool:
+    """Whether the small SVD of b (.., q, n) takes the Gram algebra with jacobi_eigh although it
+    is not a batch (uses_gram_algebra): a lone float32 block under the GPU rules with q <=
+    JACOBI_MAX_WIDTH. (Its range finder keeps Householder QR, which does not synchronise.)"""
+    return (takes_gpu_rules(b.device) and b.dtype == torch.float32
+            and b.shape[-2] <= JACOBI_MAX_WIDTH)
 
 
 def orthonormal_basis(y: torch.Tensor) -> torch.Tensor:
@@ -210,35 +234,42 @@ def cholesky_qr(y: torch.Tensor, passes: int = 2) -> torch.Tensor:
 
 def small_svd(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The thin SVD (U (.., q, q), s (.., q) descending, Vh (.., q, n)) of the range finder's
-    small matrix b (.., q, n), q <= n: gram_eigh_svd where uses_gram_algebra, else torch.linalg.svd."""
-    if uses_gram_algebra(b):
+    small matrix b (.., q, n), q <= n: gram_eigh_svd where uses_gram_algebra or uses_jacobi (a
+    lone float32 block under the GPU rules: no cuSOLVER SVD, whose error check synchronises),
+    else torch.linalg.svd."""
+    if uses_gram_algebra(b) or uses_jacobi(b):
         return gram_eigh_svd(b)
     return torch.linalg.svd(b, full_matrices=False)
 
 
 def gram_eigh_svd(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """small_svd from the eigendecomposition of the float64 Gram matrix b b^T (.., q, q) = W
-    diag(s^2) W^T: U = W, Vh = diag(1/s) W^T b. One batched eigh (on a GPU it synchronises
-    once, where a batched SVD of (.., q, n) makes a call per matrix). A singular value under
-    1e-7 s_max (accurate to ~1e-16 (s_max / s)^2 only, and below float32 rounding of b) is
-    returned as 0 with a zero row of Vh: the product U diag(s) Vh is what the caller keeps.
-    Returns b's dtype."""
+    diag(s^2) W^T: U = W, Vh = diag(1/s) W^T b. The eigendecomposition is jacobi_eigh (one
+    compiled call, no synchronisation) for q <= JACOBI_MAX_WIDTH, else one batched
+    torch.linalg.eigh (on a GPU it synchronises once; still one call where a batched SVD of
+    (.., q, n) makes a call per matrix). A singular value under 1e-7 s_max (accurate to ~1e-16
+    (s_max / s)^2 only, and below float32 rounding of b) is returned as 0 with a zero row of Vh:
+    the product U diag(s) Vh is what the caller keeps. Returns b's dtype."""
     return gram_eigh_svds([b])[0]
 
 
 def gram_eigh_svds(smalls: list) -> list[tuple]:
-    """gram_eigh_svd of several batches of small matrices (.., q, n_i) with one eigh call for
-    all of them per q (the Gram matrices are q x q whatever n_i): on a GPU one synchronisation
-    (eigh's error check) where a call per batch made one each."""
+    """gram_eigh_svd of several batches of small matrices (.., q, n_i) with one eigensolver call
+    for all of them per q (the Gram matrices are q x q whatever n_i): no synchronisation for
+    q <= JACOBI_MAX_WIDTH, one (eigh's error check) for each wider q."""
     grams = [b.to(_GRAM_DTYPE) for b in smalls]
     by_width: dict[tuple, list[int]] = {}
     for i, b64 in enumerate(grams):
         by_width.setdefault((b64.shape[-2], b64.device), []).append(i)
     out: list = [None] * len(smalls)
-    for members in by_width.values():
+    for (width, _), members in by_width.items():
         products = [grams[i] @ grams[i].mT for i in members]                 # (.., q, q) each
-        batch = torch.cat([p.reshape(-1, *p.shape[-2:]) for p in products])
-        values, vectors = torch.linalg.eigh(batch)                           # ascending
+        batch = products[0].reshape(-1, width, width) if len(products) == 1 else \
+            torch.cat([p.reshape(-1, width, width) for p in products])
+        if width <= JACOBI_MAX_WIDTH:
+            values, vectors = jacobi_eigh(batch, sweep=_compiled_jacobi_sweep())   # ascending
+        else:
+            values, vectors = torch.linalg.eigh(batch)                       # ascending
         start = 0
         for i, p in zip(members, products):
             count = p[..., 0, 0].numel()
@@ -246,6 +277,111 @@ def gram_eigh_svds(smalls: list) -> list[tuple]:
                                     vectors[start:start + count].view(p.shape))
             start += count
     return out
+
+
+def jacobi_sweeps(q: int) -> int:
+    """jacobi_eigh's fixed number of sweeps for q x q matrices: 3 ceil(log2 q). Measured on float64
+    batches (random symmetric, PSD of rank q / 2, two eigenvalues of multiplicity q / 2, clusters
+    1e-9 apart; tests/test_jacobi.py): V diag(w) V^T = G to ~1e-15 max|G| after 4 sweeps at
+    q = 4, 8 at q = 8, 10 at q = 16 (rank-deficient PSD and repeated eigenvalues are the
+    slowest); the formula leaves one or two sweeps to spare."""
+    return 3 * max(1, math.ceil(math.log2(max(q, 2))))
+
+
+def _circle_layouts(n: int) -> tuple[list[int], list[int]]:
+    """The round-robin (circle method) order of n (even) indices as layouts in which round k
+    pairs position i with position i + n / 2: the first round's layout, and the permutation
+    that takes each round's layout to the next one's (new position j holds old position
+    perm[j]); after n - 1 rounds, every pair has met once and the layout is the first again."""
+    half, order = n // 2, list(range(n))
+    first = order[:half] + order[half:][::-1]
+    following = [order[0], order[-1], *order[1:-1]]
+    return first, [first.index(x) for x in following[:half] + following[half:][::-1]]
+
+
+def jacobi_eigh(g: torch.Tensor, sweeps: int | None = None,
+                sweep=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (.., q) ascending and eigenvectors (.., q, q) of symmetric g (.., q, q), as
+    torch.linalg.eigh returns them, by the cyclic Jacobi method in the round-robin parallel
+    order with a fixed number of sweeps (jacobi_sweeps(q) when None): tensor operators only, no
+    data-dependent control flow and no error check, so no host synchronisation. `sweep` runs one
+    sweep (jacobi_sweep, or its compiled form: _compiled_jacobi_sweep, one call per sweep for the
+    whole batch). The matrix is kept in a layout in which a round's pairs are the positions
+    (i, i + q / 2) (_circle_layouts). An odd q is padded with a zero row and column that no
+    rotation touches. The eigenvector signs are arbitrary, as eigh's."""
+    q = g.shape[-1]
+    n = q + q % 2
+    first, _ = _circle_layouts(n)
+    a = torch.nn.functional.pad(g, (0, n - q, 0, n - q)) if n != q else g
+    a = a[..., first, :][..., :, first]
+    v = torch.eye(n, dtype=g.dtype, device=g.device)[:, first].expand(a.shape).contiguous()
+    held = first                 # held[j]: the index whose vector is column j (after every sweep)
+    for _ in range(jacobi_sweeps(q) if sweeps is None else sweeps):
+        a, v = (sweep or jacobi_sweep)(a, v)
+    kept = [j for j in range(n) if held[j] < q]                # not the padding's column
+    values, order = a.diagonal(dim1=-2, dim2=-1)[..., kept].sort(dim=-1)
+    vectors = v[..., :q, kept]
+    return values, vectors.gather(-1, order[..., None, :].expand(vectors.shape))
+
+
+def jacobi_sweep(a: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sweep of jacobi_eigh: its n - 1 rounds on a (.., n, n) (n even, in _circle_layouts'
+    layout) and the eigenvectors so far v (.., n, n); returns both, in the same layout. Each
+    round turns the n / 2 pairs (i, i + n / 2) at once by t = tan(theta), the smaller root of
+    t^2 + 2 tau t - 1 = 0 with tau = (a_rr - a_pp) / (2 a_pr) (Golub and Van Loan's sym.schur2;
+    t = 0 where |a_pr| <= eps sqrt(|a_pp a_rr|), a pair already decoupled: turning it by up to
+    45 degrees made repeated eigenvalues converge linearly), sets the pairs' entries to their
+    exact values (a_pr = 0, a_pp - t a_pr, a_rr + t a_pr: this keeps rank-deficient matrices
+    converging quadratically), then moves to the next round's layout by a fixed permutation."""
+    n = a.shape[-1]
+    half = n // 2
+    _, perm = _circle_layouts(n)
+    eye = torch.eye(n, dtype=torch.bool, device=a.device)
+    pairs = torch.eye(half, dtype=torch.bool, device=a.device).repeat(2, 2) & ~eye
+    for _ in range(n - 1):
+        diagonal = a.diagonal(dim1=-2, dim2=-1)
+        a_pp, a_rr = diagonal[..., :half], diagonal[..., half:]
+        a_pr = a[..., :half, half:].diagonal(dim1=-2, dim2=-1)                 # (.., n/2)
+        # a pair already decoupled to rounding (|a_pr| <= eps sqrt(|a_pp a_rr|)) does not turn
+        zero = a_pr.abs() <= torch.finfo(a.dtype).eps * (a_pp * a_rr).abs().sqrt()
+        tau = (a_rr - a_pp) / (2 * torch.where(zero, torch.ones_like(a_pr), a_pr))
+        t = torch.where(tau >= 0, 1.0, -1.0) / (tau.abs() + torch.hypot(torch.ones_like(tau), tau))
+        t = torch.where(zero, torch.zeros_like(t), t)
+        c = torch.rsqrt(1 + t * t)
+        s = t * c
+        top, bottom, cr, sr = a[..., :half, :], a[..., half:, :], c[..., :, None], s[..., :, None]
+        a = torch.cat([cr * top - sr * bottom, sr * top + cr * bottom], dim=-2)            # J^T a
+        left, right, cc, sc = a[..., :half], a[..., half:], c[..., None, :], s[..., None, :]
+        a = torch.cat([cc * left - sc * right, sc * left + cc * right], dim=-1)            # (J^T a) J
+        exact = torch.cat([a_pp - t * a_pr, a_rr + t * a_pr], dim=-1)
+        a = torch.where(eye, torch.diag_embed(exact), torch.where(pairs, 0.0, a))
+        left, right = v[..., :half], v[..., half:]
+        v = torch.cat([cc * left - sc * right, sc * left + cc * right], dim=-1)            # v J
+        a, v = a[..., perm, :][..., :, perm], v[..., :, perm]
+    return a, v
+
+
+_JACOBI: list = []
+
+
+def _compiled_jacobi_sweep():
+    """jacobi_sweep compiled by torch.compile (one graph per n; the batch size is dynamic): one
+    call per sweep for a whole batch of Gram matrices (inductor's C++ on the CPU, Triton kernels
+    on a GPU). A sweep, not the whole solver, is the graph: compiling 6 (q = 4) to 12 (q = 16)
+    sweeps unrolled took minutes on the CPU."""
+    if not _JACOBI:
+        compiled = torch.compile(jacobi_sweep, dynamic=True, fullgraph=True)
+
+        def sweep(a, v):
+            # a graph per n and per batch of one (a size-1 dimension is specialised): more than
+            # dynamo's default of 8 per function, which with fullgraph=True is an error
+            with torch._dynamo.config.patch(recompile_limit=_JACOBI_RECOMPILE_LIMIT):
+                return compiled(a, v)
+        _JACOBI.append(sweep)
+    return _JACOBI[0]
+
+
+_JACOBI_RECOMPILE_LIMIT = 64
 
 
 def _svd_from_eigh(b: torch.Tensor, b64: torch.Tensor, values: torch.Tensor,
@@ -369,8 +505,9 @@ def compress_range(moment, rank: int, oversample: int, niter: int, seeds: list[i
 
 def finish_compress(pending: list[tuple]) -> list[tuple]:
     """compress_batch's second half for several batches, [(basis, small, rank)] ->
-    [(U, s, Vh)]: their Gram-algebra small SVDs in one eigh call per sketch width
-    (gram_eigh_svds), so a step synchronises once for all its batches on a GPU."""
+    [(U, s, Vh)]: their Gram-algebra small SVDs in one eigensolver call per sketch width
+    (gram_eigh_svds): jacobi_eigh's sweeps once for all the step's batches (no synchronisation),
+    or, for q > JACOBI_MAX_WIDTH, one eigh (one synchronisation) for all of them."""
     svds = gram_eigh_svds([small for _, small, _ in pending])
     return [factors_from_range(basis, small, rank, svd) for (basis, small, rank), svd in zip(pending, svds)]
 

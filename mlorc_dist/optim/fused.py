@@ -25,6 +25,8 @@ recompile.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..lowrank import negative_fill_value, takes_gpu_rules
@@ -41,6 +43,7 @@ __all__ = [
     "adamw_blocks_",
     "lion_blocks_",
     "compiled",
+    "Stacked",
 ]
 
 
@@ -154,13 +157,14 @@ def _written_in_place(tensors: list) -> None:
 def adamw_blocks_(ws: list, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Tensor, v_us: torch.Tensor,
                   v_vh: torch.Tensor, floors: torch.Tensor, beta1: float, beta2: float, step_sizes: list,
                   eps: float, decay: float, v_out: torch.Tensor, roundings: list | None = None,
-                  stacked: torch.Tensor | None = None) -> None:
+                  stacked=None) -> None:
     """adamw_block_ on every body of a batch: ws (B weights (k, n)), g (B, k, n) in the compute
     dtype, the factors stacked ((B, k, r), (B, r, n)), floors (B,) (the second moment's), one
     step size per body, v_out (B, k, n), roundings (one rounding.Rounding per body: bf16 weights
     written stochastically; None: to nearest). On the CPU one call of the C++ kernel (blocks.cpp);
     elsewhere one call of the compiled adamw_block_ for the whole batch, on the weights gathered
-    into `stacked` (a (B, k, n) workspace of the weights' dtype; a lone body is updated in place)."""
+    into `stacked` (a (B, k, n) workspace of the weights' dtype, or a Stacked of it and its rows;
+    a lone body is updated in place)."""
     if runs_cpu_kernels(g):
         cpu_kernels.extension().adamw_blocks(ws, g, m_us.contiguous(), m_vh.contiguous(), v_us.contiguous(),
                                              v_vh.contiguous(), floors, beta1, beta2, step_sizes, eps,
@@ -171,7 +175,7 @@ def adamw_blocks_(ws: list, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Ten
     compiled(adamw_block_)(w, g, m_us, m_vh, v_us, v_vh, floors.to(g.dtype),
                            *scalars(beta1, beta2, like=g), _per_body(step_sizes, g),
                            *scalars(eps, decay, like=g), v_out, _round_keys(roundings, g.device))
-    _scattered(w, ws)
+    _scattered(w, ws, stacked)
 
 
 def lion_blocks_(ws: list, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Tensor, beta1: float,
@@ -186,7 +190,7 @@ def lion_blocks_(ws: list, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Tens
         return
     w = _gathered(ws, stacked)
     compiled(lion_block_)(w, g, m_us, m_vh, *scalars(beta1, lr, decay, like=g), _round_keys(roundings, g.device))
-    _scattered(w, ws)
+    _scattered(w, ws, stacked)
 
 
 def _round_keys(roundings: list | None, device) -> torch.Tensor | None:
@@ -205,23 +209,29 @@ def _per_body(values: list, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True)
 
 
-def _gathered(ws: list, stacked: torch.Tensor | None) -> torch.Tensor:
+class Stacked(NamedTuple):
+    """A batch's (B, k, n) weight workspace and its B rows (views, made once by the optimizer)."""
+    tensor: torch.Tensor
+    rows: list
+
+
+def _gathered(ws: list, stacked) -> torch.Tensor:
     """The B weights (k, n) as one (B, k, n) tensor: a view of a lone body's own weight, else
-    `stacked` filled by one multi-tensor copy."""
+    `stacked` (a Stacked, or a plain (B, k, n) tensor) filled by one stack."""
     if len(ws) == 1:
         return ws[0][None]
-    if stacked is None or stacked.shape != (len(ws), *ws[0].shape) or stacked.dtype != ws[0].dtype:
+    tensor = stacked.tensor if isinstance(stacked, Stacked) else stacked
+    if tensor is None or tensor.shape != (len(ws), *ws[0].shape) or tensor.dtype != ws[0].dtype:
         raise ValueError(f"a batch of {len(ws)} weights {tuple(ws[0].shape)} {ws[0].dtype} needs a stacked "
                          f"workspace of that shape and dtype")
-    torch._foreach_copy_(list(stacked.unbind(0)), ws)
-    return stacked
+    return torch.stack(ws, out=tensor)
 
 
-def _scattered(w: torch.Tensor, ws: list) -> None:
-    """Write the updated (B, k, n) weights back into the B bodies (nothing for a lone body,
-    updated in place)."""
+def _scattered(w: torch.Tensor, ws: list, stacked=None) -> None:
+    """Write the updated (B, k, n) weights back into the B bodies by one multi-tensor copy from
+    w's rows (Stacked's, when given; nothing for a lone body, updated in place)."""
     if len(ws) > 1:
-        torch._foreach_copy_(ws, list(w.unbind(0)))
+        torch._foreach_copy_(ws, stacked.rows if isinstance(stacked, Stacked) else list(w.unbind(0)))
 
 
 # Graphs allowed per fused function: ranks 1..UNROLLED_RANK, x parameter dtypes, x bodies of
