@@ -39,18 +39,17 @@ def test_batches_give_bitwise_the_result_of_one_batch(monkeypatch, cls):
             assert torch.equal(value, other) if torch.is_tensor(value) else value == other, key
 
 
-def test_global_step_workspace_is_one_batch_and_planned(monkeypatch):
-    """Eight 512 x 256 matrices, batches of two: the step's extra memory is one batch's (about a
-    quarter of all at once), within the planner's bound, which it also equals to 3 %."""
+def _one_batch_workspaces(monkeypatch, cls, optimizer: str, block: int):
+    """Eight 512 x 256 matrices in global scope: the step workspace of all at once, then with
+    batches of two, and the planner's step workspace for the batched run, in bytes."""
     from mlorc_dist.memory import planner
-    from mlorc_dist.memory.planner import MLORC_STEP_WORKSPACE, PlanSettings, plan_model
+    from mlorc_dist.memory.planner import PlanSettings, plan_model
     from mlorc_dist.memory.workspace import measure_step_workspace_bytes
     from mlorc_dist.models import llama_config
     shapes = [(512, 256)] * 8
-    block = 512 * 256
 
     def make(ps):
-        return mlorc_dist.MLorcAdamW([{"params": ps, "lowrank": True}], rank=4, scope="global")
+        return cls([{"params": ps, "lowrank": True}], rank=4, scope="global")
     all_at_once = measure_step_workspace_bytes(make, shapes)
     monkeypatch.setattr(base, "BATCH_ELEMENTS", 2 * block)
     monkeypatch.setattr(planner, "BATCH_ELEMENTS", 2 * block)
@@ -58,8 +57,17 @@ def test_global_step_workspace_is_one_batch_and_planned(monkeypatch):
     module = torch.nn.Module()
     module.blocks = torch.nn.ParameterList([torch.nn.Parameter(torch.empty(s, device="meta")) for s in shapes])
     planned = plan_model(module, llama_config("tiny", 2048),
-                         PlanSettings(engine="single", optimizer="mlorc-adamw", rank=4, scope="global"), "blocks")
+                         PlanSettings(engine="single", optimizer=optimizer, rank=4, scope="global"), "blocks")
     ws = [v for k, v in planned.transients.items() if k.startswith("step workspace")][0]
+    return all_at_once, measured, ws
+
+
+def test_global_step_workspace_is_one_batch_and_planned(monkeypatch):
+    """Eight 512 x 256 matrices, batches of two: the step's extra memory is one batch's (about a
+    quarter of all at once), within the planner's bound, which it also equals to 3 %."""
+    from mlorc_dist.memory.planner import MLORC_STEP_WORKSPACE
+    block = 512 * 256
+    all_at_once, measured, ws = _one_batch_workspaces(monkeypatch, mlorc_dist.MLorcAdamW, "mlorc-adamw", block)
     ws_rule = MLORC_STEP_WORKSPACE[4]
     assert ws == 4 * (ws_rule["global"] * 2 * block + ws_rule["global_block"] * block)
     assert measured <= ws * 1.03, (measured, ws)
@@ -68,23 +76,6 @@ def test_global_step_workspace_is_one_batch_and_planned(monkeypatch):
 
 def test_mofasgd_global_step_workspace_is_one_batch_and_planned(monkeypatch):
     """MoFaSGD's global step also holds one batch of matrices at a time, within the planner's bound."""
-    from mlorc_dist.memory import planner
-    from mlorc_dist.memory.planner import PlanSettings, plan_model
-    from mlorc_dist.memory.workspace import measure_step_workspace_bytes
-    from mlorc_dist.models import llama_config
-    shapes = [(512, 256)] * 8
-    block = 512 * 256
-
-    def make(ps):
-        return mlorc_dist.MoFaSGD([{"params": ps, "lowrank": True}], rank=4, scope="global")
-    all_at_once = measure_step_workspace_bytes(make, shapes)
-    monkeypatch.setattr(base, "BATCH_ELEMENTS", 2 * block)
-    monkeypatch.setattr(planner, "BATCH_ELEMENTS", 2 * block)
-    measured = measure_step_workspace_bytes(make, shapes)
-    module = torch.nn.Module()
-    module.blocks = torch.nn.ParameterList([torch.nn.Parameter(torch.empty(s, device="meta")) for s in shapes])
-    planned = plan_model(module, llama_config("tiny", 2048),
-                         PlanSettings(engine="single", optimizer="mofasgd", rank=4, scope="global"), "blocks")
-    ws = [v for k, v in planned.transients.items() if k.startswith("step workspace")][0]
+    all_at_once, measured, ws = _one_batch_workspaces(monkeypatch, mlorc_dist.MoFaSGD, "mofasgd", 512 * 256)
     assert measured <= ws * 1.03, (measured, ws)
     assert measured < 0.4 * all_at_once, (measured, all_at_once)

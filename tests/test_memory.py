@@ -54,8 +54,12 @@ def launch(out: Path, runs: list[str], port: int, *extra: str) -> None:
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
-    out = tmp_path_factory.mktemp("memory")
-    launch(out, RUNS, 29731, "--model", "tiny", "--vocab", str(VOCAB), "--micro-batch", str(MICRO),
+    return launch_tiny(tmp_path_factory.mktemp("memory"), RUNS, 29731, VOCAB)
+
+
+def launch_tiny(out: Path, runs: list[str], port: int, vocab: int) -> Path:
+    """memory_worker's runs of the "tiny" Llama with `vocab` tokens, 2 steps; their reports in `out`."""
+    launch(out, runs, port, "--model", "tiny", "--vocab", str(vocab), "--micro-batch", str(MICRO),
            "--seq", str(SEQ), "--rank", str(RANK), "--steps", "2")
     return out
 
@@ -187,10 +191,7 @@ ADAPTER_RUNS = ["zero3:lora", "zero2:lora", "zero1:lora", "fsdp2:lora", "zero2:s
 
 @pytest.fixture(scope="module")
 def adapter_reports(tmp_path_factory):
-    out = tmp_path_factory.mktemp("memory_adapters")
-    launch(out, ADAPTER_RUNS, 29734, "--model", "tiny", "--vocab", str(ADAPTER_VOCAB), "--micro-batch",
-           str(MICRO), "--seq", str(SEQ), "--rank", str(RANK), "--steps", "2")
-    return out
+    return launch_tiny(tmp_path_factory.mktemp("memory_adapters"), ADAPTER_RUNS, 29734, ADAPTER_VOCAB)
 
 
 @pytest.mark.parametrize("spec", ADAPTER_RUNS)
@@ -228,10 +229,7 @@ BACKWARD_RUNS = ["fsdp2:mlorc-adamw:pbf16", "fsdp2:mlorc-adamw:pbf16:local:sib",
 
 @pytest.fixture(scope="module")
 def backward_reports(tmp_path_factory):
-    out = tmp_path_factory.mktemp("memory_backward")
-    launch(out, BACKWARD_RUNS, 29696, "--model", "tiny", "--vocab", str(ADAPTER_VOCAB), "--micro-batch",
-           str(MICRO), "--seq", str(SEQ), "--rank", str(RANK), "--steps", "2")
-    return out
+    return launch_tiny(tmp_path_factory.mktemp("memory_backward"), BACKWARD_RUNS, 29696, ADAPTER_VOCAB)
 
 
 def _unit_shard_bytes(config, world: int, nbytes: int) -> dict:
