@@ -22,6 +22,25 @@ from mlorc_dist.memory.planner import (GB, GPU_SIZES_GB, PlanSettings, build_met
                                        load_config, plan_model)
 
 
+def command(args, ckpt: bool, name: str, engine: str, world: int, optimizer: str, bf16: bool, extra: str) -> str:
+    """The planner command that prints one row's plan (`extra`: the flags after the common ones)."""
+    return (f"`python -m mlorc_dist.plan --model {name} --engine {engine}"
+            + (f" --world-size {world}" if world > 1 else "") + f" --optimizer {optimizer}"
+            + (f" --rank {args.rank}" if optimizer != "adamw" else "")
+            + f" --micro-batch {args.micro_batch} --seq {args.seq}"
+            + (" --bf16" if bf16 else "") + (" --activation-checkpointing" if ckpt else "") + extra + "`")
+
+
+def row(lead: list[str], p, columns, cmd: str) -> str:
+    """One table row: the `lead` cells, columns(worst rank, its optimizer state bytes) in GB, the
+    peak, which GPU sizes it fits, the command."""
+    worst = max(p.ranks, key=lambda r: sum(r.values()))
+    state = worst["state_factors"] + worst["state_dense"] + worst["state_scalars"]
+    fits = "/".join("yes" if v else "no" for v in p.fits().values())
+    cells = lead + [f"{v / GB:.2f}" for v in columns(worst, state)] + [f"**{p.peak['peak'] / GB:.1f}**", fits, cmd]
+    return "| " + " | ".join(cells) + " |"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq", type=int, default=4096)
@@ -48,20 +67,12 @@ def main():
                                      micro_batch=args.micro_batch, seq=args.seq, bf16=True,
                                      activation_checkpointing=ckpt, batched=batched)
                     p = plan_model(meta, config, s, name)
-                    worst = max(p.ranks, key=lambda r: sum(r.values()))
-                    state = worst["state_factors"] + worst["state_dense"] + worst["state_scalars"]
-                    fits = "/".join("yes" if v else "no" for v in p.fits().values())
-                    cmd = (f"`python -m mlorc_dist.plan --model {name} --engine {engine} --world-size {world} "
-                           f"--optimizer {optimizer}" + (f" --rank {args.rank}" if optimizer != "adamw" else "")
-                           + f" --micro-batch {args.micro_batch} --seq {args.seq} --bf16"
-                           + (" --activation-checkpointing" if ckpt else "") + ("" if batched else " --no-batched") + "`")
+                    cmd = command(args, ckpt, name, engine, world, optimizer, True, "" if batched else " --no-batched")
                     label = "AdamW" if optimizer == "adamw" else f"MLorc r={args.rank}" + ("" if batched else ", batched=False")
-                    cells = [name, engine, str(world), label]
-                    cells += [f"{v / GB:.2f}" for v in (worst["weights"], worst["grads"], worst["master"], state,
-                                                        worst["staging"] + worst["engine_buffers"],
-                                                        p.activations["peak"], sum(p.transients.values()))]
-                    cells += [f"**{p.peak['peak'] / GB:.1f}**", fits, cmd]
-                    print("| " + " | ".join(cells) + " |", flush=True)
+                    print(row([name, engine, str(world), label], p, lambda worst, state: (
+                        worst["weights"], worst["grads"], worst["master"], state,
+                        worst["staging"] + worst["engine_buffers"], p.activations["peak"],
+                        sum(p.transients.values())), cmd), flush=True)
 
 
 # (label, optimizer, --bf16, --step-in-backward, --param-dtype)
@@ -85,21 +96,12 @@ def in_backward_table(args, ckpt: bool) -> None:
                                  micro_batch=args.micro_batch, seq=args.seq, bf16=bf16,
                                  activation_checkpointing=ckpt, step_in_backward=sib, param_dtype=param_dtype)
                 p = plan_model(meta, config, s, name)
-                worst = max(p.ranks, key=lambda r: sum(r.values()))
-                state = worst["state_factors"] + worst["state_dense"] + worst["state_scalars"]
-                fits = "/".join("yes" if v else "no" for v in p.fits().values())
-                cmd = (f"`python -m mlorc_dist.plan --model {name} --engine {engine}"
-                       + (f" --world-size {world}" if world > 1 else "") + f" --optimizer {optimizer}"
-                       + (f" --rank {args.rank}" if optimizer != "adamw" else "")
-                       + f" --micro-batch {args.micro_batch} --seq {args.seq}"
-                       + (" --bf16" if bf16 else "") + (" --activation-checkpointing" if ckpt else "")
-                       + (" --step-in-backward" if sib else "")
-                       + (f" --param-dtype {param_dtype}" if param_dtype != "fp32" else "") + "`")
-                cells = [name, engine, str(world), label.format(r=args.rank)]
-                cells += [f"{v / GB:.2f}" for v in (worst["weights"], worst["grads"], worst["master"], state,
-                                                    p.activations["peak"], sum(p.transients.values()))]
-                cells += [f"**{p.peak['peak'] / GB:.1f}**", fits, cmd]
-                print("| " + " | ".join(cells) + " |", flush=True)
+                cmd = command(args, ckpt, name, engine, world, optimizer, bf16,
+                              (" --step-in-backward" if sib else "")
+                              + (f" --param-dtype {param_dtype}" if param_dtype != "fp32" else ""))
+                print(row([name, engine, str(world), label.format(r=args.rank)], p, lambda worst, state: (
+                    worst["weights"], worst["grads"], worst["master"], state, p.activations["peak"],
+                    sum(p.transients.values())), cmd), flush=True)
 
 
 if __name__ == "__main__":
