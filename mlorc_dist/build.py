@@ -21,8 +21,8 @@ import hashlib
 import torch
 from torch import nn
 
-__all__ = ["meta_model", "materialize", "fill", "zero3_model", "fsdp2_units", "shard_fsdp2", "SeededInit", "init_weights", "parameter_values",
-           "has_sharded_init", "SHARDED_INIT_MODEL_TYPES"]
+__all__ = ["meta_model", "materialize", "fill", "zero3_model", "fsdp2_units", "shard_fsdp2", "SeededInit",
+           "init_weights", "parameter_values", "has_sharded_init", "SHARDED_INIT_MODEL_TYPES"]
 
 # Model types whose Hugging Face `_init_weights` these rules reproduce (norms x * w with w = 1,
 # no scaled projections). Others (Gemma's x * (1 + w) norms, GPT-2's scaled c_proj, ...) keep

@@ -541,13 +541,14 @@ def _fsdp2_units(model: torch.nn.Module) -> dict[str, int]:
     return {name: owner.get(id(p), -1) for name, p in model.named_parameters()}
 
 
-def _fsdp2_unit_numels(model: torch.nn.Module, trainable: bool = False) -> tuple[int, int]:
-    """(elements of the largest FSDP2 unit, elements left in the root); trainable=True: counting
-    trainable parameters only."""
+def _fsdp2_unit_numels(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(elements of the largest FSDP2 unit, trainable elements of the unit with the most, elements
+    left in the root)."""
     from ..build import fsdp2_units
-    counted = lambda params: sum(p.numel() for p in params if p.requires_grad or not trainable)  # noqa: E731
-    units = [counted(p for m in modules for p in m.parameters()) for _, modules, _ in fsdp2_units(model)]
-    return max(units, default=0), counted(model.parameters()) - sum(units)
+    units = [[p for m in modules for p in m.parameters()] for _, modules, _ in fsdp2_units(model)]
+    sizes = [sum(p.numel() for p in unit) for unit in units]
+    trainable = [sum(p.numel() for p in unit if p.requires_grad) for unit in units]
+    return max(sizes, default=0), max(trainable, default=0), sum(p.numel() for p in model.parameters()) - sum(sizes)
 
 
 def _single(params_by_group, settings, model_bytes, model_dtype):
@@ -645,7 +646,6 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
                  "switchlora": SWITCHLORA_STEP_WORKSPACE}.get(settings.optimizer, MLORC_STEP_WORKSPACE)
         ws = (FUSED_STEP_WORKSPACE if settings.fused else table)[2 if held_bytes == 2 else 4]
         batched = settings.batched and settings.optimizer != "mofasgd"
-        global_cap = BATCH_ELEMENTS           # global scope: one batch of whole matrices at a time
         for row in rows:
             state = _empty_state()
             calls: dict = {}      # DeepSpeed: one step() per flat tensor; FSDP2/single: one per step
@@ -665,7 +665,7 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
                         numel = plan.piece.row_count * plan.piece.matrix.cols
                         whole = plan.piece.matrix.rows * plan.piece.matrix.cols
                         batches = call["global"]   # [whole-matrix elements, this rank's] per batch
-                        if not batches or (batches[-1][0] and batches[-1][0] + whole > global_cap):
+                        if not batches or (batches[-1][0] and batches[-1][0] + whole > BATCH_ELEMENTS):
                             batches.append([0, 0])
                         batches[-1][0] += whole
                         batches[-1][1] += numel
@@ -744,8 +744,7 @@ def plan_model(model: torch.nn.Module, config, settings: PlanSettings, model_nam
             (layer_numel + prefetch) * model_bytes
         transients["unsharded layer grads before the reduce"] = layer_grads * model_bytes
     if engine == "fsdp2":
-        unit_numel, root_numel = _fsdp2_unit_numels(model)
-        layer_grads = _fsdp2_unit_numels(model, trainable=True)[0]
+        unit_numel, layer_grads, root_numel = _fsdp2_unit_numels(model)
         transients["unsharded root (what no unit holds: tied embeddings, final norm)"] = root_numel * model_bytes
         transients["unsharded unit params (the largest unit: current + prefetch)"] = 2 * unit_numel * model_bytes
         reduce_bytes = shard_bytes      # reduce_dtype fp32 with --bf16; no policy: the param dtype
