@@ -148,15 +148,13 @@ def run(spec: str, steps: int, early_steps: int, out: Path, counter: CollectiveC
 
     if engine_name == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
         import mlorc_dist
+        from mlorc_dist.build import shard_fsdp2
         from torch.distributed.fsdp import MixedPrecisionPolicy
         mesh = init_device_mesh("cpu", (world,))
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
                                       reduce_dtype=torch.float32 if precision == "bf16" else None)
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
+        shard_fsdp2(model, mesh, policy)     # launch/train.py's units and CPU collectives
         if opt_name == "adamw":
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-30, weight_decay=0.0)
         else:
