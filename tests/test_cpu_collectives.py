@@ -1,5 +1,6 @@
-"""shard_fsdp2's CPU collectives: the in-place chunk_cat equals torch._chunk_cat, and a real
-FSDP2 run at world sizes 2 and 3 gives FSDP2's own gradients bit for bit."""
+"""The CPU collectives: shard_fsdp2's in-place chunk_cat equals torch._chunk_cat; real FSDP2 runs
+at world sizes 2 and 3 give FSDP2's own gradients, and ZeRO-3's reduce-scatter with
+gloo_reduce_scatter DeepSpeed's own results, bit for bit."""
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ import torch
 from mlorc_dist.build import CPUReduceScatter, chunk_cat_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "dist" / "fsdp2_collectives_worker.py"
+WORKER = ROOT / "tests" / "dist" / "cpu_collectives_worker.py"
 
 
 @pytest.mark.parametrize("chunks", [1, 2, 3, 4, 7])
@@ -37,8 +38,8 @@ def test_chunk_cat_rows_and_the_reduce_scatter_refuse_what_they_do_not_do():
 
 
 @pytest.mark.parametrize("world,port", [(2, 29690), (3, 29691)])
-def test_shard_fsdp2_gives_fsdp2s_own_gradients_bitwise(tmp_path, world, port):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+def test_cpu_collectives_give_the_engines_own_results_bitwise(tmp_path, world, port):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
                              "--master_port", str(port), str(WORKER), str(tmp_path)],
                             env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -50,3 +51,5 @@ def test_shard_fsdp2_gives_fsdp2s_own_gradients_bitwise(tmp_path, world, port):
         assert all(torch.equal(stock[k], ours[k]) for k in stock), [k for k in stock if not torch.equal(stock[k], ours[k])]
         assert all(v.abs().sum() > 0 for v in ours.values())
         assert saved["unshard_in_backward"] == {"embeddings": False, "layer 0": True, "layer 1": True, "output": True}
+        for stock_case, ours_case in zip(saved["zero3_stock"], saved["zero3_ours"], strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(stock_case, ours_case, strict=True))
