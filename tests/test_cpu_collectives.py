@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlorc_dist.build import CPUReduceScatter, chunk_cat_rows
+from mlorc_dist.cpu_collectives import CPUReduceScatter, chunk_cat_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist" / "cpu_collectives_worker.py"

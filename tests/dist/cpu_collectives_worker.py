@@ -41,13 +41,13 @@ def gradients(model, batches) -> dict[str, torch.Tensor]:
 
 def zero3_reduce_scatters(rank: int):
     from deepspeed.runtime.comm import coalesced_collectives
-    from mlorc_dist.deepspeed import gloo_reduce_scatter, reduce_scatter_in_place_on_gloo
+    from mlorc_dist.cpu_collectives import gloo_reduce_scatter, zero3_reduce_scatter_on_gloo
     g = torch.Generator().manual_seed(3 + rank)
     cases = [[(1001, 40)], [(12, 6)], [(1001, 40), (61,), (7, 5)]]
     results = {}
     for name in ("stock", "ours"):
         if name == "ours":
-            assert reduce_scatter_in_place_on_gloo()
+            assert zero3_reduce_scatter_on_gloo()
             assert coalesced_collectives._torch_reduce_scatter_fn is gloo_reduce_scatter
         g.manual_seed(3 + rank)
         results[name] = [[part.clone() for part in coalesced_collectives.reduce_scatter_coalesced(
