@@ -188,8 +188,8 @@ def uses_gram_algebra(a: torch.Tensor) -> bool:
 # ones take torch.linalg.eigh (a host synchronisation on a GPU). A sweep is q - 1 rounds of
 # q x q work in one compiled graph, and there are 3 ceil(log2 q) sweeps: measured with inductor's
 # C++ on this project's 2-core CPU VM (448 matrices, float64), q = 4 compiles in 30 s and runs
-# in 2.3 ms (LAPACK's eigh 0.8 ms), q = 8 in 67 s and 60 ms (eigh 3.3), q = 16 in 160 s and
-# 190 ms (eigh 9); on a GPU it is untimed.
+# in 2.3 ms (LAPACK's eigh 0.8 ms; unrolled, UNROLLED_JACOBI_WIDTH: ~40 s and 0.67 ms), q = 8 in
+# 67 s and 60 ms (eigh 3.3), q = 16 in 160 s and 190 ms (eigh 9); on a GPU it is untimed.
 JACOBI_MAX_WIDTH = 8
 
 
