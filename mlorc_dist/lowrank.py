@@ -43,6 +43,8 @@ __all__ = [
     "uses_jacobi",
     "jacobi_sweeps",
     "jacobi_eigh",
+    "UNROLLED_JACOBI_WIDTH",
+    "jacobi_sweep_unrolled",
     "range_and_small",
     "factors_from_range",
     "range_finder_svd",
@@ -186,8 +188,8 @@ def uses_gram_algebra(a: torch.Tensor) -> bool:
 # ones take torch.linalg.eigh (a host synchronisation on a GPU). A sweep is q - 1 rounds of
 # q x q work in one compiled graph, and there are 3 ceil(log2 q) sweeps: measured with inductor's
 # C++ on this project's 2-core CPU VM (448 matrices, float64), q = 4 compiles in 30 s and runs
-# in 2.3 ms (LAPACK's eigh 0.8 ms), q = 8 in 67 s and 60 ms (eigh 3.3), q = 16 in 160 s and
-# 190 ms (eigh 9); on a GPU it is untimed.
+# in 2.3 ms (LAPACK's eigh 0.8 ms; unrolled, UNROLLED_JACOBI_WIDTH: ~40 s and 0.67 ms), q = 8 in
+# 67 s and 60 ms (eigh 3.3), q = 16 in 160 s and 190 ms (eigh 9); on a GPU it is untimed.
 JACOBI_MAX_WIDTH = 8
 
 
@@ -267,7 +269,7 @@ def gram_eigh_svds(smalls: list) -> list[tuple]:
         batch = products[0].reshape(-1, width, width) if len(products) == 1 else \
             torch.cat([p.reshape(-1, width, width) for p in products])
         if width <= JACOBI_MAX_WIDTH:
-            values, vectors = jacobi_eigh(batch, sweep=_compiled_jacobi_sweep())   # ascending
+            values, vectors = jacobi_eigh(batch, compiled=True)   # ascending
         else:
             values, vectors = torch.linalg.eigh(batch)                       # ascending
         start = 0
@@ -300,28 +302,120 @@ def _circle_layouts(n: int) -> tuple[list[int], list[int]]:
 
 
 def jacobi_eigh(g: torch.Tensor, sweeps: int | None = None,
-                sweep=None) -> tuple[torch.Tensor, torch.Tensor]:
+                compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (.., q) ascending and eigenvectors (.., q, q) of symmetric g (.., q, q), as
     torch.linalg.eigh returns them, by the cyclic Jacobi method in the round-robin parallel
     order with a fixed number of sweeps (jacobi_sweeps(q) when None): tensor operators only, no
-    data-dependent control flow and no error check, so no host synchronisation. `sweep` runs one
-    sweep (jacobi_sweep, or its compiled form: _compiled_jacobi_sweep, one call per sweep for the
-    whole batch). The matrix is kept in a layout in which a round's pairs are the positions
-    (i, i + q / 2) (_circle_layouts). An odd q is padded with a zero row and column that no
-    rotation touches. The eigenvector signs are arbitrary, as eigh's."""
+    data-dependent control flow and no error check, so no host synchronisation. compiled=True
+    runs each sweep as one compiled call for the whole batch (_compiled_sweep; inductor's C++ on
+    the CPU, Triton on a GPU), False the same function eagerly. For q <= UNROLLED_JACOBI_WIDTH a
+    sweep is jacobi_sweep_unrolled on the matrices stored entry-major ((q, q, B): an entry of
+    every matrix in one contiguous row), else jacobi_sweep on (B, n, n) in _circle_layouts'
+    layout, an odd q padded with a zero row and column that no rotation touches. The
+    eigenvector signs are arbitrary, as eigh's."""
     q = g.shape[-1]
-    n = q + q % 2
-    first, _ = _circle_layouts(n)
-    a = torch.nn.functional.pad(g, (0, n - q, 0, n - q)) if n != q else g
-    a = a[..., first, :][..., :, first]
-    v = torch.eye(n, dtype=g.dtype, device=g.device)[:, first].expand(a.shape).contiguous()
-    held = first                 # held[j]: the index whose vector is column j (after every sweep)
-    for _ in range(jacobi_sweeps(q) if sweeps is None else sweeps):
-        a, v = (sweep or jacobi_sweep)(a, v)
-    kept = [j for j in range(n) if held[j] < q]                # not the padding's column
-    values, order = a.diagonal(dim1=-2, dim2=-1)[..., kept].sort(dim=-1)
-    vectors = v[..., :q, kept]
+    count = jacobi_sweeps(q) if sweeps is None else sweeps
+    if q <= UNROLLED_JACOBI_WIDTH:
+        a = g.reshape(-1, q * q).mT.reshape(q, q, -1).contiguous()           # (q, q, B)
+        v = torch.eye(q, dtype=g.dtype, device=g.device)[..., None].expand(a.shape).contiguous()
+        sweep = _compiled_sweep(jacobi_sweep_unrolled) if compiled else jacobi_sweep_unrolled
+        for _ in range(count if any(_round_robin_pairs(q)) and a.shape[-1] else 0):
+            a, v = sweep(a, v)
+        values = a.diagonal(dim1=0, dim2=1).reshape(*g.shape[:-1])           # (.., q)
+        vectors = v.permute(2, 0, 1).reshape(g.shape)                        # (.., q, q)
+    else:
+        n = q + q % 2
+        first, _ = _circle_layouts(n)
+        a = torch.nn.functional.pad(g, (0, n - q, 0, n - q)) if n != q else g
+        a = a[..., first, :][..., :, first]
+        v = torch.eye(n, dtype=g.dtype, device=g.device)[:, first].expand(a.shape).contiguous()
+        sweep = _compiled_sweep(jacobi_sweep) if compiled else jacobi_sweep
+        for _ in range(count):
+            a, v = sweep(a, v)
+        kept = [j for j in range(n) if first[j] < q]   # first[j]: the index whose vector is column j
+        values, vectors = a.diagonal(dim1=-2, dim2=-1)[..., kept], v[..., :q, kept]
+    values, order = values.sort(dim=-1)
     return values, vectors.gather(-1, order[..., None, :].expand(vectors.shape))
+
+
+# The widest Gram matrix whose Jacobi sweep is jacobi_sweep_unrolled (each entry of every matrix a
+# tensor of the batch: one fused loop over the batch). Measured on this project's 2-core CPU VM,
+# float64, 6 compiled sweeps at q = 4: 32 matrices 0.49 ms, 448 matrices 0.67 ms (jacobi_sweep
+# on (B, 4, 4): 0.83 and 3.0 ms), compiled in ~40 s. At q = 8 the unrolled sweep (~3000 operators)
+# made GCC 12 fail with an internal compiler error, and split into one compiled call per round it
+# compiled for 450 s and cost 15.7 ms for 32 matrices: wider matrices keep jacobi_sweep.
+UNROLLED_JACOBI_WIDTH = 4
+
+
+def _round_robin_pairs(q: int) -> list[list[tuple[int, int]]]:
+    """The rounds of a sweep over q indices in the circle method's order (_circle_layouts' rounds,
+    n = q rounded up to even): round k's disjoint pairs (p, r), every pair of the q indices once
+    per sweep. For an odd q, the pairs with the padding index n - 1 (a rotation by 0) are left out."""
+    n = q + q % 2
+    layout, perm = _circle_layouts(n)
+    rounds = []
+    for _ in range(n - 1):
+        rounds.append([(layout[i], layout[i + n // 2]) for i in range(n // 2)
+                       if layout[i] < q and layout[i + n // 2] < q])
+        layout = [layout[j] for j in perm]
+    return rounds
+
+
+def _rotation(a_pp: torch.Tensor, a_rr: torch.Tensor, a_pr: torch.Tensor) -> tuple:
+    """(t, c, s) of the Jacobi rotation that zeroes a_pr (jacobi_sweep's docstring): t = tan(theta),
+    the smaller root of t^2 + 2 tau t - 1 = 0, tau = (a_rr - a_pp) / (2 a_pr); t = 0 where |a_pr|
+    <= eps sqrt(|a_pp a_rr|). Elementwise on tensors of any shape."""
+    zero = a_pr.abs() <= torch.finfo(a_pr.dtype).eps * (a_pp * a_rr).abs().sqrt()
+    tau = (a_rr - a_pp) / (2 * torch.where(zero, torch.ones_like(a_pr), a_pr))
+    t = torch.where(tau >= 0, 1.0, -1.0) / (tau.abs() + torch.hypot(torch.ones_like(tau), tau))
+    t = torch.where(zero, torch.zeros_like(t), t)
+    c = torch.rsqrt(1 + t * t)
+    return t, c, t * c
+
+
+def jacobi_sweep_unrolled(a: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sweep of jacobi_eigh for q <= UNROLLED_JACOBI_WIDTH, unrolled over the entries: a and
+    the eigenvectors so far v are (q, q, B) (entry (i, j) of the B matrices is row [i, j]), and
+    every operator is elementwise on (B,) rows, so that a compiled sweep is a loop over the batch.
+    The rounds and rotations are jacobi_sweep's (_round_robin_pairs, _rotation): a round's angles
+    come from the matrix at its start; each 2 x 2 block between two of its pairs is turned by
+    both rotations (J_1^T block J_2, its mirror set to the transpose: a stays exactly symmetric);
+    a pair's own entries are set to their exact values (a_pr = 0, a_pp - t a_pr, a_rr + t a_pr);
+    for an odd q, the round's unpaired index has its entries with each pair turned by that pair's
+    rotation alone (what jacobi_sweep's zero padding does)."""
+    q = a.shape[0]
+    e = {}
+    for i in range(q):
+        for j in range(i, q):
+            e[i, j] = e[j, i] = a[i, j]
+    w = [[v[i, j] for j in range(q)] for i in range(q)]
+    for pairs in _round_robin_pairs(q):
+        turns = [(p, r, *_rotation(e[p, p], e[r, r], e[p, r])) for p, r in pairs]
+        unpaired = [k for k in range(q) if all(k not in pair for pair in pairs)]     # odd q: one
+        for p, r, _, c, s in turns:
+            for k in unpaired:
+                x, y = e[k, p], e[k, r]
+                e[k, p] = e[p, k] = c * x - s * y
+                e[k, r] = e[r, k] = s * x + c * y
+        for k, (p1, r1, _, c1, s1) in enumerate(turns):
+            for p2, r2, _, c2, s2 in turns[k + 1:]:
+                x, y, z, u = e[p1, p2], e[p1, r2], e[r1, p2], e[r1, r2]
+                x, z = c1 * x - s1 * z, s1 * x + c1 * z                    # rows p1, r1: J_1^T
+                y, u = c1 * y - s1 * u, s1 * y + c1 * u
+                x, y = c2 * x - s2 * y, s2 * x + c2 * y                    # columns p2, r2: J_2
+                z, u = c2 * z - s2 * u, s2 * z + c2 * u
+                e[p1, p2] = e[p2, p1] = x
+                e[p1, r2] = e[r2, p1] = y
+                e[r1, p2] = e[p2, r1] = z
+                e[r1, r2] = e[r2, r1] = u
+        for p, r, t, c, s in turns:
+            a_pr = e[p, r]
+            e[p, p], e[r, r] = e[p, p] - t * a_pr, e[r, r] + t * a_pr
+            e[p, r] = e[r, p] = torch.zeros_like(a_pr)
+            for i in range(q):
+                w[i][p], w[i][r] = c * w[i][p] - s * w[i][r], s * w[i][p] + c * w[i][r]   # v J
+    return (torch.stack([e[i, j] for i in range(q) for j in range(q)]).view(a.shape),
+            torch.stack([w[i][j] for i in range(q) for j in range(q)]).view(v.shape))
 
 
 def jacobi_sweep(a: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,13 +436,7 @@ def jacobi_sweep(a: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.
         diagonal = a.diagonal(dim1=-2, dim2=-1)
         a_pp, a_rr = diagonal[..., :half], diagonal[..., half:]
         a_pr = a[..., :half, half:].diagonal(dim1=-2, dim2=-1)                 # (.., n/2)
-        # a pair already decoupled to rounding (|a_pr| <= eps sqrt(|a_pp a_rr|)) does not turn
-        zero = a_pr.abs() <= torch.finfo(a.dtype).eps * (a_pp * a_rr).abs().sqrt()
-        tau = (a_rr - a_pp) / (2 * torch.where(zero, torch.ones_like(a_pr), a_pr))
-        t = torch.where(tau >= 0, 1.0, -1.0) / (tau.abs() + torch.hypot(torch.ones_like(tau), tau))
-        t = torch.where(zero, torch.zeros_like(t), t)
-        c = torch.rsqrt(1 + t * t)
-        s = t * c
+        t, c, s = _rotation(a_pp, a_rr, a_pr)     # a pair decoupled to rounding does not turn
         top, bottom, cr, sr = a[..., :half, :], a[..., half:, :], c[..., :, None], s[..., :, None]
         a = torch.cat([cr * top - sr * bottom, sr * top + cr * bottom], dim=-2)            # J^T a
         left, right, cc, sc = a[..., :half], a[..., half:], c[..., None, :], s[..., None, :]
@@ -361,24 +449,24 @@ def jacobi_sweep(a: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.
     return a, v
 
 
-_JACOBI: list = []
+_JACOBI: dict = {}
 
 
-def _compiled_jacobi_sweep():
-    """jacobi_sweep compiled by torch.compile (one graph per n; the batch size is dynamic): one
-    call per sweep for a whole batch of Gram matrices (inductor's C++ on the CPU, Triton kernels
-    on a GPU). A sweep, not the whole solver, is the graph: compiling 6 (q = 4) to 12 (q = 16)
-    sweeps unrolled took minutes on the CPU."""
-    if not _JACOBI:
-        compiled = torch.compile(jacobi_sweep, dynamic=True, fullgraph=True)
+def _compiled_sweep(fn):
+    """A Jacobi sweep function (jacobi_sweep or jacobi_sweep_unrolled) compiled by torch.compile
+    (one graph per matrix size; the batch size is dynamic): one call per sweep for a whole batch
+    of Gram matrices (inductor's C++ on the CPU, Triton kernels on a GPU). A sweep, not the whole
+    solver, is the graph: compiling 6 (q = 4) to 12 (q = 16) sweeps unrolled took minutes on the CPU."""
+    if fn not in _JACOBI:
+        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
 
         def sweep(a, v):
             # a graph per n and per batch of one (a size-1 dimension is specialised): more than
             # dynamo's default of 8 per function, which with fullgraph=True is an error
             with torch._dynamo.config.patch(recompile_limit=_JACOBI_RECOMPILE_LIMIT):
                 return compiled(a, v)
-        _JACOBI.append(sweep)
-    return _JACOBI[0]
+        _JACOBI[fn] = sweep
+    return _JACOBI[fn]
 
 
 _JACOBI_RECOMPILE_LIMIT = 64

@@ -73,15 +73,35 @@ def test_jacobi_sweeps_leave_room_to_spare():
             assert ((rebuilt - g).norm(dim=(-2, -1)) / g.norm(dim=(-2, -1))).max() < 1e-12, (q, kind)
 
 
-def test_the_compiled_sweep_computes_the_eager_sweep():
-    g = _batches(4)["psd rank q/2"]
+@pytest.mark.parametrize("q", [3, 4, 6])
+def test_the_compiled_sweep_computes_the_eager_sweep(q):
+    """Both sweeps (jacobi_sweep_unrolled for q <= UNROLLED_JACOBI_WIDTH, jacobi_sweep above).
+    Distinct eigenvalues for q = 6: a repeated one's eigenvectors are any basis of its space, and
+    the compiled sweep rounds differently."""
+    g = _batches(q)["psd rank q/2" if q <= lowrank.UNROLLED_JACOBI_WIDTH else "random"]
     eager = lowrank.jacobi_eigh(g)
-    compiled = lowrank.jacobi_eigh(g, sweep=lowrank._compiled_jacobi_sweep())
+    compiled = lowrank.jacobi_eigh(g, compiled=True)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
     # another batch size: the same graph (dynamic batch dimension)
-    small = lowrank.jacobi_eigh(g[:5], sweep=lowrank._compiled_jacobi_sweep())
+    small = lowrank.jacobi_eigh(g[:5], compiled=True)
     torch.testing.assert_close(small[0], eager[0][:5], rtol=0, atol=1e-13)
+
+
+def test_the_unrolled_sweep_is_the_rotations_of_jacobi_sweep():
+    """One sweep of jacobi_sweep_unrolled turns the same pairs by the same angles as jacobi_sweep
+    (the same rounds, stored another way): after one sweep the diagonals agree to rounding."""
+    g = _symmetric(_batches(4, seed=2)["random"])
+    for q in (3, 4):
+        unrolled = lowrank.jacobi_eigh(g[..., :q, :q], sweeps=1)
+        n = q + q % 2                                   # jacobi_sweep's padded circle layout
+        first, _ = lowrank._circle_layouts(n)
+        a = torch.nn.functional.pad(g[..., :q, :q], (0, n - q, 0, n - q))[..., first, :][..., :, first]
+        v = torch.eye(n, dtype=g.dtype)[:, first].expand(a.shape).contiguous()
+        a, v = lowrank.jacobi_sweep(a, v)
+        kept = [j for j in range(n) if first[j] < q]
+        values, order = a.diagonal(dim1=-2, dim2=-1)[..., kept].sort(dim=-1)
+        torch.testing.assert_close(unrolled[0], values, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("shape", [(6, 4, 30), (4, 40)])
