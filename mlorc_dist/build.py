@@ -255,4 +255,3 @@ def build_model(config, *, engine: str, seed: int, device: torch.device, init_fr
             return model
     fill(model, device, model_source(model, seed, init_from))
     return model
-

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 
 __all__ = ["fsdp2_collectives_on_cpu", "CPUAllGather", "CPUReduceScatter", "chunk_cat_rows",
-           "zero3_reduce_scatter_on_gloo", "gloo_reduce_scatter"]
+           "reduce_scatter_in_place", "zero3_reduce_scatter_on_gloo", "gloo_reduce_scatter"]
 
 
 def fsdp2_collectives_on_cpu(unit, all_gather: "CPUAllGather") -> None:
@@ -131,32 +131,34 @@ class CPUReduceScatter(ReduceScatter):
         if async_op:
             raise ValueError("CPUReduceScatter runs synchronously; FSDP2 asked for an asynchronous "
                              "reduce-scatter")
-        # gloo's reduce-scatter all-reduces a clone of its input, then copies this rank's part out:
-        # the same all-reduce in place on FSDP2's scratch buffer gives the same numbers without
-        # a second copy of the unit's gradient
-        dist.all_reduce(input_tensor, op=op, group=group)
-        output_tensor.copy_(input_tensor.view(group.size(), -1)[group.rank()])
+        reduce_scatter_in_place(input_tensor, output_tensor, group, op)     # on FSDP2's scratch buffer
         input_tensor.untyped_storage().resize_(0)     # FSDP2's own way of freeing a buffer it still references
         return None
+
+
+def reduce_scatter_in_place(input_tensor: torch.Tensor, output_tensor: torch.Tensor, group=None,
+                            op=dist.ReduceOp.SUM) -> None:
+    """reduce_scatter_tensor(output_tensor, input_tensor) on gloo without its clone: gloo's
+    reduce-scatter all-reduces a clone of its input and copies this rank's part out; the same
+    all-reduce in place on a buffer the caller may overwrite gives the same numbers, bit for bit.
+    The output may be a view of this rank's part of the input (then there is nothing to copy)."""
+    dist.all_reduce(input_tensor, op=op, group=group)
+    part = input_tensor.view(dist.get_world_size(group), -1)[dist.get_rank(group)]
+    if part.data_ptr() != output_tensor.data_ptr():
+        output_tensor.copy_(part.view_as(output_tensor))
 
 
 def gloo_reduce_scatter(input_tensor: torch.Tensor, output_tensor: torch.Tensor, group=None, async_op=False,
                         prof=False):
     """ZeRO-3's reduce-scatter of a gradient bucket (deepspeed.runtime.comm.coalesced_collectives,
-    same arguments) on gloo: an all-reduce of the bucket in place, then this rank's part.
-
-    gloo's reduce_scatter_tensor all-reduces a clone of its input and copies this rank's part
-    out. ZeRO-3's input is a buffer of its own (or a gradient it drops next) and its output a
-    view of that buffer, as NCCL's in-place reduce-scatter allows, so the clone is a whole
-    bucket more (for a 32000 x 2048 output projection, reduced alone: 250 MB) for the same sums,
-    bit for bit."""
+    same arguments) on gloo: reduce_scatter_in_place. ZeRO-3's input is a buffer of its own (or a
+    gradient it drops next) and its output a view of that buffer, as NCCL's in-place
+    reduce-scatter allows, so gloo's clone is a whole bucket more (for a 32000 x 2048 output
+    projection, reduced alone: 250 MB) for the same sums."""
     if async_op:
         raise ValueError("gloo_reduce_scatter runs synchronously; DeepSpeed asked for an asynchronous "
                          "reduce-scatter")
-    dist.all_reduce(input_tensor, group=group)
-    part = input_tensor.view(dist.get_world_size(group), -1)[dist.get_rank(group)]
-    if part.data_ptr() != output_tensor.data_ptr():
-        output_tensor.copy_(part.view_as(output_tensor))
+    reduce_scatter_in_place(input_tensor, output_tensor, group)
 
 
 def zero3_reduce_scatter_on_gloo() -> bool:

@@ -247,12 +247,13 @@ def initialize(*args, model=None, config=None, mlorc: dict | None = None, **kwar
     if unresolved:
         raise ValueError(f"DeepSpeed config values {unresolved} are \"auto\": launch/train.py and the Hugging Face "
                          "Trainer fill those in; called directly, initialize needs numbers there")
-    if (config.get("zero_optimization") or {}).get("stage", 0) == 3:
+    stage = (config.get("zero_optimization") or {}).get("stage", 0)
+    if stage == 3:
         from .cpu_collectives import zero3_reduce_scatter_on_gloo
         if zero3_reduce_scatter_on_gloo():
             logger.info("ZeRO-3 on gloo: gradient buckets reduce-scattered by an in-place all-reduce (no clone)")
     adapter = dict(config.pop("adapter", {}) or {})
-    if adapter.get("type") == "switchlora" and (config.get("zero_optimization") or {}).get("stage", 0) == 3:
+    if adapter.get("type") == "switchlora" and stage == 3:
         raise ValueError("SwitchLoRA needs whole W, A and B on every rank: ZeRO-3 shards them (use ZeRO-1/2)")
     if adapter:
         model = _apply_adapter(model, adapter)
