@@ -15,6 +15,9 @@ from typing import NamedTuple
 
 import torch
 
+from .compiled_range import MAX_WIDTH as COMPILED_RANGE_WIDTH
+from .compiled_range import compiled, hashed_normal_of, sketched_range, weyl_sequence
+
 __all__ = [
     "compute_dtype_for",
     "times_skinny",
@@ -108,32 +111,6 @@ def gaussian_test_matrices(cols: int, width: int, seeds: list[int], dtype: torch
     return hashed_normal(seeds, cols, width, dtype, device)
 
 
-# splitmix64's constants, as signed 64-bit integers (torch's int64 arithmetic wraps)
-_GOLDEN, _MIX1, _MIX2 = -7046029254386353131, -4658895280553007687, -7723592293110705685
-_U64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    """splitmix64's output function on a Python int (the same steps as _mix64 on tensors)."""
-    x &= _U64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _U64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _U64
-    x ^= x >> 31
-    return x - (1 << 64) if x >> 63 else x
-
-
-def _logical_shift(z: torch.Tensor, bits: int) -> torch.Tensor:
-    """z >> bits on int64 as on unsigned 64-bit integers (torch shifts signed ones arithmetically)."""
-    return (z >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def _mix64(z: torch.Tensor) -> torch.Tensor:
-    """splitmix64's output function, elementwise on int64 (wrapping multiplication)."""
-    z = (z ^ _logical_shift(z, 30)) * _MIX1
-    z = (z ^ _logical_shift(z, 27)) * _MIX2
-    return z ^ _logical_shift(z, 31)
-
-
 def hashed_normal(seeds: list[int], rows: int, cols: int, dtype: torch.dtype,
                   device: torch.device | str = "cpu") -> torch.Tensor:
     """(B, rows, cols) standard normals, matrix b a function of seeds[b] alone: entry i of
@@ -141,15 +118,8 @@ def hashed_normal(seeds: list[int], rows: int, cols: int, dtype: torch.dtype,
     golden), key_b = splitmix64(seeds[b]) (a counter-based generator: no state, no per-matrix
     call). One small copy of the B keys to the device and a fixed number of operators, whatever
     B; the same numbers on every device up to the last bit of float64 log and cos."""
-    keys = _mix64(torch.tensor(seeds, dtype=torch.int64))             # seeds are 63-bit: no wrap
-    keys = keys.to(device, non_blocking=True)
-    counter = torch.arange(1, rows * cols + 1, dtype=torch.int64, device=device)   # (rows cols,)
-    z = _mix64(keys[:, None] + counter * _GOLDEN)                                 # (B, rows cols)
-    high = _logical_shift(z, 32).to(torch.float64)
-    low = (z & 0xFFFFFFFF).to(torch.float64)
-    radius = torch.sqrt(-2.0 * torch.log((high + 0.5) * 2.0 ** -32))     # (0, 1) -> no log(0)
-    normal = radius * torch.cos((2.0 * torch.pi * 2.0 ** -32) * low)
-    return normal.view(len(seeds), rows, cols).to(dtype)
+    seeds = torch.tensor(seeds, dtype=torch.int64).to(device, non_blocking=True)
+    return hashed_normal_of(seeds, weyl_sequence(rows * cols, device), rows, cols).to(dtype)
 
 
 GPU_RULES_ON_CPU = "MLORC_GPU_RULES_ON_CPU"
@@ -449,27 +419,13 @@ def jacobi_sweep(a: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.
     return a, v
 
 
-_JACOBI: dict = {}
-
-
 def _compiled_sweep(fn):
     """A Jacobi sweep function (jacobi_sweep or jacobi_sweep_unrolled) compiled by torch.compile
-    (one graph per matrix size; the batch size is dynamic): one call per sweep for a whole batch
-    of Gram matrices (inductor's C++ on the CPU, Triton kernels on a GPU). A sweep, not the whole
-    solver, is the graph: compiling 6 (q = 4) to 12 (q = 16) sweeps unrolled took minutes on the CPU."""
-    if fn not in _JACOBI:
-        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
-
-        def sweep(a, v):
-            # a graph per n and per batch of one (a size-1 dimension is specialised): more than
-            # dynamo's default of 8 per function, which with fullgraph=True is an error
-            with torch._dynamo.config.patch(recompile_limit=_JACOBI_RECOMPILE_LIMIT):
-                return compiled(a, v)
-        _JACOBI[fn] = sweep
-    return _JACOBI[fn]
-
-
-_JACOBI_RECOMPILE_LIMIT = 64
+    (compiled_range.compiled: one graph per matrix size; the batch size is dynamic): one call
+    per sweep for a whole batch of Gram matrices (inductor's C++ on the CPU, Triton kernels on a
+    GPU). A sweep, not the whole solver, is the graph: compiling 6 (q = 4) to 12 (q = 16) sweeps
+    unrolled took minutes on the CPU."""
+    return compiled(fn)
 
 
 def _svd_from_eigh(b: torch.Tensor, b64: torch.Tensor, values: torch.Tensor,
@@ -587,8 +543,24 @@ def defers_small_svd(moment, bodies: int) -> bool:
 
 def compress_range(moment, rank: int, oversample: int, niter: int, seeds: list[int]):
     """compress_batch's first half for a batch (defers_small_svd): (basis, small) of
-    range_and_small; the moment is not needed after it."""
-    return range_and_small(*_products(moment), rank, oversample, niter, seeds)
+    range_and_small; the moment is not needed after it. A sketch of at most COMPILED_RANGE_WIDTH
+    columns takes one compiled call for the batch (compiled_range.sketched_range: the same steps
+    with the Cholesky QRs unrolled), wider ones range_and_small's operators."""
+    unformed = isinstance(moment, MomentUpdate)
+    dense = moment.dense if unformed else moment
+    m, n = dense.shape[-2:]
+    width = sketch_width(rank, oversample, m, n)
+    if len(seeds) != dense.shape[0]:
+        raise ValueError(f"a batch of {dense.shape[0]} matrices needs as many seeds, got {len(seeds)}")
+    if width > COMPILED_RANGE_WIDTH:
+        return range_and_small(*_products(moment), rank, oversample, niter, seeds)
+    if unformed:
+        keep, mix = (torch.as_tensor(x, dtype=dense.dtype).reshape(()) for x in (moment.keep, moment.mix))
+        parts = (moment.us, moment.vh, keep, mix)
+    else:
+        parts = (None, None, None, None)
+    keys = torch.tensor(seeds, dtype=torch.int64).to(dense.device, non_blocking=True)
+    return compiled(sketched_range)(dense, *parts, keys, weyl_sequence(n * width, dense.device), width, niter)
 
 
 def finish_compress(pending: list[tuple]) -> list[tuple]:

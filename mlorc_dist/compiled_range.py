@@ -1,0 +1,167 @@
+"""The range finder of a batch under the GPU rules as one compiled call per moment.
+
+Where lowrank.uses_gram_algebra holds (float32 batches on a GPU, or on the CPU under
+MLORC_GPU_RULES_ON_CPU=1), a batch's range finder for one moment, drawing its test matrices,
+the products with the moment, three Cholesky QRs (niter = 1) and the small matrix, is
+`sketched_range`: plain torch operators on tensors, compiled by torch.compile into one call for
+the whole batch (Triton kernels and cuBLAS on a GPU, inductor's C++ and MKL on the CPU), where
+the same steps run eagerly were ~50 operators per moment and batch (each a launch and host time
+on a GPU). The small SVD that follows stays with lowrank.finish_compress (one Jacobi
+eigensolver for every batch of a step).
+
+The pieces, each a pure function that runs eagerly too (tests compare them):
+- hashed_normal_of: the counter-based standard normals of lowrank.hashed_normal, from a tensor of
+  seeds and the Weyl sequence as an input tensor;
+- cholesky_qr_unrolled: lowrank.cholesky_qr with its q x q Cholesky factorisation and triangular
+  solve written entry by entry (q <= MAX_WIDTH), so that the compiler fuses them with the Gram
+  matrix into loops over the batch;
+- sketched_range: lowrank.range_and_small of a tensor or a MomentUpdate's parts.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["MAX_WIDTH", "compiled", "weyl_sequence", "hashed_normal_of", "mix64", "splitmix64",
+           "cholesky_qr_unrolled", "sketched_range"]
+
+# The widest sketch whose range finder is one compiled call (the Cholesky factorisation is
+# unrolled: q (q + 1) / 2 entries); wider sketches run lowrank.range_and_small's operators.
+MAX_WIDTH = 8
+
+# splitmix64's constants, as signed 64-bit integers (torch's int64 arithmetic wraps)
+GOLDEN, _MIX1, _MIX2 = -7046029254386353131, -4658895280553007687, -7723592293110705685
+_U64 = (1 << 64) - 1
+
+
+def splitmix64(x: int) -> int:
+    """splitmix64's output function on a Python int (the same steps as mix64 on tensors)."""
+    x &= _U64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _U64
+    x ^= x >> 31
+    return x - (1 << 64) if x >> 63 else x
+
+
+def _logical_shift(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """z >> bits on int64 as on unsigned 64-bit integers (torch shifts signed ones arithmetically)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's output function, elementwise on int64 (wrapping multiplication)."""
+    z = (z ^ _logical_shift(z, 30)) * _MIX1
+    z = (z ^ _logical_shift(z, 27)) * _MIX2
+    return z ^ _logical_shift(z, 31)
+
+
+_WEYL: dict = {}
+
+
+def weyl_sequence(count: int, device) -> torch.Tensor:
+    """(i + 1) golden for i < count, int64 wrapping (splitmix64's counter), made once per length
+    and device. An input of the compiled function, not an arange inside it: inductor folded
+    arange * constant into its index arithmetic, which does not wrap as int64 does (measured:
+    wrong values from the 2nd element on)."""
+    key = (count, torch.device(device))
+    if key not in _WEYL:
+        _WEYL[key] = (torch.arange(1, count + 1, dtype=torch.int64) * GOLDEN).to(device)
+    return _WEYL[key]
+
+
+def hashed_normal_of(seeds: torch.Tensor, weyl: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(B, rows, cols) float64 standard normals from int64 seeds (B,) and weyl_sequence(rows cols):
+    entry i of matrix b is the Box-Muller transform of the two 32-bit halves of
+    splitmix64(key_b + (i + 1) golden), key_b = splitmix64(seeds[b]) (lowrank.hashed_normal)."""
+    z = mix64(mix64(seeds)[:, None] + weyl)                                  # (B, rows cols)
+    high = _logical_shift(z, 32).to(torch.float64)
+    low = (z & 0xFFFFFFFF).to(torch.float64)
+    radius = torch.sqrt(-2.0 * torch.log((high + 0.5) * 2.0 ** -32))     # (0, 1) -> no log(0)
+    normal = radius * torch.cos((2.0 * torch.pi * 2.0 ** -32) * low)
+    return normal.view(seeds.shape[0], rows, cols)
+
+
+def cholesky_qr_unrolled(y: torch.Tensor, passes: int = 2) -> torch.Tensor:
+    """lowrank.cholesky_qr of a batch y (B, m, q), q <= MAX_WIDTH: the same shifted Cholesky QR
+    in float64, twice, with L (L L^T = y^T y + shift) computed entry by entry as (B,) tensors
+    (column Cholesky, as LAPACK's unblocked potrf) and Q = y L^-T column by column (forward
+    substitution). A diagonal that rounding takes below the smallest normal number is clamped
+    to it (cholesky_ex would stop there). Returns y's dtype."""
+    m, q = y.shape[-2:]
+    basis = y.to(torch.float64)
+    eps, tiny = torch.finfo(torch.float64).eps, torch.finfo(torch.float64).tiny
+    for _ in range(passes):
+        gram = basis.mT @ basis                                              # (B, q, q)
+        shift = 11 * (m * q + q * (q + 1)) * eps * gram.diagonal(dim1=-2, dim2=-1).sum(-1) + tiny
+        lower: dict = {}
+        for j in range(q):
+            d = gram[:, j, j] + shift
+            for k in range(j):
+                d = d - lower[j, k] * lower[j, k]
+            lower[j, j] = torch.sqrt(torch.clamp_min(d, tiny))
+            for i in range(j + 1, q):
+                e = gram[:, i, j]
+                for k in range(j):
+                    e = e - lower[i, k] * lower[j, k]
+                lower[i, j] = e / lower[j, j]
+        columns = []
+        for j in range(q):                                  # y_j = sum_{k <= j} Q_k L[j, k]
+            c = basis[:, :, j]
+            for k in range(j):
+                c = c - lower[j, k][:, None] * columns[k]
+            columns.append(c / lower[j, j][:, None])
+        basis = torch.stack(columns, dim=-1)
+    return basis.to(y.dtype)
+
+
+def sketched_range(dense: torch.Tensor, us: torch.Tensor | None, vh: torch.Tensor | None,
+                   keep: torch.Tensor | None, mix: torch.Tensor | None, seeds: torch.Tensor,
+                   weyl: torch.Tensor, width: int, niter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """lowrank.range_and_small of a batch: the orthonormal basis (B, m, q) of A's range and the
+    small matrix basis^T A (B, q, n), for A = dense (B, m, n), or A = keep us @ vh + mix dense
+    (a MomentUpdate: us (B, m, r), vh (B, r, n), keep and mix 0-d tensors; A is not formed), with
+    the test matrices hashed_normal_of(seeds) (n, width) and niter power iterations. The
+    products with dense are in the fast orientation (lowrank.times_skinny, skinny_t_times)."""
+    omega = hashed_normal_of(seeds, weyl, dense.shape[-1], width).to(dense.dtype)
+
+    def times(x):                                           # A x, x (B, n, q)
+        y = (x.mT @ dense.mT).mT
+        return y if us is None else mix * y + keep * (us @ (vh @ x))
+
+    def t_times(x):                                         # x^T A, x (B, m, q)
+        y = x.mT @ dense
+        return y if us is None else mix * y + keep * ((x.mT @ us) @ vh)
+
+    basis = cholesky_qr_unrolled(times(omega))
+    for _ in range(niter):
+        z = cholesky_qr_unrolled(t_times(basis).mT)
+        basis = cholesky_qr_unrolled(times(z))
+    return basis, t_times(basis)
+
+
+# Graphs allowed per compiled function: one per width, niter, form (tensor or MomentUpdate),
+# dtype and size-1 dimension (specialised), with room to spare; dynamo's default is 8, which
+# with fullgraph=True is an error.
+RECOMPILE_LIMIT = 64
+
+_COMPILED: dict = {}
+
+
+def compiled(fn):
+    """fn compiled once per process by torch.compile (dynamic shapes: a new batch size or block
+    shape does not recompile; one graph per fn). A failure to compile (no C++ compiler for the
+    CPU, no Triton for a GPU) is a RuntimeError that says so: the GPU rules never run another
+    computation quietly."""
+    if fn not in _COMPILED:
+        graph = torch.compile(fn, dynamic=True, fullgraph=True)
+
+        def call(*args):
+            try:
+                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                    return graph(*args)
+            except Exception as error:     # torch.compile's errors have many types; all end here
+                raise RuntimeError(
+                    f"torch.compile could not build {fn.__name__} ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0] if str(error) else ''}). The GPU rules need a working "
+                    f"torch.compile (Triton on a GPU, a C++ compiler under MLORC_GPU_RULES_ON_CPU=1).") from error
+        _COMPILED[fn] = call
+    return _COMPILED[fn]
