@@ -21,12 +21,32 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["MAX_WIDTH", "compiled", "weyl_sequence", "hashed_normal_of", "mix64", "splitmix64",
+__all__ = ["MAX_WIDTH", "UNROLLED_RANK", "rank_sum", "compiled", "weyl_sequence", "hashed_normal_of", "mix64", "splitmix64",
            "cholesky_qr_unrolled", "sketched_range"]
 
 # The widest sketch whose range finder is one compiled call (the Cholesky factorisation is
 # unrolled: q (q + 1) / 2 entries); wider sketches run lowrank.range_and_small's operators.
 MAX_WIDTH = 8
+
+# Up to this inner size a product with a low-rank factor is unrolled (rank_sum): the fused
+# step's rebuild inside its elementwise kernel (2 r multiply-adds per entry, no m x n
+# temporary), the range finder's products with the factors inside the kernels around them;
+# above it, a GEMM (an unrolled sum of 64
+# terms compiles slowly and costs more arithmetic than the memory pass it saves).
+UNROLLED_RANK = 8
+
+
+def rank_sum(us: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+    """us (.., k, r) @ vh (.., r, n). For r <= UNROLLED_RANK written as r broadcast products, an
+    elementwise expression that a compiler fuses into whatever consumes it (eagerly it
+    materialises, like a GEMM); above, a matrix product."""
+    if us.shape[-1] > UNROLLED_RANK:
+        return us @ vh
+    total = us[..., :, 0:1] * vh[..., 0:1, :]
+    for j in range(1, us.shape[-1]):
+        total = total + us[..., :, j:j + 1] * vh[..., j:j + 1, :]
+    return total
+
 
 # splitmix64's constants, as signed 64-bit integers (torch's int64 arithmetic wraps)
 GOLDEN, _MIX1, _MIX2 = -7046029254386353131, -4658895280553007687, -7723592293110705685
@@ -120,16 +140,18 @@ def sketched_range(dense: torch.Tensor, us: torch.Tensor | None, vh: torch.Tenso
     small matrix basis^T A (B, q, n), for A = dense (B, m, n), or A = keep us @ vh + mix dense
     (a MomentUpdate: us (B, m, r), vh (B, r, n), keep and mix 0-d tensors; A is not formed), with
     the test matrices hashed_normal_of(seeds) (n, width) and niter power iterations. The
-    products with dense are in the fast orientation (lowrank.times_skinny, skinny_t_times)."""
+    products with dense are in the fast orientation (lowrank.times_skinny, skinny_t_times); those
+    with the factors' inner rank r are rank_sum's broadcast products, fused into the kernels
+    around them (a batched GEMM of 4 x 4 matrices costs a call per matrix on the CPU)."""
     omega = hashed_normal_of(seeds, weyl, dense.shape[-1], width).to(dense.dtype)
 
     def times(x):                                           # A x, x (B, n, q)
         y = (x.mT @ dense.mT).mT
-        return y if us is None else mix * y + keep * (us @ (vh @ x))
+        return y if us is None else mix * y + keep * rank_sum(us, vh @ x)
 
     def t_times(x):                                         # x^T A, x (B, m, q)
         y = x.mT @ dense
-        return y if us is None else mix * y + keep * ((x.mT @ us) @ vh)
+        return y if us is None else mix * y + keep * rank_sum(x.mT @ us, vh)
 
     basis = cholesky_qr_unrolled(times(omega))
     for _ in range(niter):

@@ -8,6 +8,7 @@ built from the same steps; `gaussian_test_matrix` is shared so that both draw th
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import zlib
@@ -16,13 +17,14 @@ from typing import NamedTuple
 import torch
 
 from .compiled_range import MAX_WIDTH as COMPILED_RANGE_WIDTH
-from .compiled_range import compiled, hashed_normal_of, sketched_range, weyl_sequence
+from .compiled_range import compiled, hashed_normal_of, rank_sum, sketched_range, weyl_sequence
 
 __all__ = [
     "compute_dtype_for",
     "times_skinny",
     "skinny_t_times",
     "sketch_seed",
+    "sketch_seeds",
     "gaussian_test_matrix",
     "gaussian_test_matrices",
     "hashed_normal",
@@ -42,6 +44,8 @@ __all__ = [
     "compress_range",
     "finish_compress",
     "gram_eigh_svds",
+    "gram_eighs",
+    "factors_from_eigh",
     "JACOBI_MAX_WIDTH",
     "uses_jacobi",
     "jacobi_sweeps",
@@ -78,6 +82,28 @@ def sketch_seed(seed: int, step: int, key: str, row0: int, state_id: int) -> int
     """
     text = f"{seed}|{step}|{key}|{row0}|{state_id}".encode()
     return (zlib.crc32(text) | (zlib.adler32(text) << 32)) & _SEED_MASK
+
+
+def sketch_seeds(seed: int, sketches: list[tuple[int, str, int]], state_id: int) -> list[int]:
+    """sketch_seed(seed, step, key, row0, state_id) of each sketch (step, key, row0) of a batch,
+    the same numbers: both checksums continue from those of the text's "seed|step|" prefix,
+    computed once per step (zlib's running checksums), over each sketch's own rest."""
+    prefixes: dict[int, tuple[int, int]] = {}
+    out = []
+    for step, key, row0 in sketches:
+        prefix = prefixes.get(step)
+        if prefix is None:
+            text = f"{seed}|{step}|".encode()
+            prefix = prefixes[step] = (zlib.crc32(text), zlib.adler32(text))
+        rest = _sketch_text(key, row0, state_id)
+        out.append((zlib.crc32(rest, prefix[0]) | (zlib.adler32(rest, prefix[1]) << 32)) & _SEED_MASK)
+    return out
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _sketch_text(key: str, row0: int, state_id: int) -> bytes:
+    """The part of a sketch's seed text that does not change from step to step."""
+    return f"{key}|{row0}|{state_id}".encode()
 
 
 def sketch_width(rank: int, oversample: int, rows: int, cols: int) -> int:
@@ -229,6 +255,13 @@ def gram_eigh_svds(smalls: list) -> list[tuple]:
     """gram_eigh_svd of several batches of small matrices (.., q, n_i) with one eigensolver call
     for all of them per q (the Gram matrices are q x q whatever n_i): no synchronisation for
     q <= JACOBI_MAX_WIDTH, one (eigh's error check) for each wider q."""
+    return [_svd_from_eigh(b, b64, values, vectors) for b, (b64, values, vectors) in zip(smalls, gram_eighs(smalls))]
+
+
+def gram_eighs(smalls: list) -> list[tuple]:
+    """(b64, values, vectors) of each batch b of small matrices (.., q, n_i): b in float64 and the
+    ascending eigendecomposition of b64 b64^T, by one eigensolver call for all the batches of
+    one q (gram_eigh_svds)."""
     grams = [b.to(_GRAM_DTYPE) for b in smalls]
     by_width: dict[tuple, list[int]] = {}
     for i, b64 in enumerate(grams):
@@ -245,8 +278,8 @@ def gram_eigh_svds(smalls: list) -> list[tuple]:
         start = 0
         for i, p in zip(members, products):
             count = p[..., 0, 0].numel()
-            out[i] = _svd_from_eigh(smalls[i], grams[i], values[start:start + count].view(*p.shape[:-1]),
-                                    vectors[start:start + count].view(p.shape))
+            out[i] = (grams[i], values[start:start + count].view(*p.shape[:-1]),
+                      vectors[start:start + count].view(p.shape))
             start += count
     return out
 
@@ -428,15 +461,16 @@ def _compiled_sweep(fn):
     return compiled(fn)
 
 
-def _svd_from_eigh(b: torch.Tensor, b64: torch.Tensor, values: torch.Tensor,
-                   vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """gram_eigh_svd's factors from the ascending eigh of b64 b64^T (b64: b in float64)."""
+def _svd_from_eigh(b: torch.Tensor, b64: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor,
+                   product=torch.matmul) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gram_eigh_svd's factors from the ascending eigh of b64 b64^T (b64: b in float64); `product`
+    multiplies the q x q eigenvectors with b64."""
     values, vectors = values.flip(-1), vectors.flip(-1)
     s = values.clamp_min(0).sqrt()
     kept = s > 1e-7 * s[..., :1]
     s = torch.where(kept, s, torch.zeros_like(s))
     inverse = torch.where(kept, 1 / torch.where(kept, s, torch.ones_like(s)), torch.zeros_like(s))
-    vh = (vectors.mT @ b64) * inverse[..., :, None]
+    vh = product(vectors.mT, b64) * inverse[..., :, None]
     return vectors.to(b.dtype), s.to(b.dtype), vh.to(b.dtype)
 
 
@@ -568,8 +602,22 @@ def finish_compress(pending: list[tuple]) -> list[tuple]:
     [(U, s, Vh)]: their Gram-algebra small SVDs in one eigensolver call per sketch width
     (gram_eigh_svds): jacobi_eigh's sweeps once for all the step's batches (no synchronisation),
     or, for q > JACOBI_MAX_WIDTH, one eigh (one synchronisation) for all of them."""
-    svds = gram_eigh_svds([small for _, small, _ in pending])
-    return [factors_from_range(basis, small, rank, svd) for (basis, small, rank), svd in zip(pending, svds)]
+    eighs = gram_eighs([small for _, small, _ in pending])
+    return [compiled(factors_from_eigh)(basis, small, b64, values, vectors, rank)
+            if basis.shape[-1] <= COMPILED_RANGE_WIDTH else
+            factors_from_range(basis, small, rank, _svd_from_eigh(small, b64, values, vectors))
+            for (basis, small, rank), (b64, values, vectors) in zip(pending, eighs)]
+
+
+def factors_from_eigh(basis: torch.Tensor, small: torch.Tensor, b64: torch.Tensor, values: torch.Tensor,
+                      vectors: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """factors_from_range of a batch's basis and small matrix, given the eigendecomposition of its
+    Gram matrix (gram_eighs): _svd_from_eigh and the product with the basis as one function,
+    compiled (one call per batch) for sketches of up to COMPILED_RANGE_WIDTH columns, its
+    products with the q x q eigenvectors unrolled (compiled_range.rank_sum)."""
+    u_small, s, vh = _svd_from_eigh(small, b64, values, vectors, product=rank_sum)
+    r = min(rank, small.shape[-2])
+    return rank_sum(basis, u_small[..., :r]), s[..., :r], vh[..., :r, :]
 
 
 def _first_of_batch(moment):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mlorc_dist
-from mlorc_dist import lowrank
+from mlorc_dist import compiled_range, lowrank
 
 HOST_COST = Path(__file__).resolve().parents[1] / "bench" / "host_cost.py"
 
@@ -35,9 +35,10 @@ def test_a_gpu_rules_step_costs_the_same_host_work_for_4_and_24_bodies(monkeypat
     few = _counts(host_cost, cls, host_cost.same_shaped(4, 12, 20))
     many = _counts(host_cost, cls, host_cost.same_shaped(24, 12, 20))
     assert few == many
-    # one block update for the batch, and one Jacobi sweep call per sweep for the small SVDs of
-    # every Gram-algebra batch of the step (q = 4)
-    assert many["compiled_calls"] == 1 + lowrank.jacobi_sweeps(4)
+    # one block update for the batch; per moment one range finder (compiled_range.sketched_range)
+    # and one call that makes its factors (lowrank.factors_from_eigh); and one Jacobi sweep call
+    # per sweep for the small SVDs of every Gram-algebra batch of the step (q = 4)
+    assert many["compiled_calls"] == 1 + 2 * len(cls.moment_names) + lowrank.jacobi_sweeps(4)
     assert many["syncs"] == 1                          # the non-finite check's count
     ignored = _counts(host_cost, cls, host_cost.same_shaped(24, 12, 20), nonfinite="ignore")
     assert ignored["syncs"] == 0
@@ -45,8 +46,8 @@ def test_a_gpu_rules_step_costs_the_same_host_work_for_4_and_24_bodies(monkeypat
 
 def test_a_7b_rank_mix_makes_one_block_call_per_shape_group_and_one_sync(monkeypatch):
     """Three shape groups of bodies (q, k, v, o; gate, up; down) and 1-D / dense regions: three
-    compiled block calls and one Jacobi solve for all their small SVDs, and the same host work at
-    a tenth of the layers' bodies."""
+    compiled block calls, a range finder and a factor call per group and moment, and one Jacobi
+    solve for all their small SVDs, and the same host work at a tenth of the layers' bodies."""
     monkeypatch.setenv("MLORC_GPU_RULES_ON_CPU", "1")
     host_cost = _host_cost()
     monkeypatch.setattr(host_cost, "LLAMA7B_LAYERS", 4)
@@ -54,7 +55,7 @@ def test_a_7b_rank_mix_makes_one_block_call_per_shape_group_and_one_sync(monkeyp
     monkeypatch.setattr(host_cost, "LLAMA7B_LAYERS", 40)
     forty = _counts(host_cost, mlorc_dist.MLorcAdamW, host_cost.llama7b_rank(64))
     assert four == forty
-    assert forty["compiled_calls"] == 3 + lowrank.jacobi_sweeps(4) and forty["syncs"] == 1
+    assert forty["compiled_calls"] == 3 * (1 + 2 * 2) + lowrank.jacobi_sweeps(4) and forty["syncs"] == 1
 
 
 def test_a_lone_body_under_the_gpu_rules_compresses_without_a_sync(monkeypatch):
@@ -98,8 +99,8 @@ def test_hashed_normal_is_per_seed_and_standard_normal():
     assert abs((z ** 4).mean().item() - 3) < 0.05
     # the tensor splitmix64 is the reference's (checked on known outputs of the Python one)
     x = torch.tensor([0, 1, -5, 2 ** 62])
-    want = [lowrank._splitmix64(int(v)) for v in x]
-    assert lowrank._mix64(x).tolist() == want and want[1] == 6238072747940578789
+    want = [compiled_range.splitmix64(int(v)) for v in x]
+    assert compiled_range.mix64(x).tolist() == want and want[1] == 6238072747940578789
 
 
 def test_deferred_small_svds_equal_one_call_per_batch(monkeypatch):

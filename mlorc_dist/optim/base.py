@@ -441,6 +441,11 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
                              f"{param.dtype} (pass stochastic_rounding=False to round it to nearest)")
         return Rounding(rounding_seed(self.seed, step, str(key)), start)
 
+    def _may_round(self, param: torch.Tensor) -> bool:
+        """Whether _rounding can return anything but None for this dtype (else a batch skips
+        asking it body by body)."""
+        return self.stochastic_rounding and param.dtype not in (torch.float32, torch.float64)
+
     def _collect_work(self, only: set | None = None):
         """(group, param, position, plans, state) of every tensor with a gradient (of those whose
         id is in `only`, when given), state created at its first step."""
@@ -712,7 +717,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         buffer = self._workspace("moment", shape, compute, device) if self.fused_buffers else None
         stacked = (self._stacked_workspace("weight", shape, items[0][2].dtype, device)
                    if len(items) > 1 and not fused.runs_cpu_kernels(grad) else None)
-        roundings = [self._body_rounding(item[1], item[2], item[5]) for item in items]
+        roundings = ([self._body_rounding(item[1], item[2], item[5]) for item in items]
+                     if self._may_round(items[0][2]) else [None])
         moments = self._fused_update(group, [item[2] for item in items], grad, factors,
                                      [item[5] for item in items], buffer,
                                      None if roundings[0] is None else roundings, stacked)
@@ -725,9 +731,9 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         skinny.compress_batch on the fused one (on the CPU its C++ range finder)."""
         group, rank, entries = items[0][0], items[0][1].rank, [item[4] for item in items]
         compress_batch = skinny.compress_batch if self.fused else lowrank.compress_batch
+        sketches = [(step, plan.piece.key, plan.body_row0) for _, plan, _, _, _, step in items]
         for state_id, (name, moment) in enumerate(zip(self.moment_names, moments)):
-            seeds = [sketch_seed(self.seed, step, plan.piece.key, plan.body_row0, state_id)
-                     for _, plan, _, _, _, step in items]
+            seeds = lowrank.sketch_seeds(self.seed, sketches, state_id)
             if self._deferred is not None and lowrank.defers_small_svd(moment, len(items)):
                 basis, small = lowrank.compress_range(moment, rank, group["oversample"], group["niter"], seeds)
                 self._deferred.append((entries, name, (basis, small, rank)))

@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..compiled_range import UNROLLED_RANK, rank_sum
 from ..lowrank import negative_fill_value, takes_gpu_rules
 from . import cpu_kernels
 from .rounding import flat_keys, hashed_bits, stochastic_round
@@ -45,24 +46,6 @@ __all__ = [
     "compiled",
     "Stacked",
 ]
-
-
-# Up to this rank the rebuild is unrolled into the elementwise kernel (2 r multiply-adds per
-# entry, no m x n temporary); above it the kernel calls a GEMM for it (an unrolled sum of 64
-# terms compiles slowly and costs more arithmetic than the memory pass it saves).
-UNROLLED_RANK = 8
-
-
-def rank_sum(us: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
-    """us (.., k, r) @ vh (.., r, n). For r <= UNROLLED_RANK written as r broadcast products, an
-    elementwise expression that a compiler fuses into whatever consumes it (eagerly it
-    materialises, like a GEMM); above, a matrix product."""
-    if us.shape[-1] > UNROLLED_RANK:
-        return us @ vh
-    total = us[..., :, 0:1] * vh[..., 0:1, :]
-    for j in range(1, us.shape[-1]):
-        total = total + us[..., :, j:j + 1] * vh[..., j:j + 1, :]
-    return total
 
 
 def per_block(x: torch.Tensor) -> torch.Tensor:

@@ -112,7 +112,8 @@ class MLorcAdamW(LowRankMomentumOptimizer):
     def _fused_update(self, group, values, grad, factors, steps, buffer, roundings=None, stacked=None) -> list:
         beta1, beta2 = group["betas"]
         (m_us, m_vh, _), (v_us, v_vh, v_floors) = factors
-        step_sizes = [adam_step_size(group["lr"], beta1, beta2, step, group["correct_bias"]) for step in steps]
+        sizes = {step: adam_step_size(group["lr"], beta1, beta2, step, group["correct_bias"]) for step in set(steps)}
+        step_sizes = [sizes[step] for step in steps]
         adamw_blocks_(values, grad, m_us, m_vh, v_us, v_vh, v_floors, beta1, beta2, step_sizes, group["eps"],
                       1.0 - group["lr"] * group["weight_decay"], buffer, roundings, stacked)
         return [MomentUpdate(m_us, m_vh, grad, beta1, 1.0 - beta1), buffer]
