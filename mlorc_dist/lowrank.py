@@ -142,7 +142,7 @@ def hashed_normal(seeds: list[int], rows: int, cols: int, dtype: torch.dtype,
     """(B, rows, cols) standard normals, matrix b a function of seeds[b] alone: entry i of
     matrix b is the Box-Muller transform of the two 32-bit halves of splitmix64(key_b + (i + 1)
     golden), key_b = splitmix64(seeds[b]) (a counter-based generator: no state, no per-matrix
-    call). One small copy of the B keys to the device and a fixed number of operators, whatever
+    call). One small copy of the B seeds to the device and a fixed number of operators, whatever
     B; the same numbers on every device up to the last bit of float64 log and cos."""
     seeds = torch.tensor(seeds, dtype=torch.int64).to(device, non_blocking=True)
     return hashed_normal_of(seeds, weyl_sequence(rows * cols, device), rows, cols).to(dtype)
@@ -593,8 +593,8 @@ def compress_range(moment, rank: int, oversample: int, niter: int, seeds: list[i
         parts = (moment.us, moment.vh, keep, mix)
     else:
         parts = (None, None, None, None)
-    keys = torch.tensor(seeds, dtype=torch.int64).to(dense.device, non_blocking=True)
-    return compiled(sketched_range)(dense, *parts, keys, weyl_sequence(n * width, dense.device), width, niter)
+    on_device = torch.tensor(seeds, dtype=torch.int64).to(dense.device, non_blocking=True)
+    return compiled(sketched_range)(dense, *parts, on_device, weyl_sequence(n * width, dense.device), width, niter)
 
 
 def finish_compress(pending: list[tuple]) -> list[tuple]:
