@@ -5,6 +5,7 @@ and for one LLaMA-2 7B FSDP2 rank's mix of shapes.
 
     python bench/host_cost.py --out docs/bench/host_cost_gpu_rules.json
     python bench/host_cost.py --cpu-rules --out runs/host_cost_cpu_rules.json   # the CPU's own rules
+    python bench/host_cost.py --device cuda --scale 1 --out runs/host_cost_cuda.json   # on a GPU
 
 Cases: --counts same-shaped --rows x --cols fp32 matrices (default 4, 16, 64, 224 of 48 x 64),
 and "7B rank": the bodies one rank holds of LLaMA-2 7B under FSDP2 at world size 8 (per layer
@@ -23,6 +24,9 @@ Counted by torch.profiler over one step after --warmup steps (compilation happen
   .item(), bool(), the linalg error checks; nonzero, masked_select, unique, ...), at any depth.
   Copies between host and device cannot be seen on the CPU (there every tensor is on the host).
 Time: the median of --repeats steps, one thread unless --threads. Prints a table, writes JSON.
+On a GPU (--device cuda; --scale 1 for the 7B rank at full size): the same cases on the device,
+MLorc-AdamW's fused step (fused=True) and its reference path against torch AdamW foreach and
+fused, each timed step synchronised; there every sync counted is one the host waits on.
 """
 from __future__ import annotations
 
@@ -72,17 +76,17 @@ def count_host_work(step) -> dict:
     return {"dispatches": dispatches, "compiled_calls": compiled, "syncs": syncs}
 
 
-def same_shaped(count: int, rows: int, cols: int) -> list[dict]:
+def same_shaped(count: int, rows: int, cols: int, device="cpu") -> list[dict]:
     g = torch.Generator().manual_seed(0)
-    params = [torch.randn(rows, cols, generator=g).mul_(0.02).requires_grad_() for _ in range(count)]
+    params = [torch.randn(rows, cols, generator=g).mul_(0.02).to(device).requires_grad_() for _ in range(count)]
     return [{"params": params}]
 
 
-def llama7b_rank(scale: int) -> list[dict]:
+def llama7b_rank(scale: int, device="cpu") -> list[dict]:
     g = torch.Generator().manual_seed(0)
 
     def tensor(*shape):
-        return torch.randn(*shape, generator=g).mul_(0.02).requires_grad_()
+        return torch.randn(*shape, generator=g).mul_(0.02).to(device).requires_grad_()
     bodies = [tensor(-(-m // scale), -(-n // scale)) for _ in range(LLAMA7B_LAYERS) for m, n in LLAMA7B_LAYER]
     norms, embed, head = LLAMA7B_DENSE
     dense = [tensor(norms[1] // scale) for _ in range(norms[0])]
@@ -94,24 +98,35 @@ def with_gradients(groups: list[dict]) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     params = [p for group in groups for p in group["params"]]
     for p in params:
-        p.grad = torch.randn(p.shape, generator=g).mul_(1e-3)
+        p.grad = torch.randn(p.shape, generator=g).mul_(1e-3).to(p.device)
     return params
 
 
 def measure(name: str, groups: list[dict], args) -> list[dict]:
     import mlorc_dist
     params = with_gradients(groups)
+    cuda = params[0].device.type == "cuda"
+    makers = [("adamw-foreach", lambda: torch.optim.AdamW(params, lr=1e-3, foreach=True))]
+    if cuda:
+        makers += [("adamw-fused", lambda: torch.optim.AdamW(params, lr=1e-3, fused=True)),
+                   ("mlorc-adamw", lambda: mlorc_dist.MLorcAdamW(groups, lr=1e-3, rank=4, fused=True)),
+                   ("mlorc-adamw-ref", lambda: mlorc_dist.MLorcAdamW(groups, lr=1e-3, rank=4, fused=False))]
+    else:
+        makers += [("mlorc-adamw", lambda: mlorc_dist.MLorcAdamW(groups, lr=1e-3, rank=4))]
     rows = []
-    for label, make in (("adamw-foreach", lambda: torch.optim.AdamW(params, lr=1e-3, foreach=True)),
-                        ("mlorc-adamw", lambda: mlorc_dist.MLorcAdamW(groups, lr=1e-3, rank=4))):
+    for label, make in makers:
         opt = make()
         for _ in range(args.warmup):
             opt.step()
         counts = count_host_work(opt.step)
         times = []
         for _ in range(args.repeats):
+            if cuda:
+                torch.cuda.synchronize()
             start = time.perf_counter()
             opt.step()
+            if cuda:
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         rows.append({"case": name, "optimizer": label, "tensors": len(params),
                      "fused": getattr(opt, "fused", None), **counts, "ms": 1e3 * statistics.median(times)})
@@ -128,20 +143,26 @@ def main():
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cpu-rules", action="store_true", help="the CPU's own rules (C++ kernels), not the GPU's")
+    ap.add_argument("--device", default="cpu", help="cpu (the GPU path's rules, or --cpu-rules) or cuda")
     ap.add_argument("--out", type=Path, default=Path("runs/host_cost.json"))
     args = ap.parse_args()
-    os.environ["MLORC_GPU_RULES_ON_CPU"] = "0" if args.cpu_rules else "1"
+    device = torch.device(args.device)
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and args.cpu_rules):
+        raise ValueError(f"--device must be cpu or cuda (--cpu-rules: cpu only), got {args.device!r}")
+    os.environ["MLORC_GPU_RULES_ON_CPU"] = "1" if device.type == "cpu" and not args.cpu_rules else "0"
     torch.set_num_threads(args.threads)
     rows = []
     for count in args.counts:
-        rows += measure(f"{count} x {args.rows}x{args.cols}", same_shaped(count, args.rows, args.cols), args)
-    rows += measure(f"7B FSDP2 rank (world 8, /{args.scale})", llama7b_rank(args.scale), args)
-    rules = "the CPU's rules" if args.cpu_rules else "the GPU path's rules (MLORC_GPU_RULES_ON_CPU=1)"
-    label = f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+        rows += measure(f"{count} x {args.rows}x{args.cols}", same_shaped(count, args.rows, args.cols, device), args)
+    rows += measure(f"7B FSDP2 rank (world 8, /{args.scale})", llama7b_rank(args.scale, device), args)
+    rules = ("the CPU's rules" if args.cpu_rules else "a GPU's rules" if device.type == "cuda"
+             else "the GPU path's rules (MLORC_GPU_RULES_ON_CPU=1)")
+    label = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads")
     print(f"optimizer.step() host cost, {rules}, {label}, torch {torch.__version__}")
-    print(f"{'case':<34} {'optimizer':<14} {'tensors':>7} {'dispatches':>10} {'compiled':>8} {'syncs':>5} {'ms':>8}")
+    print(f"{'case':<34} {'optimizer':<16} {'tensors':>7} {'dispatches':>10} {'compiled':>8} {'syncs':>5} {'ms':>8}")
     for r in rows:
-        print(f"{r['case']:<34} {r['optimizer']:<14} {r['tensors']:>7} {r['dispatches']:>10} "
+        print(f"{r['case']:<34} {r['optimizer']:<16} {r['tensors']:>7} {r['dispatches']:>10} "
               f"{r['compiled_calls']:>8} {r['syncs']:>5} {r['ms']:>8.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": label, "rules": rules, "torch": torch.__version__,
