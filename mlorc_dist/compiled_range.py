@@ -7,7 +7,10 @@ the products with the moment, three Cholesky QRs (niter = 1) and the small matri
 the whole batch (Triton kernels and cuBLAS on a GPU, inductor's C++ and MKL on the CPU), where
 the same steps run eagerly were ~50 operators per moment and batch (each a launch and host time
 on a GPU). The small SVD that follows stays with lowrank.finish_compress (one Jacobi
-eigensolver for every batch of a step).
+eigensolver for every batch of a step, then lowrank.factors_from_eigh, one compiled call per
+batch and moment). `compiled` is the compile wrapper of these functions and of the Jacobi
+sweeps; `rank_sum` the unrolled product with a low-rank factor that they and the fused block
+update share.
 
 The pieces, each a pure function that runs eagerly too (tests compare them):
 - hashed_normal_of: the counter-based standard normals of lowrank.hashed_normal, from a tensor of
@@ -21,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["MAX_WIDTH", "UNROLLED_RANK", "rank_sum", "compiled", "weyl_sequence", "hashed_normal_of", "mix64", "splitmix64",
-           "cholesky_qr_unrolled", "sketched_range"]
+__all__ = ["MAX_WIDTH", "UNROLLED_RANK", "rank_sum", "compiled", "weyl_sequence", "hashed_normal_of", "mix64",
+           "splitmix64", "cholesky_qr_unrolled", "sketched_range"]
 
 # The widest sketch whose range finder is one compiled call (the Cholesky factorisation is
 # unrolled: q (q + 1) / 2 entries); wider sketches run lowrank.range_and_small's operators.
