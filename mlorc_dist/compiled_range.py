@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["MAX_WIDTH", "UNROLLED_RANK", "rank_sum", "compiled", "weyl_sequence", "hashed_normal_of", "mix64",
+__all__ = ["MAX_WIDTH", "UNROLLED_RANK", "rank_sum", "CompiledFunction", "compiled", "weyl_sequence", "hashed_normal_of", "mix64",
            "splitmix64", "cholesky_qr_unrolled", "sketched_range"]
 
 # The widest sketch whose range finder is one compiled call (the Cholesky factorisation is
@@ -34,8 +34,8 @@ MAX_WIDTH = 8
 # Up to this inner size a product with a low-rank factor is unrolled (rank_sum): the fused
 # step's rebuild inside its elementwise kernel (2 r multiply-adds per entry, no m x n
 # temporary), the range finder's products with the factors inside the kernels around them;
-# above it, a GEMM (an unrolled sum of 64
-# terms compiles slowly and costs more arithmetic than the memory pass it saves).
+# above it, a GEMM (an unrolled sum of 64 terms compiles slowly and costs more arithmetic than
+# the memory pass it saves).
 UNROLLED_RANK = 8
 
 
@@ -168,25 +168,42 @@ def sketched_range(dense: torch.Tensor, us: torch.Tensor | None, vh: torch.Tenso
 # with fullgraph=True is an error.
 RECOMPILE_LIMIT = 64
 
+
+class CompiledFunction:
+    """fn compiled by torch.compile (fullgraph, dynamic shapes: a new batch size or block shape
+    does not recompile), called with dynamo's recompile limit raised to `recompile_limit`. A
+    failure to compile (no C++ compiler for the CPU, no Triton for a GPU) is a RuntimeError that
+    names fn, starts with `prefix` and ends with `needs`: no other computation runs quietly.
+    detach=True calls it on detached aliases of its tensor arguments (same storage, so in-place
+    writes land): an engine's flat partition can be a view of a tensor that autograd tracks,
+    which torch.compile refuses to trace."""
+
+    def __init__(self, fn, *, needs: str, prefix: str = "", options: dict | None = None,
+                 recompile_limit: int = RECOMPILE_LIMIT, detach: bool = False):
+        self.fn, self.needs, self.prefix = fn, needs, prefix
+        self.recompile_limit, self.detach = recompile_limit, detach
+        self.compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=options)
+
+    def __call__(self, *args):
+        if self.detach:
+            args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=self.recompile_limit):
+                return self.compiled(*args)
+        except Exception as error:     # torch.compile's errors have many types; all end here
+            raise RuntimeError(
+                f"{self.prefix}torch.compile could not build {self.fn.__name__} ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}). {self.needs}") from error
+
+
 _COMPILED: dict = {}
 
 
 def compiled(fn):
-    """fn compiled once per process by torch.compile (dynamic shapes: a new batch size or block
-    shape does not recompile; one graph per fn). A failure to compile (no C++ compiler for the
-    CPU, no Triton for a GPU) is a RuntimeError that says so: the GPU rules never run another
-    computation quietly."""
+    """fn as a CompiledFunction, made once per process: the range finder, the factor call and the
+    Jacobi sweeps of the GPU rules."""
     if fn not in _COMPILED:
-        graph = torch.compile(fn, dynamic=True, fullgraph=True)
-
-        def call(*args):
-            try:
-                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                    return graph(*args)
-            except Exception as error:     # torch.compile's errors have many types; all end here
-                raise RuntimeError(
-                    f"torch.compile could not build {fn.__name__} ({type(error).__name__}: "
-                    f"{str(error).splitlines()[0] if str(error) else ''}). The GPU rules need a working "
-                    f"torch.compile (Triton on a GPU, a C++ compiler under MLORC_GPU_RULES_ON_CPU=1).") from error
-        _COMPILED[fn] = call
+        _COMPILED[fn] = CompiledFunction(
+            fn, needs="The GPU rules need a working torch.compile (Triton on a GPU, a C++ compiler "
+                      "under MLORC_GPU_RULES_ON_CPU=1).")
     return _COMPILED[fn]

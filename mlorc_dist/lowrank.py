@@ -17,7 +17,8 @@ from typing import NamedTuple
 import torch
 
 from .compiled_range import MAX_WIDTH as COMPILED_RANGE_WIDTH
-from .compiled_range import compiled, hashed_normal_of, rank_sum, sketched_range, weyl_sequence
+from .compiled_range import compiled as compiled_call
+from .compiled_range import hashed_normal_of, rank_sum, sketched_range, weyl_sequence
 
 __all__ = [
     "compute_dtype_for",
@@ -310,8 +311,10 @@ def jacobi_eigh(g: torch.Tensor, sweeps: int | None = None,
     torch.linalg.eigh returns them, by the cyclic Jacobi method in the round-robin parallel
     order with a fixed number of sweeps (jacobi_sweeps(q) when None): tensor operators only, no
     data-dependent control flow and no error check, so no host synchronisation. compiled=True
-    runs each sweep as one compiled call for the whole batch (_compiled_sweep; inductor's C++ on
-    the CPU, Triton on a GPU), False the same function eagerly. For q <= UNROLLED_JACOBI_WIDTH a
+    runs each sweep as one compiled call for the whole batch (compiled_range.compiled; inductor's
+    C++ on the CPU, Triton on a GPU; a sweep, not the whole solver, is the graph: compiling 6
+    (q = 4) to 12 (q = 16) sweeps unrolled took minutes on the CPU), False the same function
+    eagerly. For q <= UNROLLED_JACOBI_WIDTH a
     sweep is jacobi_sweep_unrolled on the matrices stored entry-major ((q, q, B): an entry of
     every matrix in one contiguous row), else jacobi_sweep on (B, n, n) in _circle_layouts'
     layout, an odd q padded with a zero row and column that no rotation touches. The
@@ -321,7 +324,7 @@ def jacobi_eigh(g: torch.Tensor, sweeps: int | None = None,
     if q <= UNROLLED_JACOBI_WIDTH:
         a = g.reshape(-1, q * q).mT.reshape(q, q, -1).contiguous()           # (q, q, B)
         v = torch.eye(q, dtype=g.dtype, device=g.device)[..., None].expand(a.shape).contiguous()
-        sweep = _compiled_sweep(jacobi_sweep_unrolled) if compiled else jacobi_sweep_unrolled
+        sweep = compiled_call(jacobi_sweep_unrolled) if compiled else jacobi_sweep_unrolled
         for _ in range(count if any(_round_robin_pairs(q)) and a.shape[-1] else 0):
             a, v = sweep(a, v)
         values = a.diagonal(dim1=0, dim2=1).reshape(*g.shape[:-1])           # (.., q)
@@ -332,7 +335,7 @@ def jacobi_eigh(g: torch.Tensor, sweeps: int | None = None,
         a = torch.nn.functional.pad(g, (0, n - q, 0, n - q)) if n != q else g
         a = a[..., first, :][..., :, first]
         v = torch.eye(n, dtype=g.dtype, device=g.device)[:, first].expand(a.shape).contiguous()
-        sweep = _compiled_sweep(jacobi_sweep) if compiled else jacobi_sweep
+        sweep = compiled_call(jacobi_sweep) if compiled else jacobi_sweep
         for _ in range(count):
             a, v = sweep(a, v)
         kept = [j for j in range(n) if first[j] < q]   # first[j]: the index whose vector is column j
@@ -450,15 +453,6 @@ def jacobi_sweep(a: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.
         v = torch.cat([cc * left - sc * right, sc * left + cc * right], dim=-1)            # v J
         a, v = a[..., perm, :][..., :, perm], v[..., :, perm]
     return a, v
-
-
-def _compiled_sweep(fn):
-    """A Jacobi sweep function (jacobi_sweep or jacobi_sweep_unrolled) compiled by torch.compile
-    (compiled_range.compiled: one graph per matrix size; the batch size is dynamic): one call
-    per sweep for a whole batch of Gram matrices (inductor's C++ on the CPU, Triton kernels on a
-    GPU). A sweep, not the whole solver, is the graph: compiling 6 (q = 4) to 12 (q = 16) sweeps
-    unrolled took minutes on the CPU."""
-    return compiled(fn)
 
 
 def _svd_from_eigh(b: torch.Tensor, b64: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor,
@@ -594,7 +588,7 @@ def compress_range(moment, rank: int, oversample: int, niter: int, seeds: list[i
     else:
         parts = (None, None, None, None)
     on_device = torch.tensor(seeds, dtype=torch.int64).to(dense.device, non_blocking=True)
-    return compiled(sketched_range)(dense, *parts, on_device, weyl_sequence(n * width, dense.device), width, niter)
+    return compiled_call(sketched_range)(dense, *parts, on_device, weyl_sequence(n * width, dense.device), width, niter)
 
 
 def finish_compress(pending: list[tuple]) -> list[tuple]:
@@ -603,7 +597,7 @@ def finish_compress(pending: list[tuple]) -> list[tuple]:
     (gram_eigh_svds): jacobi_eigh's sweeps once for all the step's batches (no synchronisation),
     or, for q > JACOBI_MAX_WIDTH, one eigh (one synchronisation) for all of them."""
     eighs = gram_eighs([small for _, small, _ in pending])
-    return [compiled(factors_from_eigh)(basis, small, b64, values, vectors, rank)
+    return [compiled_call(factors_from_eigh)(basis, small, b64, values, vectors, rank)
             if basis.shape[-1] <= COMPILED_RANGE_WIDTH else
             factors_from_range(basis, small, rank, _svd_from_eigh(small, b64, values, vectors))
             for (basis, small, rank), (b64, values, vectors) in zip(pending, eighs)]
@@ -615,9 +609,8 @@ def factors_from_eigh(basis: torch.Tensor, small: torch.Tensor, b64: torch.Tenso
     Gram matrix (gram_eighs): _svd_from_eigh and the product with the basis as one function,
     compiled (one call per batch) for sketches of up to COMPILED_RANGE_WIDTH columns, its
     products with the q x q eigenvectors unrolled (compiled_range.rank_sum)."""
-    u_small, s, vh = _svd_from_eigh(small, b64, values, vectors, product=rank_sum)
-    r = min(rank, small.shape[-2])
-    return rank_sum(basis, u_small[..., :r]), s[..., :r], vh[..., :r, :]
+    return factors_from_range(basis, small, rank, _svd_from_eigh(small, b64, values, vectors, product=rank_sum),
+                              product=rank_sum)
 
 
 def _first_of_batch(moment):
@@ -655,13 +648,14 @@ def range_and_small(times, t_times, shape, dtype: torch.dtype, device, rank: int
     return basis, t_times(basis)                                  # (.., m, q), (.., q, n)
 
 
-def factors_from_range(basis: torch.Tensor, small: torch.Tensor, rank: int,
-                       svd: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def factors_from_range(basis: torch.Tensor, small: torch.Tensor, rank: int, svd: tuple | None = None,
+                       product=torch.matmul) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """range_finder_svd's second half: U (.., m, r), s (.., r), Vh (.., r, n) from the basis, the
-    small matrix and its small_svd (computed here when not given)."""
+    small matrix and its small_svd (computed here when not given); `product` multiplies the basis
+    with the small U."""
     u_small, s, vh = small_svd(small) if svd is None else svd
     r = min(rank, small.shape[-2])
-    u = basis @ u_small[..., :r]                                  # (.., m, r)
+    u = product(basis, u_small[..., :r])                          # (.., m, r)
     return u, s[..., :r], vh[..., :r, :]
 
 

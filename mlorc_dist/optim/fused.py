@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..compiled_range import UNROLLED_RANK, rank_sum
+from ..compiled_range import UNROLLED_RANK, CompiledFunction, rank_sum
 from ..lowrank import negative_fill_value, takes_gpu_rules
 from . import cpu_kernels
 from .rounding import flat_keys, hashed_bits, stochastic_round
@@ -243,23 +243,12 @@ def compiled(fn):
     return _COMPILED[fn]
 
 
-class _CompiledBlock:
-    def __init__(self, fn):
-        self.fn = fn
-        self.compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=INDUCTOR_OPTIONS)
+class _CompiledBlock(CompiledFunction):
+    """A block function as compiled_range.CompiledFunction: INDUCTOR_OPTIONS, one graph per rank
+    (unrolled), dtype and size-1 dimension up to RECOMPILE_LIMIT, on detached arguments (engine
+    partitions can be views that autograd tracks)."""
 
-    def __call__(self, *args):
-        # detached aliases (same storage, so in-place writes land): an engine's flat partition
-        # can be a view of a tensor that autograd tracks, which torch.compile refuses to trace
-        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        try:
-            # one graph per rank (unrolled), dtype and size-1 dimension: a model can need more
-            # than dynamo's default of 8 per function, which with fullgraph=True is an error
-            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                return self.compiled(*args)
-        except Exception as error:     # torch.compile's errors have many types; all end here
-            raise RuntimeError(
-                f"fused=True: torch.compile could not build {self.fn.__name__} ({type(error).__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else ''}). The fused step needs a working "
-                f"torch.compile (a C++ compiler on the CPU, Triton on a GPU); fused=False runs the "
-                f"reference path.") from error
+    def __init__(self, fn):
+        super().__init__(fn, prefix="fused=True: ", options=INDUCTOR_OPTIONS, recompile_limit=RECOMPILE_LIMIT,
+                         detach=True, needs="The fused step needs a working torch.compile (a C++ compiler on "
+                                            "the CPU, Triton on a GPU); fused=False runs the reference path.")
