@@ -434,7 +434,7 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
     def _rounding(self, param: torch.Tensor, step: int, key: str, start: int) -> Rounding | None:
         """How the update writes this parameter's region that starts at global element `start`:
         stochastically rounded for bf16 weights (stochastic_rounding=True), else None (to nearest)."""
-        if not self.stochastic_rounding or param.dtype in (torch.float32, torch.float64):
+        if not self._may_round(param):
             return None
         if param.dtype != torch.bfloat16:
             raise ValueError(f"{self.algorithm}: stochastic rounding writes bfloat16 weights; {key} is "
@@ -442,8 +442,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         return Rounding(rounding_seed(self.seed, step, str(key)), start)
 
     def _may_round(self, param: torch.Tensor) -> bool:
-        """Whether _rounding can return anything but None for this dtype (else a batch skips
-        asking it body by body)."""
+        """Whether _rounding returns anything but None for this dtype (a batch of fp32 or fp64
+        weights does not ask it body by body)."""
         return self.stochastic_rounding and param.dtype not in (torch.float32, torch.float64)
 
     def _collect_work(self, only: set | None = None):
@@ -718,10 +718,9 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         stacked = (self._stacked_workspace("weight", shape, items[0][2].dtype, device)
                    if len(items) > 1 and not fused.runs_cpu_kernels(grad) else None)
         roundings = ([self._body_rounding(item[1], item[2], item[5]) for item in items]
-                     if self._may_round(items[0][2]) else [None])
+                     if self._may_round(items[0][2]) else None)
         moments = self._fused_update(group, [item[2] for item in items], grad, factors,
-                                     [item[5] for item in items], buffer,
-                                     None if roundings[0] is None else roundings, stacked)
+                                     [item[5] for item in items], buffer, roundings, stacked)
         del factors
         self._compress_batch(items, moments)
 
