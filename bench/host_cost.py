@@ -23,6 +23,8 @@ Counted by torch.profiler over one step after --warmup steps (compilation happen
 - syncs: the operators that make a GPU wait for the host to read a result (aten::_local_scalar_dense:
   .item(), bool(), the linalg error checks; nonzero, masked_select, unique, ...), at any depth.
   Copies between host and device cannot be seen on the CPU (there every tensor is on the host).
+- outside ms: the time of a profiled step spent outside every torch operator and compiled call (the
+  optimizer's Python), the median of 5 profiled steps: host time on any device.
 Time: the median of --repeats steps, one thread unless --threads. Prints a table, writes JSON.
 On a GPU (--device cuda; --scale 1 for the 7B rank at full size): the same cases on the device,
 MLorc-AdamW's fused step (fused=True) and its reference path against torch AdamW foreach and
@@ -73,7 +75,19 @@ def count_host_work(step) -> dict:
             while parent is not None and not parent.name.startswith("aten::"):
                 parent = parent.cpu_parent
             dispatches += parent is None
-    return {"dispatches": dispatches, "compiled_calls": compiled, "syncs": syncs}
+    return {"dispatches": dispatches, "compiled_calls": compiled, "syncs": syncs,
+            "outside_ms": outside_operators_ms(events)}
+
+
+def outside_operators_ms(events) -> float:
+    """The time of a profiled step() spent outside every torch operator and compiled call: the self
+    time of torch.optim's "Optimizer.step#" event, i.e. the optimizer's own Python (and the
+    profiler's bookkeeping of the top-level operators). It is host time on any device, and the
+    part of it that grows with the number of tensors is Python run per tensor."""
+    steps = [e for e in events if e.name.startswith("Optimizer.step#")]
+    if len(steps) != 1:
+        raise ValueError(f"expected one Optimizer.step# event in the profile, found {len(steps)}")
+    return steps[0].self_cpu_time_total / 1e3
 
 
 def same_shaped(count: int, rows: int, cols: int, device="cpu") -> list[dict]:
@@ -119,6 +133,8 @@ def measure(name: str, groups: list[dict], args) -> list[dict]:
         for _ in range(args.warmup):
             opt.step()
         counts = count_host_work(opt.step)
+        counts["outside_ms"] = statistics.median([counts["outside_ms"]] + [
+            count_host_work(opt.step)["outside_ms"] for _ in range(4)])
         times = []
         for _ in range(args.repeats):
             if cuda:
@@ -160,10 +176,11 @@ def main():
     label = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads")
     print(f"optimizer.step() host cost, {rules}, {label}, torch {torch.__version__}")
-    print(f"{'case':<34} {'optimizer':<16} {'tensors':>7} {'dispatches':>10} {'compiled':>8} {'syncs':>5} {'ms':>8}")
+    print(f"{'case':<34} {'optimizer':<16} {'tensors':>7} {'dispatches':>10} {'compiled':>8} {'syncs':>5} "
+          f"{'outside ms':>10} {'ms':>8}")
     for r in rows:
         print(f"{r['case']:<34} {r['optimizer']:<16} {r['tensors']:>7} {r['dispatches']:>10} "
-              f"{r['compiled_calls']:>8} {r['syncs']:>5} {r['ms']:>8.2f}")
+              f"{r['compiled_calls']:>8} {r['syncs']:>5} {r['outside_ms']:>10.2f} {r['ms']:>8.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": label, "rules": rules, "torch": torch.__version__,
                                     "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))

@@ -15,7 +15,7 @@ import logging
 import math
 import operator
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain
 
 import torch
@@ -53,6 +53,7 @@ class PiecePlan:
     body_rows: int = 0
     tail: int = 0
     reason: str = ""
+    whole: tuple = ()      # the local tensor's shape where this piece is all of it (_piece_views)
 
 
 def _as_factor_dtype(value) -> torch.dtype | None:
@@ -227,6 +228,8 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{self.algorithm}: global scope needs at most one piece of a matrix "
                                  f"per rank; the {layout.engine} layout holds several of "
                                  f"{sorted({k for k in global_keys if global_keys.count(k) > 1})}")
+            if len(plans) == 1:
+                plans = [_with_whole(plans[0], _local(param))]
             self._plans[id(param)] = plans
         return plans
 
@@ -1074,19 +1077,28 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if _is_dtensor(tensor) else tensor
 
 
+def _with_whole(plan: PiecePlan, local: torch.Tensor) -> PiecePlan:
+    """plan with its `whole` shape where its piece is all of the local tensor `local` and the step
+    can use that tensor as it is: a 1-D dense piece, (numel,); a local body of whole rows without
+    head or tail, (k, n)."""
+    if plan.piece.offset != 0 or plan.piece.numel != local.numel():
+        return plan
+    if plan.mode == "dense":
+        return replace(plan, whole=(plan.piece.numel,))
+    if plan.mode == "local" and not plan.head and not plan.tail:
+        return replace(plan, whole=(plan.body_rows, plan.piece.matrix.cols))
+    return plan
+
+
 def _piece_views(plans: list, tensor: torch.Tensor) -> list:
     """Each plan's elements of a parameter or gradient. Where one piece is all of the local
-    tensor, the tensor itself: a 1-D dense piece, or a local body of whole rows as (k, n) (no
-    view operators, which cost host time per call on a GPU); else views of its flat elements."""
+    tensor (its plan's `whole` shape, _with_whole), the tensor itself: no view operators, which
+    cost host time per call on a GPU; else views of its flat elements. Called twice per tensor
+    and step: its test is one shape comparison."""
     local = _local(tensor)
-    if len(plans) == 1 and local.is_contiguous():
-        plan = plans[0]
-        whole = plan.piece.offset == 0 and plan.piece.numel == local.numel()
-        if whole and plan.mode == "dense" and local.dim() == 1:
-            return [local]
-        if (whole and plan.mode == "local" and not plan.head and not plan.tail
-                and tuple(local.shape) == (plan.body_rows, plan.piece.matrix.cols)):
-            return [local]
+    whole = plans[0].whole if len(plans) == 1 else ()
+    if whole and local.shape == whole and local.is_contiguous():
+        return [local]
     flat = _flat(tensor)
     return [plan.piece.view(flat) for plan in plans]
 
