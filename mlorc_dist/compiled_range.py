@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["MAX_WIDTH", "UNROLLED_RANK", "rank_sum", "CompiledFunction", "compiled", "weyl_sequence", "hashed_normal_of", "mix64",
-           "splitmix64", "cholesky_qr_unrolled", "sketched_range"]
+           "splitmix64", "SEED_MASK", "to_int64", "step_seed", "step_seeds", "cholesky_qr_unrolled", "sketched_range"]
 
 # The widest sketch whose range finder is one compiled call (the Cholesky factorisation is
 # unrolled: q (q + 1) / 2 entries); wider sketches run lowrank.range_and_small's operators.
@@ -75,6 +75,28 @@ def mix64(z: torch.Tensor) -> torch.Tensor:
     z = (z ^ _logical_shift(z, 30)) * _MIX1
     z = (z ^ _logical_shift(z, 27)) * _MIX2
     return z ^ _logical_shift(z, 31)
+
+
+# sketch seeds are non-negative 63-bit integers
+SEED_MASK = (1 << 63) - 1
+
+
+def to_int64(x: int) -> int:
+    """A 64-bit unsigned integer as the int64 with the same bits."""
+    x &= _U64
+    return x - (1 << 64) if x >> 63 else x
+
+
+def step_seed(base: int, step: int) -> int:
+    """A sketch's seed at `step` from the part of it that does not change from step to step
+    (lowrank.body_seed): splitmix64(base + (step + 1) golden), 63 bits. step_seeds on ints."""
+    return splitmix64(base + (step + 1) * GOLDEN) & SEED_MASK
+
+
+def step_seeds(bases: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """step_seed elementwise on int64 tensors: bases (B,) (to_int64 of each body_seed), steps 0-d
+    or (B,); int64 arithmetic wraps as step_seed's unsigned 64-bit arithmetic does."""
+    return mix64(bases + (steps + 1) * GOLDEN) & SEED_MASK
 
 
 _WEYL: dict = {}
@@ -138,14 +160,19 @@ def cholesky_qr_unrolled(y: torch.Tensor, passes: int = 2) -> torch.Tensor:
 
 def sketched_range(dense: torch.Tensor, us: torch.Tensor | None, vh: torch.Tensor | None,
                    keep: torch.Tensor | None, mix: torch.Tensor | None, seeds: torch.Tensor,
-                   weyl: torch.Tensor, width: int, niter: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   steps: torch.Tensor | None, weyl: torch.Tensor, width: int,
+                   niter: int) -> tuple[torch.Tensor, torch.Tensor]:
     """lowrank.range_and_small of a batch: the orthonormal basis (B, m, q) of A's range and the
     small matrix basis^T A (B, q, n), for A = dense (B, m, n), or A = keep us @ vh + mix dense
     (a MomentUpdate: us (B, m, r), vh (B, r, n), keep and mix 0-d tensors; A is not formed), with
-    the test matrices hashed_normal_of(seeds) (n, width) and niter power iterations. The
+    the test matrices hashed_normal_of(seeds) (n, width) and niter power iterations; with `steps`
+    (0-d or (B,) int64), `seeds` are the bodies' step-independent parts and the sketch seeds are
+    step_seeds(seeds, steps). The
     products with dense are in the fast orientation (lowrank.times_skinny, skinny_t_times); those
     with the factors' inner rank r are rank_sum's broadcast products, fused into the kernels
     around them (a batched GEMM of 4 x 4 matrices costs a call per matrix on the CPU)."""
+    if steps is not None:
+        seeds = step_seeds(seeds, steps)
     omega = hashed_normal_of(seeds, weyl, dense.shape[-1], width).to(dense.dtype)
 
     def times(x):                                           # A x, x (B, n, q)

@@ -18,7 +18,8 @@ import torch
 
 from .compiled_range import MAX_WIDTH as COMPILED_RANGE_WIDTH
 from .compiled_range import compiled as compiled_call
-from .compiled_range import hashed_normal_of, rank_sum, sketched_range, weyl_sequence
+from .compiled_range import (hashed_normal_of, rank_sum, sketched_range, step_seed, step_seeds,
+                             to_int64, weyl_sequence)
 
 __all__ = [
     "compute_dtype_for",
@@ -26,6 +27,9 @@ __all__ = [
     "skinny_t_times",
     "sketch_seed",
     "sketch_seeds",
+    "body_seed",
+    "SketchSeeds",
+    "step_counts",
     "gaussian_test_matrix",
     "gaussian_test_matrices",
     "hashed_normal",
@@ -66,8 +70,6 @@ __all__ = [
     "sketch_width",
 ]
 
-_SEED_MASK = (1 << 63) - 1
-
 
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
     """QR/SVD run in float64 for float64 tensors and in float32 for everything else."""
@@ -79,32 +81,45 @@ def sketch_seed(seed: int, step: int, key: str, row0: int, state_id: int) -> int
 
     key names the parameter (stable across ranks and runs), row0 is the first global row of
     the block being compressed (0 for whole matrices and for global scope), state_id tells
-    the moments apart (0: first moment, 1: second moment).
+    the moments apart (0: first moment, 1: second moment). It is body_seed, the part that does
+    not change from step to step, mixed with the step by splitmix64 (compiled_range.step_seed):
+    a batch's seeds are then a few operators on its bodies' kept body_seeds (SketchSeeds), not
+    Python per body and step.
     """
-    text = f"{seed}|{step}|{key}|{row0}|{state_id}".encode()
-    return (zlib.crc32(text) | (zlib.adler32(text) << 32)) & _SEED_MASK
-
-
-def sketch_seeds(seed: int, sketches: list[tuple[int, str, int]], state_id: int) -> list[int]:
-    """sketch_seed(seed, step, key, row0, state_id) of each sketch (step, key, row0) of a batch,
-    the same numbers: both checksums continue from those of the text's "seed|step|" prefix,
-    computed once per step (zlib's running checksums), over each sketch's own rest."""
-    prefixes: dict[int, tuple[int, int]] = {}
-    out = []
-    for step, key, row0 in sketches:
-        prefix = prefixes.get(step)
-        if prefix is None:
-            text = f"{seed}|{step}|".encode()
-            prefix = prefixes[step] = (zlib.crc32(text), zlib.adler32(text))
-        rest = _sketch_text(key, row0, state_id)
-        out.append((zlib.crc32(rest, prefix[0]) | (zlib.adler32(rest, prefix[1]) << 32)) & _SEED_MASK)
-    return out
+    return step_seed(body_seed(seed, key, row0, state_id), step)
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _sketch_text(key: str, row0: int, state_id: int) -> bytes:
-    """The part of a sketch's seed text that does not change from step to step."""
-    return f"{key}|{row0}|{state_id}".encode()
+def body_seed(seed: int, key: str, row0: int, state_id: int) -> int:
+    """sketch_seed's step-independent part: a 64-bit checksum of "seed|key|row0|state_id"
+    (CRC-32 in the low half, Adler-32 in the high half)."""
+    text = f"{seed}|{key}|{row0}|{state_id}".encode()
+    return zlib.crc32(text) | (zlib.adler32(text) << 32)
+
+
+def sketch_seeds(seed: int, sketches: list[tuple[int, str, int]], state_id: int) -> list[int]:
+    """sketch_seed(seed, step, key, row0, state_id) of each sketch (step, key, row0) of a batch."""
+    return [sketch_seed(seed, step, key, row0, state_id) for step, key, row0 in sketches]
+
+
+class SketchSeeds(NamedTuple):
+    """A batch's sketch seeds as tensors: compiled_range.step_seeds(bases, steps), the same numbers
+    as sketch_seed. bases (B,) int64: each body's body_seed (to_int64), kept between steps;
+    steps: the step counts, a 0-d CPU int64 tensor where the batch's bodies agree, else (B,)."""
+    bases: torch.Tensor
+    steps: torch.Tensor
+
+    def tolist(self) -> list[int]:
+        """The seeds as Python ints (sketch_seeds')."""
+        return step_seeds(self.bases, self.steps).tolist()
+
+
+def step_counts(steps: list[int], device=None) -> torch.Tensor:
+    """A batch's step counts for SketchSeeds: one 0-d CPU int64 tensor where they agree (a scalar
+    argument, no copy to the device), else a (B,) int64 tensor on `device`."""
+    if all(step == steps[0] for step in steps):
+        return torch.tensor(steps[0], dtype=torch.int64)
+    return torch.tensor(steps, dtype=torch.int64).to(device or "cpu", non_blocking=True)
 
 
 def sketch_width(rank: int, oversample: int, rows: int, cols: int) -> int:
@@ -121,7 +136,7 @@ def gaussian_test_matrix(cols: int, width: int, seed: int, dtype: torch.dtype,
     return omega.to(device=device, dtype=dtype)
 
 
-def gaussian_test_matrices(cols: int, width: int, seeds: list[int], dtype: torch.dtype,
+def gaussian_test_matrices(cols: int, width: int, seeds: list[int] | torch.Tensor, dtype: torch.dtype,
                            device: torch.device | str = "cpu") -> torch.Tensor:
     """(B, cols, width): one standard normal test matrix per seed, for the blocks of one device.
 
@@ -134,18 +149,21 @@ def gaussian_test_matrices(cols: int, width: int, seeds: list[int], dtype: torch
     gaussian_test_matrix on the CPU (scopes.py)."""
     device = torch.device(device)
     if not takes_gpu_rules(device):
+        seeds = seeds.tolist() if isinstance(seeds, torch.Tensor) else seeds
         return torch.stack([gaussian_test_matrix(cols, width, s, dtype) for s in seeds])
     return hashed_normal(seeds, cols, width, dtype, device)
 
 
-def hashed_normal(seeds: list[int], rows: int, cols: int, dtype: torch.dtype,
+def hashed_normal(seeds: list[int] | torch.Tensor, rows: int, cols: int, dtype: torch.dtype,
                   device: torch.device | str = "cpu") -> torch.Tensor:
     """(B, rows, cols) standard normals, matrix b a function of seeds[b] alone: entry i of
     matrix b is the Box-Muller transform of the two 32-bit halves of splitmix64(key_b + (i + 1)
     golden), key_b = splitmix64(seeds[b]) (a counter-based generator: no state, no per-matrix
     call). One small copy of the B seeds to the device and a fixed number of operators, whatever
     B; the same numbers on every device up to the last bit of float64 log and cos."""
-    seeds = torch.tensor(seeds, dtype=torch.int64).to(device, non_blocking=True)
+    if not isinstance(seeds, torch.Tensor):
+        seeds = torch.tensor(seeds, dtype=torch.int64)
+    seeds = seeds.to(device, non_blocking=True)
     return hashed_normal_of(seeds, weyl_sequence(rows * cols, device), rows, cols).to(dtype)
 
 
@@ -569,26 +587,33 @@ def defers_small_svd(moment, bodies: int) -> bool:
             and compute_dtype_for(dense.dtype) == torch.float32)          # uses_gram_algebra's rule
 
 
-def compress_range(moment, rank: int, oversample: int, niter: int, seeds: list[int]):
+def compress_range(moment, rank: int, oversample: int, niter: int, seeds):
     """compress_batch's first half for a batch (defers_small_svd): (basis, small) of
-    range_and_small; the moment is not needed after it. A sketch of at most COMPILED_RANGE_WIDTH
-    columns takes one compiled call for the batch (compiled_range.sketched_range: the same steps
-    with the Cholesky QRs unrolled), wider ones range_and_small's operators."""
+    range_and_small; the moment is not needed after it. `seeds`: one int per body, or a
+    SketchSeeds (its bases on the batch's device: the seeds computed there). A sketch of at most
+    COMPILED_RANGE_WIDTH columns takes one compiled call for the batch
+    (compiled_range.sketched_range: the same steps with the Cholesky QRs unrolled), wider ones
+    range_and_small's operators."""
     unformed = isinstance(moment, MomentUpdate)
     dense = moment.dense if unformed else moment
     m, n = dense.shape[-2:]
     width = sketch_width(rank, oversample, m, n)
-    if len(seeds) != dense.shape[0]:
-        raise ValueError(f"a batch of {dense.shape[0]} matrices needs as many seeds, got {len(seeds)}")
+    if isinstance(seeds, SketchSeeds):
+        bases, steps = seeds
+    else:
+        bases, steps = torch.tensor(seeds, dtype=torch.int64).to(dense.device, non_blocking=True), None
+    if bases.shape != (dense.shape[0],):
+        raise ValueError(f"a batch of {dense.shape[0]} matrices needs as many seeds, got {tuple(bases.shape)}")
     if width > COMPILED_RANGE_WIDTH:
-        return range_and_small(*_products(moment), rank, oversample, niter, seeds)
+        return range_and_small(*_products(moment), rank, oversample, niter,
+                               bases if steps is None else step_seeds(bases, steps))
     if unformed:
         keep, mix = (torch.as_tensor(x, dtype=dense.dtype).reshape(()) for x in (moment.keep, moment.mix))
         parts = (moment.us, moment.vh, keep, mix)
     else:
         parts = (None, None, None, None)
-    on_device = torch.tensor(seeds, dtype=torch.int64).to(dense.device, non_blocking=True)
-    return compiled_call(sketched_range)(dense, *parts, on_device, weyl_sequence(n * width, dense.device), width, niter)
+    return compiled_call(sketched_range)(dense, *parts, bases, steps, weyl_sequence(n * width, dense.device),
+                                         width, niter)
 
 
 def finish_compress(pending: list[tuple]) -> list[tuple]:

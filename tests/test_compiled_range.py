@@ -1,6 +1,8 @@
 """compiled_range: a batch's range finder under the GPU rules as one compiled call per moment.
 Its pieces run eagerly too; eager, they compute lowrank's steps (in float64, to rounding);
 compiled, they compute their eager selves."""
+import random
+
 import pytest
 import torch
 
@@ -61,7 +63,8 @@ def test_sketched_range_is_range_and_small(monkeypatch, unformed, niter):
     parts = (us, vh, torch.tensor(0.9, dtype=dense.dtype), torch.tensor(0.1, dtype=dense.dtype)) if unformed \
         else (None, None, None, None)
     weyl = compiled_range.weyl_sequence(20 * 4, "cpu")
-    basis, small = compiled_range.sketched_range(dense, *parts, torch.tensor(seeds), weyl, 4, niter)
+    basis, small = compiled_range.sketched_range(dense, *parts, torch.tensor(seeds), None, weyl, 4,
+                                                 niter)
     torch.testing.assert_close(basis @ basis.mT, want[0] @ want[0].mT, rtol=0, atol=1e-10)
     torch.testing.assert_close(basis @ small, want[0] @ want[1], rtol=0, atol=1e-10)
     torch.testing.assert_close(basis.mT @ basis, torch.eye(4, dtype=basis.dtype).expand(5, 4, 4), rtol=0, atol=1e-10)
@@ -97,11 +100,42 @@ def test_factors_from_eigh_is_factors_from_range():
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-def test_sketch_seeds_are_sketch_seed():
-    sketches = [(3, "layers.0.q", 0), (3, "layers.0.q", 512), (4, "lm_head", 0), (3, "x", 7)]
+def test_sketch_seeds_as_tensors_are_sketch_seed():
+    """A batch's seeds from its bodies' kept body_seeds and the step counts (lowrank.SketchSeeds,
+    compiled_range.step_seeds: int64 operators) are sketch_seed's Python ints, bit for bit, with
+    the batch's steps equal (a 0-d count) or not, and with checksums at and above 2^63."""
+    sketches = [(3, "layers.0.q", 0), (3, "layers.0.q", 512), (3, "lm_head", 0), (3, "x", 7)]
     for state_id in (0, 1):
-        assert lowrank.sketch_seeds(9, sketches, state_id) == [
-            lowrank.sketch_seed(9, step, key, row0, state_id) for step, key, row0 in sketches]
+        for steps in ([3, 3, 3, 3], [3, 4, 1, 10 ** 9]):
+            want = lowrank.sketch_seeds(9, [(t, k, r) for t, (_, k, r) in zip(steps, sketches)], state_id)
+            assert want == [lowrank.sketch_seed(9, t, k, r, state_id) for t, (_, k, r) in zip(steps, sketches)]
+            bases = torch.tensor([compiled_range.to_int64(lowrank.body_seed(9, k, r, state_id))
+                                  for _, k, r in sketches])
+            counts = lowrank.step_counts(steps)
+            assert counts.dim() == (0 if len(set(steps)) == 1 else 1)
+            assert lowrank.SketchSeeds(bases, counts).tolist() == want
+    g = random.Random(0)
+    for _ in range(500):
+        base, step = g.getrandbits(64) | (g.getrandbits(1) << 63), g.randrange(10 ** 8)
+        got = compiled_range.step_seeds(torch.tensor([compiled_range.to_int64(base)]), torch.tensor(step))
+        assert got.item() == compiled_range.step_seed(base, step)
+        assert 0 <= got.item() < 2 ** 63
+
+
+def test_a_range_from_kept_seed_bases_is_the_range_from_seeds(monkeypatch):
+    """compress_range with SketchSeeds (the step's seeds computed inside the compiled call) gives
+    the numbers it gives with the same seeds as ints, bit for bit."""
+    monkeypatch.setenv("MLORC_GPU_RULES_ON_CPU", "1")
+    dense, us, vh = _batch(b=5, m=20, n=24, r=3, dtype=torch.float32, seed=2)
+    sketches = [(7, f"w{i}", 0) for i in range(5)]
+    bases = torch.tensor([compiled_range.to_int64(lowrank.body_seed(1, k, r, 0)) for _, k, r in sketches])
+    for moment in (dense, lowrank.MomentUpdate(us, vh, dense, 0.8, 0.2)):
+        got = lowrank.compress_range(moment, 4, 0, 1, lowrank.SketchSeeds(bases, lowrank.step_counts([7] * 5)))
+        want = lowrank.compress_range(moment, 4, 0, 1, lowrank.sketch_seeds(1, sketches, 0))
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="a batch of 5 matrices needs as many seeds"):
+        lowrank.compress_range(dense, 4, 0, 1, lowrank.SketchSeeds(bases[:4], lowrank.step_counts([7])))
 
 
 def test_a_failed_compile_says_what_failed(monkeypatch):

@@ -23,6 +23,7 @@ import torch
 from ..lowrank import (MomentUpdate, compress, compute_dtype_for, rebuild, rebuild_noise_floor,
                        scaled_factors, sketch_seed)
 from .. import lowrank
+from ..compiled_range import to_int64
 from ..pieces import Layout, Piece, plain_layout
 from ..scopes import SCOPES, RowBlock, all_reduce_sum, global_randomized_svd
 from . import cpu_kernels, fused, skinny
@@ -103,7 +104,9 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         self._workspaces: dict[tuple, torch.Tensor] = {}
         self._workspace_rows: dict[tuple, tuple] = {}   # _stacked_workspace's rows per buffer
         self._deferred: list | None = None      # a step's batches awaiting their small SVDs
-        self._packs: dict[tuple, tuple] = {}    # _batch_factor_parts: a batch's factors packed
+        # what step() keeps per batch between steps: its factors packed (_batch_factor_parts) and
+        # its bodies' sketch seed bases (_sketch_seeds); an entry no step() used is dropped
+        self._packs: dict[tuple, tuple] = {}
         self._packs_used: set | None = None     # the packs step() used (None: outside step())
         super().__init__(params, defaults)
         self.fused = resolve_fused(fused, scope, {p.device.type for g in self.param_groups for p in g["params"]})
@@ -733,15 +736,36 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         skinny.compress_batch on the fused one (on the CPU its C++ range finder)."""
         group, rank, entries = items[0][0], items[0][1].rank, [item[4] for item in items]
         compress_batch = skinny.compress_batch if self.fused else lowrank.compress_batch
-        sketches = [(step, plan.piece.key, plan.body_row0) for _, plan, _, _, _, step in items]
         for state_id, (name, moment) in enumerate(zip(self.moment_names, moments)):
-            seeds = lowrank.sketch_seeds(self.seed, sketches, state_id)
             if self._deferred is not None and lowrank.defers_small_svd(moment, len(items)):
-                basis, small = lowrank.compress_range(moment, rank, group["oversample"], group["niter"], seeds)
+                device = (moment.dense if isinstance(moment, MomentUpdate) else moment).device
+                basis, small = lowrank.compress_range(moment, rank, group["oversample"], group["niter"],
+                                                      self._sketch_seeds(items, state_id, device))
                 self._deferred.append((entries, name, (basis, small, rank)))
                 continue
+            seeds = self._sketch_seeds(items, state_id, torch.device("cpu")).tolist()
             u, s, vh = compress_batch(moment, rank, group["oversample"], group["niter"], seeds)
             self._store_batch_factors(entries, name, u, s, vh)
+
+    def _sketch_seeds(self, items: list[tuple], state_id: int, device: torch.device) -> lowrank.SketchSeeds:
+        """The sketch seeds of a batch's moment state_id (sketch_seed's numbers) as a
+        lowrank.SketchSeeds, its bases on `device`. In step() the bases are made once per batch and
+        kept while step() batches the same bodies (in _packs, with the bodies' plans: the ids in
+        the key cannot become another object's while the entry holds them), so a step's seeds are
+        a few operators on the device, not Python per body; elsewhere they are made per call."""
+        plans = [item[1] for item in items]
+        steps = lowrank.step_counts([item[5] for item in items], device)
+        key = ("seeds", state_id, device, *map(id, plans))
+        kept = self._packs.get(key) if self._packs_used is not None else None
+        if kept is None:
+            bases = torch.tensor([to_int64(lowrank.body_seed(self.seed, plan.piece.key, plan.body_row0, state_id))
+                                  for plan in plans], dtype=torch.int64).to(device, non_blocking=True)
+            kept = (plans, bases)
+            if self._packs_used is not None:
+                self._packs[key] = kept
+        if self._packs_used is not None:
+            self._packs_used.add(key)
+        return lowrank.SketchSeeds(kept[1], steps)
 
     def _stacked_gradients(self, grads: list, shape, dtype: torch.dtype) -> torch.Tensor:
         """The bodies' gradients as one (B, k, n) tensor of `dtype`. A lone body: its own gradient
