@@ -22,6 +22,8 @@ Counted by torch.profiler over one step after --warmup steps (compilation happen
 - compiled calls: calls of a torch.compile'd function ("Torch-Compiled Region" events).
 - syncs: the operators that make a GPU wait for the host to read a result (aten::_local_scalar_dense:
   .item(), bool(), the linalg error checks; nonzero, masked_select, unique, ...), at any depth.
+  The profiler does not say on which device the tensor read lives: torch AdamW's .item() of its
+  CPU step counters (2 per tensor) are counted too, though a GPU does not wait for them.
   Copies between host and device cannot be seen on the CPU (there every tensor is on the host).
 - outside ms: the time of a profiled step spent outside every torch operator and compiled call (the
   optimizer's Python), the median of 5 profiled steps: host time on any device.
