@@ -43,8 +43,8 @@ def parts(bodies: int) -> dict:
     grads = [torch.randn(ROWS, COLS, generator=g).mul_(1e-3) for _ in range(bodies)]
     grad = torch.stack(grads)
     moment = torch.empty(bodies, ROWS, COLS)                                 # the V workspace
-    stacked = fused.Stacked(torch.empty(bodies, ROWS, COLS), [])
-    stacked = fused.Stacked(stacked.tensor, list(stacked.tensor.unbind(0)))
+    workspace = torch.empty(bodies, ROWS, COLS)                              # the stacked weights
+    stacked = fused.Stacked(workspace, list(workspace.unbind(0)))
     us, vh = torch.randn(bodies, ROWS, RANK, generator=g).mul_(1e-3), torch.randn(bodies, RANK, COLS, generator=g)
     floors = torch.full((bodies,), 1e-9)
     first = lowrank.MomentUpdate(us, vh, grad, 0.9, 0.1)

@@ -26,10 +26,9 @@ __all__ = [
     "times_skinny",
     "skinny_t_times",
     "sketch_seed",
-    "sketch_seeds",
     "body_seed",
     "SketchSeeds",
-    "step_counts",
+    "per_body",
     "gaussian_test_matrix",
     "gaussian_test_matrices",
     "hashed_normal",
@@ -97,29 +96,25 @@ def body_seed(seed: int, key: str, row0: int, state_id: int) -> int:
     return zlib.crc32(text) | (zlib.adler32(text) << 32)
 
 
-def sketch_seeds(seed: int, sketches: list[tuple[int, str, int]], state_id: int) -> list[int]:
-    """sketch_seed(seed, step, key, row0, state_id) of each sketch (step, key, row0) of a batch."""
-    return [sketch_seed(seed, step, key, row0, state_id) for step, key, row0 in sketches]
-
-
 class SketchSeeds(NamedTuple):
     """A batch's sketch seeds as tensors: compiled_range.step_seeds(bases, steps), the same numbers
     as sketch_seed. bases (B,) int64: each body's body_seed (to_int64), kept between steps;
-    steps: the step counts, a 0-d CPU int64 tensor where the batch's bodies agree, else (B,)."""
+    steps: the step counts, per_body (a 0-d CPU int64 tensor where the batch's bodies agree)."""
     bases: torch.Tensor
     steps: torch.Tensor
 
     def tolist(self) -> list[int]:
-        """The seeds as Python ints (sketch_seeds')."""
+        """The seeds as Python ints (sketch_seed's)."""
         return step_seeds(self.bases, self.steps).tolist()
 
 
-def step_counts(steps: list[int], device=None) -> torch.Tensor:
-    """A batch's step counts for SketchSeeds: one 0-d CPU int64 tensor where they agree (a scalar
-    argument, no copy to the device), else a (B,) int64 tensor on `device`."""
-    if all(step == steps[0] for step in steps):
-        return torch.tensor(steps[0], dtype=torch.int64)
-    return torch.tensor(steps, dtype=torch.int64).to(device or "cpu", non_blocking=True)
+def per_body(values: list, dtype: torch.dtype, device) -> torch.Tensor:
+    """One value per body of a batch (a hyperparameter, a step count) as a compiled call's
+    argument: a 0-d CPU tensor of `dtype` where all are equal (a scalar argument: no copy to the
+    device, and a new value does not recompile), else a (B,) tensor on `device`."""
+    if all(v == values[0] for v in values):
+        return torch.tensor(values[0], dtype=dtype)
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def sketch_width(rank: int, oversample: int, rows: int, cols: int) -> int:

@@ -107,11 +107,10 @@ def test_sketch_seeds_as_tensors_are_sketch_seed():
     sketches = [(3, "layers.0.q", 0), (3, "layers.0.q", 512), (3, "lm_head", 0), (3, "x", 7)]
     for state_id in (0, 1):
         for steps in ([3, 3, 3, 3], [3, 4, 1, 10 ** 9]):
-            want = lowrank.sketch_seeds(9, [(t, k, r) for t, (_, k, r) in zip(steps, sketches)], state_id)
-            assert want == [lowrank.sketch_seed(9, t, k, r, state_id) for t, (_, k, r) in zip(steps, sketches)]
+            want = [lowrank.sketch_seed(9, t, k, r, state_id) for t, (_, k, r) in zip(steps, sketches)]
             bases = torch.tensor([compiled_range.to_int64(lowrank.body_seed(9, k, r, state_id))
                                   for _, k, r in sketches])
-            counts = lowrank.step_counts(steps)
+            counts = lowrank.per_body(steps, torch.int64, "cpu")
             assert counts.dim() == (0 if len(set(steps)) == 1 else 1)
             assert lowrank.SketchSeeds(bases, counts).tolist() == want
     g = random.Random(0)
@@ -130,12 +129,12 @@ def test_a_range_from_kept_seed_bases_is_the_range_from_seeds(monkeypatch):
     sketches = [(7, f"w{i}", 0) for i in range(5)]
     bases = torch.tensor([compiled_range.to_int64(lowrank.body_seed(1, k, r, 0)) for _, k, r in sketches])
     for moment in (dense, lowrank.MomentUpdate(us, vh, dense, 0.8, 0.2)):
-        got = lowrank.compress_range(moment, 4, 0, 1, lowrank.SketchSeeds(bases, lowrank.step_counts([7] * 5)))
-        want = lowrank.compress_range(moment, 4, 0, 1, lowrank.sketch_seeds(1, sketches, 0))
+        got = lowrank.compress_range(moment, 4, 0, 1, lowrank.SketchSeeds(bases, lowrank.per_body([7] * 5, torch.int64, "cpu")))
+        want = lowrank.compress_range(moment, 4, 0, 1, [lowrank.sketch_seed(1, *sketch, 0) for sketch in sketches])
         for a, b in zip(got, want):
             assert torch.equal(a, b)
     with pytest.raises(ValueError, match="a batch of 5 matrices needs as many seeds"):
-        lowrank.compress_range(dense, 4, 0, 1, lowrank.SketchSeeds(bases[:4], lowrank.step_counts([7])))
+        lowrank.compress_range(dense, 4, 0, 1, lowrank.SketchSeeds(bases[:4], lowrank.per_body([7], torch.int64, "cpu")))
 
 
 def test_a_failed_compile_says_what_failed(monkeypatch):

@@ -754,16 +754,15 @@ class LowRankMomentumOptimizer(torch.optim.Optimizer):
         the key cannot become another object's while the entry holds them), so a step's seeds are
         a few operators on the device, not Python per body; elsewhere they are made per call."""
         plans = [item[1] for item in items]
-        steps = lowrank.step_counts([item[5] for item in items], device)
-        key = ("seeds", state_id, device, *map(id, plans))
-        kept = self._packs.get(key) if self._packs_used is not None else None
+        steps = lowrank.per_body([item[5] for item in items], torch.int64, device)
+        in_step, key = self._packs_used is not None, ("seeds", state_id, device, *map(id, plans))
+        kept = self._packs.get(key) if in_step else None
         if kept is None:
             bases = torch.tensor([to_int64(lowrank.body_seed(self.seed, plan.piece.key, plan.body_row0, state_id))
                                   for plan in plans], dtype=torch.int64).to(device, non_blocking=True)
             kept = (plans, bases)
-            if self._packs_used is not None:
-                self._packs[key] = kept
-        if self._packs_used is not None:
+        if in_step:
+            self._packs[key] = kept
             self._packs_used.add(key)
         return lowrank.SketchSeeds(kept[1], steps)
 

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 
 from ..compiled_range import UNROLLED_RANK, CompiledFunction, rank_sum
-from ..lowrank import negative_fill_value, takes_gpu_rules
+from ..lowrank import negative_fill_value, per_body, takes_gpu_rules
 from . import cpu_kernels
 from .rounding import flat_keys, hashed_bits, stochastic_round
 
@@ -156,7 +156,7 @@ def adamw_blocks_(ws: list, g: torch.Tensor, m_us: torch.Tensor, m_vh: torch.Ten
         return
     w = _gathered(ws, stacked)
     compiled(adamw_block_)(w, g, m_us, m_vh, v_us, v_vh, floors.to(g.dtype),
-                           *scalars(beta1, beta2, like=g), _per_body(step_sizes, g),
+                           *scalars(beta1, beta2, like=g), per_body(step_sizes, g.dtype, g.device),
                            *scalars(eps, decay, like=g), v_out, _round_keys(roundings, g.device))
     _scattered(w, ws, stacked)
 
@@ -182,14 +182,6 @@ def _round_keys(roundings: list | None, device) -> torch.Tensor | None:
     if not roundings:
         return None
     return torch.tensor(flat_keys(roundings), dtype=torch.int64).view(-1, 3).to(device, non_blocking=True)
-
-
-def _per_body(values: list, like: torch.Tensor) -> torch.Tensor:
-    """One hyperparameter per body: a 0-d CPU scalar when all are equal (no copy to the device),
-    else a (B,) tensor on like's device."""
-    if all(v == values[0] for v in values):
-        return scalars(values[0], like=like)[0]
-    return torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True)
 
 
 class Stacked(NamedTuple):
